@@ -1,0 +1,46 @@
+# The verbs a newcomer looks for. Each is a thin veneer over the `steward` CLI or the tools.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint format migrate bench install clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Steward needs Python 3.11 or newer (set PYTHON=...)"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install          ## start NATS and every service on the embedded default
+	$(BIN)/steward up
+
+test: install         ## lint, type-check and test against real PostgreSQL and NATS
+	scripts/test-services.sh
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+migrate: install
+	$(BIN)/steward migrate
+
+bench: install
+	scripts/test-services.sh
+	$(BIN)/python bench/authz_verify.py
+
+clean:
+	rm -rf $(VENV) .steward .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,110 @@
+"""The ``steward`` command: run the stack, migrate, bootstrap, check status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from typing import Annotated
+
+import httpx
+import typer
+
+from cli.stack import SERVICES, Stack
+from libs.common.migrate import upgrade
+from libs.common.settings import Settings
+
+app = typer.Typer(help="Steward: the governance plane for generative AI.", no_args_is_help=True)
+
+
+def _migrate(settings: Settings, services: tuple[str, ...]) -> None:
+    for name in services:
+        upgrade(name, settings)
+        typer.echo(f"  migrated {name}")
+
+
+def _bootstrap(settings: Settings) -> None:
+    from services.authz.app import bootstrap
+
+    key = asyncio.run(bootstrap(settings))
+    if key:
+        line = "─" * 72
+        typer.secho(f"\n{line}", fg="yellow")
+        typer.secho("  Bootstrap platform-admin API key (shown once, store it now):", bold=True)
+        typer.secho(f"\n    {key}\n", fg="green", bold=True)
+        typer.echo(f"  export STEWARD_API_KEY={key}")
+        typer.echo(
+            '  curl -H "Authorization: Bearer $STEWARD_API_KEY" http://127.0.0.1:8101/v1/whoami'
+        )
+        typer.secho(line, fg="yellow")
+
+
+@app.command()
+def migrate(
+    service: Annotated[str | None, typer.Argument(help="One service; all if omitted")] = None,
+) -> None:
+    """Apply database migrations."""
+    if service is not None and service not in SERVICES:
+        raise typer.BadParameter(f"unknown service; one of {', '.join(SERVICES)}")
+    _migrate(Settings(), (service,) if service else SERVICES)
+
+
+@app.command()
+def bootstrap() -> None:
+    """Create the first platform-admin key (does nothing once an admin exists)."""
+    _bootstrap(Settings())
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def up() -> None:
+    """Start NATS and every service on the embedded default; Ctrl-C stops everything."""
+    settings = Settings()
+    stack = Stack(settings)
+    signal.signal(signal.SIGTERM, _interrupt)
+    typer.secho("Steward — starting on the embedded default", bold=True)
+    try:
+        typer.echo("  " + stack.start_nats())
+        _migrate(settings, SERVICES)
+        _bootstrap(settings)
+        for name in SERVICES:
+            url = stack.start_service(name)
+            typer.echo(f"  {name:<10} {url}   (API docs: {url}/docs)")
+        typer.secho(f"\nLogs in {stack.logs}. Press Ctrl-C to stop.", fg="cyan")
+        died = stack.watch()
+        if died:
+            typer.secho(f"{died} stopped unexpectedly; see {stack.logs}/{died}.log", fg="red")
+    except RuntimeError as exc:
+        typer.secho(str(exc), fg="red")
+        raise typer.Exit(1) from exc
+    finally:
+        typer.echo("stopping…")
+        stack.stop()
+
+
+@app.command()
+def status(
+    output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
+) -> None:
+    """Readiness of every service."""
+    settings = Settings()
+    result: dict[str, object] = {}
+    for name in SERVICES:
+        url = f"http://{settings.host}:{settings.port_for(name)}/readyz"
+        try:
+            result[name] = httpx.get(url, timeout=2).json()
+        except httpx.HTTPError as exc:
+            result[name] = {"status": "down", "error": str(exc)}
+    if output == "json":
+        typer.echo(json.dumps(result, indent=2))
+        return
+    for name, state in result.items():
+        assert isinstance(state, dict)
+        typer.echo(f"{name:<10} {state.get('status')}")
+
+
+if __name__ == "__main__":
+    app()

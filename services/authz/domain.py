@@ -1,0 +1,403 @@
+"""Authz rules and state changes. Every change emits its events and an audit record in the same
+transaction, through the unit of work."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from libs.common import apikeys
+from libs.common.auth import SCOPES, Principal, Role
+from libs.common.db import utcnow
+from libs.common.errors import Conflict, Forbidden, NotFound, Unprocessable
+from libs.common.events.authz import (
+    EntitlementGranted,
+    EntitlementRevoked,
+    KeyCreated,
+    KeyRevoked,
+    KeyUpdated,
+    MemberChanged,
+    ProjectCreated,
+)
+from libs.common.uow import UnitOfWork
+from services.authz import repository as repo
+from services.authz.models import ApiKey, Entitlement, Member, PlatformAdmin, Project
+
+BOOTSTRAP_ADMIN = "admin"
+
+
+# -- projects and members ---------------------------------------------------------------------
+
+
+async def create_project(uow: UnitOfWork, name: str, display_name: str | None) -> Project:
+    if await repo.project_exists(uow.session, name):
+        raise Conflict(f"project {name!r} already exists")
+    project = Project(name=name, display_name=display_name or name, created_by=uow.actor)
+    uow.session.add(project)
+    await uow.session.flush()
+    await uow.emit(ProjectCreated(project=name, display_name=project.display_name), entity=name)
+    await uow.audit(
+        "project.create",
+        f"project/{name}",
+        project=name,
+        after={"display_name": project.display_name},
+    )
+    return project
+
+
+async def put_member(uow: UnitOfWork, project: Project, subject: str, role: Role) -> Member:
+    """Add a member or change its role. Lowering a role revokes the member's stronger keys."""
+    member = await repo.member(uow.session, project, subject)
+    before = {"role": member.role} if member else None
+    if member is None:
+        member = Member(project_id=project.id, subject=subject, role=role.value)
+        uow.session.add(member)
+    elif member.role == role.value:
+        return member
+    else:
+        member.role = role.value
+        for key in await repo.keys_in(uow.session, project, owner=subject):
+            if Role(key.role).rank > role.rank:
+                await _revoke(uow, key, project.name, reason="owner's role lowered")
+    await uow.session.flush()
+    await uow.emit(
+        MemberChanged(project=project.name, member=subject, role=role.value), entity=subject
+    )
+    await uow.audit(
+        "member.put",
+        f"project/{project.name}/member/{subject}",
+        project=project.name,
+        before=before,
+        after={"role": role.value},
+    )
+    return member
+
+
+async def remove_member(uow: UnitOfWork, project: Project, subject: str) -> None:
+    """Remove a member; the keys they own in the project stop working with them."""
+    member = await repo.member(uow.session, project, subject)
+    if member is None:
+        raise NotFound(f"{subject!r} is not a member of project {project.name!r}")
+    for key in await repo.keys_in(uow.session, project, owner=subject):
+        await _revoke(uow, key, project.name, reason="owner removed from project")
+    await uow.session.delete(member)
+    await uow.session.flush()
+    await uow.emit(MemberChanged(project=project.name, member=subject, role=None), entity=subject)
+    await uow.audit(
+        "member.remove",
+        f"project/{project.name}/member/{subject}",
+        project=project.name,
+        before={"role": member.role},
+    )
+
+
+# -- API keys ---------------------------------------------------------------------------------
+
+
+def key_status(key: ApiKey, now: datetime | None = None) -> str:
+    if key.revoked_at is not None:
+        return "revoked"
+    if key.expires_at is not None and key.expires_at <= (now or utcnow()):
+        return "expired"
+    return "active"
+
+
+def key_state(key: ApiKey, project: str | None) -> dict[str, Any]:
+    return {
+        "key_id": key.id,
+        "digest": key.digest,
+        "project": project,
+        "owner": key.owner,
+        "role": key.role,
+        "scopes": list(key.scopes),
+        "expires_at": key.expires_at,
+    }
+
+
+def _summary(key: ApiKey) -> dict[str, Any]:
+    """What the audit log keeps of a key: never the digest or the secret."""
+    return {
+        "name": key.name,
+        "owner": key.owner,
+        "role": key.role,
+        "scopes": list(key.scopes),
+        "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+        "status": key_status(key),
+    }
+
+
+def _check_scopes(principal: Principal, scopes: Sequence[str]) -> None:
+    excess = sorted(set(scopes) - principal.scopes)
+    if excess:
+        raise Forbidden(f"a key cannot carry scopes its creator lacks: {excess}")
+
+
+async def _owner_role(uow: UnitOfWork, principal: Principal, project: Project, owner: str) -> Role:
+    """The strongest project role a key for ``owner`` may carry, as issued by ``principal``."""
+    caller_role = principal.role_in(project.name)
+    assert caller_role is not None  # the route's authorisation guarantees a role
+    caller_cap = min(caller_role, Role.PROJECT_ADMIN, key=lambda r: r.rank)
+    if owner == principal.subject:
+        return caller_cap
+    if not caller_role.at_least(Role.PROJECT_ADMIN):
+        raise Forbidden("only a project-admin may issue keys to other members")
+    member = await repo.member(uow.session, project, owner)
+    if member is None:
+        raise Unprocessable(f"{owner!r} is not a member of project {project.name!r}")
+    return min(Role(member.role), caller_cap, key=lambda r: r.rank)
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    key: ApiKey
+    project: str | None
+    secret: str  # the full key, returned to the caller once
+
+
+async def _issue(
+    uow: UnitOfWork,
+    pepper: bytes,
+    *,
+    project: Project | None,
+    name: str,
+    owner: str,
+    role: Role,
+    scopes: Sequence[str],
+    expires_at: datetime | None,
+    full_key: str | None = None,
+) -> IssuedKey:
+    if full_key is None:
+        key_id, full_key = apikeys.generate()
+    else:
+        parsed = apikeys.key_id_of(full_key)
+        if parsed is None:
+            raise Unprocessable("the configured key is not of the form stw_<8>_<32> (base62)")
+        key_id = parsed
+    if await repo.key_with_project(uow.session, key_id) is not None:
+        raise Conflict("key id collision; try again")
+    key = ApiKey(
+        id=key_id,
+        digest=apikeys.digest(pepper, full_key),
+        name=name,
+        project_id=project.id if project else None,
+        owner=owner,
+        role=role.value,
+        scopes=sorted(scopes),
+        created_by=uow.actor,
+        expires_at=expires_at,
+    )
+    uow.session.add(key)
+    await uow.session.flush()
+    project_name = project.name if project else None
+    await uow.emit(KeyCreated(**key_state(key, project_name)), entity=key.id)
+    await uow.audit("key.create", f"key/{key.id}", project=project_name, after=_summary(key))
+    return IssuedKey(key=key, project=project_name, secret=full_key)
+
+
+async def create_project_key(
+    uow: UnitOfWork,
+    pepper: bytes,
+    principal: Principal,
+    project: Project,
+    *,
+    name: str,
+    scopes: Sequence[str],
+    role: Role | None,
+    owner: str | None,
+    expires_at: datetime | None,
+) -> IssuedKey:
+    owner = owner or principal.subject
+    allowed = await _owner_role(uow, principal, project, owner)
+    role = role or allowed
+    if role.rank > allowed.rank:
+        raise Forbidden(f"the key's role {role.value} exceeds {allowed.value}")
+    _check_scopes(principal, scopes)
+    return await _issue(
+        uow,
+        pepper,
+        project=project,
+        name=name,
+        owner=owner,
+        role=role,
+        scopes=scopes,
+        expires_at=expires_at,
+    )
+
+
+async def create_platform_key(
+    uow: UnitOfWork,
+    pepper: bytes,
+    principal: Principal,
+    *,
+    name: str,
+    scopes: Sequence[str],
+    expires_at: datetime | None,
+) -> IssuedKey:
+    _check_scopes(principal, scopes)
+    return await _issue(
+        uow,
+        pepper,
+        project=None,
+        name=name,
+        owner=principal.subject,
+        role=Role.PLATFORM_ADMIN,
+        scopes=scopes,
+        expires_at=expires_at,
+    )
+
+
+def may_manage_key(principal: Principal, key: ApiKey, project: str | None) -> bool:
+    """Owners manage their keys; project-admins (and platform-admins) manage all of a project's."""
+    role = principal.role_in(project)
+    if role is None:
+        return False
+    if key.owner == principal.subject:
+        return True
+    return role.at_least(Role.PROJECT_ADMIN if project else Role.PLATFORM_ADMIN)
+
+
+async def find_key(
+    uow: UnitOfWork, principal: Principal, project: Project | None, key_id: str
+) -> ApiKey:
+    found = await repo.key_with_project(uow.session, key_id)
+    project_id = project.id if project else None
+    # A key of another project reads as absent: no hint that it exists.
+    if found is None or found[0].project_id != project_id:
+        raise NotFound(f"no key {key_id!r} here")
+    key = found[0]
+    if not may_manage_key(principal, key, project.name if project else None):
+        raise Forbidden("only the key's owner or a project-admin may manage it")
+    return key
+
+
+async def _revoke(uow: UnitOfWork, key: ApiKey, project: str | None, *, reason: str) -> None:
+    before = _summary(key)
+    key.revoked_at = utcnow()
+    await uow.session.flush()
+    await uow.emit(KeyRevoked(key_id=key.id, project=project), entity=key.id)
+    await uow.audit(
+        "key.revoke",
+        f"key/{key.id}",
+        project=project,
+        before=before,
+        after={**_summary(key), "reason": reason},
+    )
+
+
+async def revoke_key(uow: UnitOfWork, key: ApiKey, project: str | None) -> ApiKey:
+    if key.revoked_at is None:
+        await _revoke(uow, key, project, reason="revoked by " + uow.actor)
+    return key
+
+
+async def rotate_key(
+    uow: UnitOfWork, pepper: bytes, key: ApiKey, project: Project | None, grace: timedelta
+) -> IssuedKey:
+    """A new key with the same grants; the old one keeps working for the grace period."""
+    if key_status(key) != "active":
+        raise Conflict(f"key {key.id} is {key_status(key)}; only an active key can be rotated")
+    if key.rotated_to is not None:
+        raise Conflict(f"key {key.id} was already rotated to {key.rotated_to}")
+    issued = await _issue(
+        uow,
+        pepper,
+        project=project,
+        name=key.name,
+        owner=key.owner,
+        role=Role(key.role),
+        scopes=key.scopes,
+        expires_at=key.expires_at,
+    )
+    before = _summary(key)
+    grace_end = utcnow() + grace
+    key.expires_at = min(key.expires_at, grace_end) if key.expires_at else grace_end
+    key.rotated_to = issued.key.id
+    await uow.session.flush()
+    await uow.emit(KeyUpdated(**key_state(key, issued.project)), entity=key.id)
+    await uow.audit(
+        "key.rotate",
+        f"key/{key.id}",
+        project=issued.project,
+        before=before,
+        after={**_summary(key), "rotated_to": issued.key.id},
+    )
+    return issued
+
+
+# -- entitlements -----------------------------------------------------------------------------
+
+
+async def grant_entitlement(
+    uow: UnitOfWork, project: Project, kind: str, name: str, reason: str
+) -> tuple[Entitlement, bool]:
+    """Idempotent: granting what is already granted changes nothing (and returns False)."""
+    existing = await repo.entitlement(uow.session, project, kind, name)
+    if existing is not None:
+        return existing, False
+    entitlement = Entitlement(
+        project_id=project.id,
+        asset_kind=kind,
+        asset_name=name,
+        granted_by=uow.actor,
+        reason=reason,
+    )
+    uow.session.add(entitlement)
+    await uow.session.flush()
+    await uow.emit(
+        EntitlementGranted(project=project.name, asset_kind=kind, asset_name=name),
+        entity=f"{project.name}/{kind}/{name}",
+    )
+    await uow.audit(
+        "entitlement.grant",
+        f"project/{project.name}/entitlement/{kind}/{name}",
+        project=project.name,
+        after={"reason": reason},
+    )
+    return entitlement, True
+
+
+async def revoke_entitlement(uow: UnitOfWork, project: Project, kind: str, name: str) -> None:
+    entitlement = await repo.entitlement(uow.session, project, kind, name)
+    if entitlement is None:
+        raise NotFound(f"project {project.name!r} holds no entitlement to {kind} {name!r}")
+    await uow.session.delete(entitlement)
+    await uow.session.flush()
+    await uow.emit(
+        EntitlementRevoked(project=project.name, asset_kind=kind, asset_name=name),
+        entity=f"{project.name}/{kind}/{name}",
+    )
+    await uow.audit(
+        "entitlement.revoke",
+        f"project/{project.name}/entitlement/{kind}/{name}",
+        project=project.name,
+        before={"reason": entitlement.reason, "granted_by": entitlement.granted_by},
+    )
+
+
+# -- bootstrap --------------------------------------------------------------------------------
+
+
+async def bootstrap(uow: UnitOfWork, pepper: bytes, configured_key: str | None) -> IssuedKey | None:
+    """On the very first start: the platform admin and a platform key with every scope.
+
+    Returns the issued key (whose secret the caller shows once), or None when the installation
+    already has a platform admin.
+    """
+    if await repo.any_platform_admin(uow.session):
+        return None
+    uow.session.add(PlatformAdmin(subject=BOOTSTRAP_ADMIN))
+    await uow.session.flush()
+    await uow.audit("platform_admin.create", f"platform_admin/{BOOTSTRAP_ADMIN}")
+    return await _issue(
+        uow,
+        pepper,
+        project=None,
+        name="bootstrap",
+        owner=BOOTSTRAP_ADMIN,
+        role=Role.PLATFORM_ADMIN,
+        scopes=sorted(SCOPES),
+        expires_at=None,
+        full_key=configured_key,
+    )

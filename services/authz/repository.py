@@ -1,0 +1,137 @@
+"""All SQL of the authz service. Tenant filtering for lists lives here, keyed by the principal."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from sqlalchemy import Select, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from libs.common.auth import Principal, Role
+from libs.common.db import utcnow
+from libs.common.errors import NotFound
+from services.authz.models import ApiKey, Entitlement, Member, PlatformAdmin, Project
+
+
+async def project_by_name(session: AsyncSession, name: str) -> Project:
+    project = await session.scalar(select(Project).where(Project.name == name))
+    if project is None:
+        raise NotFound(f"project {name!r} does not exist")
+    return project
+
+
+async def project_exists(session: AsyncSession, name: str) -> bool:
+    return await session.scalar(select(Project.id).where(Project.name == name)) is not None
+
+
+async def visible_projects(session: AsyncSession, principal: Principal) -> Sequence[Project]:
+    query = select(Project).order_by(Project.name)
+    if not principal.platform_admin:
+        query = query.where(Project.name.in_(list(principal.project_roles)))
+    return (await session.scalars(query)).all()
+
+
+async def members(session: AsyncSession, project: Project) -> Sequence[Member]:
+    query = select(Member).where(Member.project_id == project.id).order_by(Member.subject)
+    return (await session.scalars(query)).all()
+
+
+async def member(session: AsyncSession, project: Project, subject: str) -> Member | None:
+    return await session.scalar(
+        select(Member).where(Member.project_id == project.id, Member.subject == subject)
+    )
+
+
+async def roles_of(session: AsyncSession, subject: str) -> dict[str, Role]:
+    rows = await session.execute(
+        select(Project.name, Member.role)
+        .join(Member, Member.project_id == Project.id)
+        .where(Member.subject == subject)
+    )
+    return {name: Role(role) for name, role in rows.all()}
+
+
+async def is_platform_admin(session: AsyncSession, subject: str) -> bool:
+    found = await session.scalar(
+        select(PlatformAdmin.subject).where(PlatformAdmin.subject == subject)
+    )
+    return found is not None
+
+
+async def any_platform_admin(session: AsyncSession) -> bool:
+    return await session.scalar(select(PlatformAdmin.subject).limit(1)) is not None
+
+
+def _keys() -> Select[ApiKey, str]:
+    return select(ApiKey, Project.name).outerjoin(Project, Project.id == ApiKey.project_id)
+
+
+async def key_with_project(session: AsyncSession, key_id: str) -> tuple[ApiKey, str | None] | None:
+    row = (await session.execute(_keys().where(ApiKey.id == key_id))).first()
+    return (row[0], row[1]) if row is not None else None
+
+
+async def keys_in(
+    session: AsyncSession, project: Project | None, owner: str | None = None
+) -> Sequence[ApiKey]:
+    """Keys of one project (or the platform keys for None), optionally of one owner."""
+    query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if project is None:
+        query = query.where(ApiKey.project_id.is_(None))
+    else:
+        query = query.where(ApiKey.project_id == project.id)
+    if owner is not None:
+        query = query.where(ApiKey.owner == owner)
+    return (await session.scalars(query)).all()
+
+
+async def active_keys(session: AsyncSession) -> Sequence[tuple[ApiKey, str | None]]:
+    now = utcnow()
+    query = _keys().where(
+        ApiKey.revoked_at.is_(None),
+        (ApiKey.expires_at.is_(None)) | (ApiKey.expires_at > now),
+    )
+    return [(k, p) for k, p in (await session.execute(query)).all()]
+
+
+async def entitlements_of(session: AsyncSession, project: Project) -> Sequence[Entitlement]:
+    query = (
+        select(Entitlement)
+        .where(Entitlement.project_id == project.id)
+        .order_by(Entitlement.asset_kind, Entitlement.asset_name)
+    )
+    return (await session.scalars(query)).all()
+
+
+async def entitlement(
+    session: AsyncSession, project: Project, kind: str, name: str
+) -> Entitlement | None:
+    return await session.scalar(
+        select(Entitlement).where(
+            Entitlement.project_id == project.id,
+            Entitlement.asset_kind == kind,
+            Entitlement.asset_name == name,
+        )
+    )
+
+
+async def all_entitlements(session: AsyncSession) -> Sequence[tuple[Entitlement, str]]:
+    query = select(Entitlement, Project.name).join(Project, Project.id == Entitlement.project_id)
+    return [(e, p) for e, p in (await session.execute(query)).all()]
+
+
+async def touch_keys(
+    sessionmaker: async_sessionmaker[AsyncSession], last_used: Iterable[tuple[str, datetime]]
+) -> None:
+    """Batch-record when keys were last used (only ever moves the time forward)."""
+    async with sessionmaker() as session, session.begin():
+        for key_id, at in last_used:
+            await session.execute(
+                update(ApiKey)
+                .where(
+                    ApiKey.id == key_id,
+                    (ApiKey.last_used_at.is_(None)) | (ApiKey.last_used_at < at),
+                )
+                .values(last_used_at=at)
+            )

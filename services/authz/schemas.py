@@ -1,0 +1,173 @@
+"""Bodies of the authz API. Inputs forbid unknown fields; no Read model carries a secret."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from libs.common.auth import ACTIONS, SCOPES
+from libs.common.db import utcnow
+from libs.common.events.authz import EntitlementState, KeyState
+
+ProjectName = Annotated[
+    str,
+    Field(
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="A DNS label, like a Kubernetes namespace",
+        examples=["fraud-detection"],
+    ),
+]
+Subject = Annotated[
+    str,
+    Field(
+        pattern=r"^[^\s/\x00-\x1f\x7f]{1,255}$",
+        description="An OIDC subject or a local user name",
+        examples=["alice"],
+    ),
+]
+ProjectRole = Literal["viewer", "developer", "project-admin"]
+AssetKind = Literal["model", "mcp_server"]
+AssetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
+
+
+def _known_scopes(scopes: list[str]) -> list[str]:
+    unknown = sorted(set(scopes) - SCOPES)
+    if unknown:
+        raise ValueError(f"unknown scopes {unknown}; known: {sorted(SCOPES)}")
+    if len(set(scopes)) != len(scopes):
+        raise ValueError("scopes repeat")
+    return sorted(scopes)
+
+
+Scopes = Annotated[list[str], Field(min_length=1), AfterValidator(_known_scopes)]
+
+
+def _future_and_zoned(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("needs a time zone, e.g. 2027-01-01T00:00:00Z")
+    if value <= utcnow():
+        raise ValueError("is in the past")
+    return value
+
+
+FutureTime = Annotated[datetime, AfterValidator(_future_and_zoned)]
+
+
+class Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProjectCreate(Input):
+    name: ProjectName
+    display_name: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class ProjectRead(BaseModel):
+    name: str
+    display_name: str
+    created_at: datetime
+    created_by: str
+
+
+class MemberPut(Input):
+    role: ProjectRole
+
+
+class MemberRead(BaseModel):
+    subject: str
+    role: str
+    created_at: datetime
+
+
+class KeyCreate(Input):
+    name: str = Field(min_length=1, max_length=100)
+    scopes: Scopes
+    role: ProjectRole | None = Field(
+        default=None, description="Defaults to the owner's role in the project"
+    )
+    owner: Subject | None = Field(
+        default=None, description="A member to issue the key to; defaults to the caller"
+    )
+    expires_at: FutureTime | None = None
+
+
+class PlatformKeyCreate(Input):
+    name: str = Field(min_length=1, max_length=100)
+    scopes: Scopes
+    expires_at: FutureTime | None = None
+
+
+class KeyRotate(Input):
+    grace_seconds: int | None = Field(
+        default=None, ge=0, le=7 * 24 * 3600, description="How long the old key keeps working"
+    )
+
+
+class KeyRead(BaseModel):
+    id: str
+    name: str
+    project: str | None
+    owner: str
+    role: str
+    scopes: list[str]
+    status: Literal["active", "expired", "revoked"]
+    created_at: datetime
+    created_by: str
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    rotated_to: str | None
+
+
+class KeyCreated(KeyRead):
+    key: str = Field(description="The API key. Shown once; store it now.")
+
+
+class EntitlementPut(Input):
+    reason: str = Field(default="", max_length=500)
+
+
+class EntitlementRead(BaseModel):
+    project: str
+    asset_kind: str
+    asset_name: str
+    granted_at: datetime
+    granted_by: str
+    reason: str
+
+
+class PrincipalRead(BaseModel):
+    subject: str
+    credential: Literal["api_key", "oidc"]
+    credential_id: str
+    scopes: list[str]
+    platform_admin: bool
+    project_roles: dict[str, str]
+
+
+class AuthorizeRequest(Input):
+    action: str = Field(examples=["inference.invoke"])
+    project: ProjectName | None = None
+
+    @field_validator("action")
+    @classmethod
+    def _known_action(cls, value: str) -> str:
+        if value not in ACTIONS:
+            raise ValueError(f"unknown action; known: {sorted(ACTIONS)}")
+        return value
+
+
+class AuthorizeResponse(BaseModel):
+    allowed: bool
+    reason: str
+    principal: PrincipalRead
+
+
+class Snapshot(BaseModel):
+    """Everything the gateway needs to authorise locally, as of ``generated_at``."""
+
+    generated_at: datetime
+    keys: list[KeyState]
+    entitlements: list[EntitlementState]

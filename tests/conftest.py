@@ -1,0 +1,101 @@
+"""Test fixtures: one freshly migrated PostgreSQL database and one NATS namespace per test run.
+
+Both are real servers (see scripts/test-services.sh); nothing here is mocked.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from cli.stack import SERVICES
+from libs.common.migrate import upgrade_async
+from libs.common.settings import Settings
+from tests.helpers import NATS_URL, PG_ADMIN_DSN, delete_streams
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return secrets.token_hex(4)
+
+
+@pytest.fixture(scope="session")
+async def database_url(run_id: str) -> AsyncIterator[str]:
+    name = f"steward_test_{run_id}"
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    yield f"{base}/{name}"
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def make_settings(
+    database_url: str, namespace: str, data_dir: Path, **overrides: object
+) -> Settings:
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "nats_url": NATS_URL,
+        "event_namespace": namespace,
+        "api_key_pepper": SecretStr("test-pepper-" + namespace),
+        "data_dir": data_dir,
+        "key_last_used_flush_seconds": 0.2,
+        "outbox_poll_seconds": 0.2,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+async def settings(
+    database_url: str, run_id: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Settings]:
+    namespace = f"t{run_id}"
+    settings = make_settings(database_url, namespace, tmp_path_factory.mktemp("steward"))
+    for service in SERVICES:
+        await upgrade_async(service, settings)
+    yield settings
+    await delete_streams(namespace)
+
+
+async def running(app: FastAPI) -> AsyncIterator[FastAPI]:
+    async with app.router.lifespan_context(app):
+        await app.state.ctx.bus.wait_ready(10)
+        yield app
+
+
+@pytest.fixture(scope="session")
+async def authz_app(settings: Settings) -> AsyncIterator[FastAPI]:
+    from services.authz.app import create_app
+
+    async for app in running(create_app(settings)):
+        yield app
+
+
+@pytest.fixture(scope="session")
+async def authz(authz_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=authz_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://authz") as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+async def admin_key(settings: Settings) -> str:
+    from services.authz.app import bootstrap
+
+    key = await bootstrap(settings)
+    assert key is not None, "bootstrap must mint a key on a fresh database"
+    return key
