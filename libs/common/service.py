@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from libs.common.auth import PrincipalDep
 from libs.common.bus import Bus
+from libs.common.clients import AuthzClient, RemoteResolver
 from libs.common.consumer import Consumer, Handler
 from libs.common.db import make_engine, make_sessionmaker, transaction
 from libs.common.errors import Conflict, install_error_handlers, problem_response
@@ -45,6 +47,7 @@ class ServiceContext:
     sessionmaker: async_sessionmaker[AsyncSession]
     bus: Bus
     outbox: Outbox
+    authz: AuthzClient
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def spawn(self, coro: Any, name: str) -> None:
@@ -64,8 +67,15 @@ class ServiceSpec:
     setup: Setup | None = None
 
 
-def create_service_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
+def create_service_app(
+    spec: ServiceSpec,
+    settings: Settings | None = None,
+    *,
+    transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+) -> FastAPI:
+    """Build a service. ``transports`` lets tests route service-to-service calls in-process."""
     settings = settings or Settings()
+    transports = transports or {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -80,8 +90,11 @@ def create_service_app(spec: ServiceSpec, settings: Settings | None = None) -> F
             sessionmaker=make_sessionmaker(engine),
             bus=bus,
             outbox=Outbox(spec.tables.outbox, spec.name),
+            authz=AuthzClient(settings.authz_url, transport=transports.get("authz")),
         )
         app.state.ctx = ctx
+        # Callers are resolved through authz unless the service's setup knows better.
+        app.state.principal_resolver = RemoteResolver(ctx.authz)
         ctx.spawn(
             ctx.outbox.run_relay(ctx.sessionmaker, bus, settings.outbox_poll_seconds), "relay"
         )
@@ -109,6 +122,7 @@ def create_service_app(spec: ServiceSpec, settings: Settings | None = None) -> F
                 with contextlib.suppress(Exception):
                     await ctx.outbox.relay_once(ctx.sessionmaker, bus)
             await bus.close()
+            await ctx.authz.aclose()
             await engine.dispose()
 
     app = FastAPI(title=spec.title, version="0.1.0", lifespan=lifespan)

@@ -11,7 +11,7 @@ import secrets
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICE_PORTS: dict[str, int] = {
@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     approval_url: str = "http://127.0.0.1:8103"
     inference_url: str = "http://127.0.0.1:8104"
     metering_url: str = "http://127.0.0.1:8105"
+
+    @field_validator("api_key_pepper", "bootstrap_api_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # Compose and Helm pass unset secrets as empty strings.
+        return None if value == "" else value
 
     def database_url_for(self, service: str) -> str:
         """The URL a service connects to; SQLite files live under ``data_dir``."""
