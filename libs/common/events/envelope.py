@@ -18,7 +18,7 @@ class EventPayload(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     subject: ClassVar[str] = ""
-    version: ClassVar[int] = 1
+    schema_version: ClassVar[int] = 1
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -61,7 +61,7 @@ class CloudEvent(BaseModel):
         return cls(
             id=new_id(),
             source=f"/steward/{source}",
-            type=f"dev.steward.{payload.subject}.v{payload.version}",
+            type=f"dev.steward.{payload.subject}.v{payload.schema_version}",
             subject=entity,
             time=utcnow(),
             traceparent=traceparent,
