@@ -138,13 +138,9 @@ class Bus:
             self._connector.cancel()
             await asyncio.gather(self._connector, return_exceptions=True)
         self._ready.clear()
-        if self._nc is not None:
-            try:
-                await self._nc.drain()
-            except Exception:
-                await self._close_quietly()
-        self._nc = None
-        self._js = None
+        # Publishes are acknowledged synchronously, so nothing waits in the client: close
+        # (drain would wait out the ack window of any pull subscription still registered).
+        await self._close_quietly()
 
     def client(self) -> NATS:
         if self._nc is None:

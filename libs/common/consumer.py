@@ -88,11 +88,15 @@ class Consumer:
     async def handle(self, msg: Msg) -> None:
         try:
             event = CloudEvent.model_validate_json(msg.data)
-            handler = self.handlers[event.relative_subject]
-        except (ValidationError, KeyError) as exc:
+        except ValidationError as exc:
             # A message no handler can ever read: keep it out of the redelivery loop.
             log.error("unreadable event terminated", extra={"error": str(exc)})
             await msg.term()
+            return
+        handler = self.handlers.get(event.relative_subject)
+        if handler is None:
+            # NATS before 2.10 ignores filter_subjects and delivers the whole stream.
+            await msg.ack()
             return
         parent = propagate.extract({"traceparent": event.traceparent or ""})
         token = otel_context.attach(parent)
@@ -103,7 +107,7 @@ class Consumer:
         except Exception:
             log.exception("event handler failed; will retry", extra={"event_id": event.id})
             delivered = msg.metadata.num_delivered or 1
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # unacked, it comes back after ack_wait anyway
                 await msg.nak(delay=min(2.0**delivered, 60.0))
         finally:
             otel_context.detach(token)
