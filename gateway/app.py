@@ -1,0 +1,272 @@
+"""The gateway's composition root: what it holds, how it starts and stops, and its two servers.
+
+One process, one event loop, two listeners: the proxy (``/v1``, ``/mcp``, ``/api``, Kong routes)
+and the admin API (Kong-compatible ``/config``, ``/services``…, plus probes and metrics). Both
+share the replicas and the upstream connection pool built here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.authn import Authenticator
+from gateway.http import openai_error, send_bytes, send_json
+from gateway.inference import InferenceProxy
+from gateway.quota import AllowAll, QuotaGate
+from gateway.replica import AuthReplica, CatalogReplica
+from gateway.routes import RouteTable
+from gateway.spool import Spool
+from gateway.sync import Syncer, authz_feed, catalog_feed
+from gateway.usage import UsageRecorder
+from libs.common.bus import Bus
+from libs.common.clients import AuthzClient, ServiceClient
+from libs.common.db import new_id
+from libs.common.oidc import verifier_from_settings
+from libs.common.settings import Settings
+
+log = logging.getLogger("steward.gateway")
+
+_SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._\-]{1,64}$")
+REQUESTS = Counter(
+    "steward_gateway_requests_total", "Requests received by the proxy", ["area", "status"]
+)
+
+
+class CatalogClient(ServiceClient):
+    """Only the snapshot is read from the catalog; everything else arrives as events."""
+
+    service = "catalog"
+
+
+@dataclass
+class Gateway:
+    """Everything the request path reads; built once, shared by both listeners."""
+
+    settings: Settings
+    bus: Bus
+    auth: AuthReplica
+    catalog: CatalogReplica
+    routes: RouteTable
+    authn: Authenticator
+    usage: UsageRecorder
+    syncer: Syncer
+    http: httpx.AsyncClient
+    quota: QuotaGate = field(default_factory=AllowAll)
+    clients: list[ServiceClient] = field(default_factory=list)
+    oidc_http: httpx.AsyncClient | None = None
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Gateway:
+        bus = Bus(settings.nats_url, settings.event_namespace, name="steward-gateway")
+        await bus.connect()
+        auth = AuthReplica(settings.pepper)
+        catalog = CatalogReplica()
+        key = settings.gateway_api_key.get_secret_value() if settings.gateway_api_key else None
+        if key is None:
+            log.warning("STEWARD_GATEWAY_API_KEY is unset: the replicas cannot be loaded")
+        authz_client = AuthzClient(settings.authz_url, timeout=10.0)
+        catalog_client = CatalogClient(settings.catalog_url, timeout=10.0)
+        syncer = Syncer(
+            bus,
+            [authz_feed(auth, authz_client, key), catalog_feed(catalog, catalog_client, key)],
+            resync_seconds=settings.gateway_resync_seconds,
+        )
+        oidc_http = httpx.AsyncClient(timeout=5.0)
+        limits = httpx.Limits(
+            max_connections=settings.gateway_upstream_max_connections,
+            max_keepalive_connections=settings.gateway_upstream_max_connections,
+            keepalive_expiry=30.0,
+        )
+        timeout = httpx.Timeout(
+            connect=settings.gateway_upstream_connect_timeout_seconds,
+            read=settings.gateway_upstream_read_timeout_seconds,
+            write=30.0,
+            pool=settings.gateway_upstream_connect_timeout_seconds,
+        )
+        usage = UsageRecorder(bus, Spool(settings.data_dir / "gateway"))
+        gateway = cls(
+            settings=settings,
+            bus=bus,
+            auth=auth,
+            catalog=catalog,
+            routes=RouteTable.from_file(settings.gateway_routes_file),
+            authn=Authenticator(auth, verifier_from_settings(settings, oidc_http)),
+            usage=usage,
+            syncer=syncer,
+            http=httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=False),
+            clients=[authz_client, catalog_client],
+            oidc_http=oidc_http,
+        )
+        await usage.start()
+        await syncer.start()
+        return gateway
+
+    async def stop(self) -> None:
+        await self.syncer.stop()
+        await self.usage.stop()
+        await self.bus.close()
+        await self.http.aclose()
+        for client in self.clients:
+            await client.aclose()
+        if self.oidc_http is not None:
+            await self.oidc_http.aclose()
+
+    async def wait_loaded(self, seconds: float) -> None:
+        """For tests and start-up scripts: until the authz replica (and catalog's) is loaded."""
+        async with asyncio.timeout(seconds):
+            while not (self.auth.loaded and self.catalog.loaded):  # noqa: ASYNC110 - rare, polled
+                await asyncio.sleep(0.02)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        checks = {
+            "authz_replica": "ok" if self.auth.loaded else "not loaded",
+            "catalog_replica": "ok" if self.catalog.loaded else "not loaded",
+            "nats": "ok" if self.bus.connected else "unreachable (usage is spooled)",
+        }
+        # NATS down is degraded, not unready: keys still verify and usage goes to disk.
+        ready = self.auth.loaded
+        return ready, {
+            "status": "ready" if ready else "not ready",
+            "checks": checks,
+            "replicas": self.syncer.status(),
+            "usage": self.usage.status(),
+            "keys": self.auth.key_count,
+            "entitlements": self.auth.entitlement_count,
+        }
+
+
+def request_id(scope: Scope) -> bytes:
+    for key, value in scope["headers"]:
+        if key == b"x-request-id" and _SAFE_REQUEST_ID.match(value):
+            return bytes(value)
+    return new_id().encode()
+
+
+async def probes(gateway: Gateway, path: str, send: Send) -> bool:
+    """``/healthz``, ``/readyz`` and ``/metrics``; True when ``path`` was one of them."""
+    if path == "/healthz":
+        await send_json(send, 200, {"status": "ok"})
+    elif path == "/readyz":
+        ready, body = gateway.readiness()
+        await send_json(send, 200 if ready else 503, body)
+    elif path == "/metrics":
+        await send_bytes(send, 200, generate_latest(), CONTENT_TYPE_LATEST.encode())
+    else:
+        return False
+    return True
+
+
+class ProxyApp:
+    """The proxy listener: dispatch by path prefix, no framework in the way."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.inference = InferenceProxy(gateway)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await _lifespan_noop(receive, send)
+            return
+        path: str = scope["path"]
+        rid = request_id(scope)
+        status = 0
+
+        async def send_counted(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        area = "other"
+        try:
+            if path.startswith("/v1/"):
+                area = "v1"
+                await self.inference(scope, receive, send_counted, rid)
+            elif await probes(self.gw, path, send_counted):
+                area = "probe"
+            else:
+                await send_json(
+                    send_counted,
+                    404,
+                    {"message": "no Route matched with those values"},
+                    [(b"x-request-id", rid)],
+                )
+        except Exception:
+            log.exception("proxy error", extra={"path": path})
+            if status == 0:
+                body = openai_error("internal gateway error", "server_error")
+                await send_json(send_counted, 500, body, [(b"x-request-id", rid)])
+        finally:
+            REQUESTS.labels(area, str(status)).inc()
+
+
+async def _lifespan_noop(receive: Receive, send: Send) -> None:
+    """The gateway's own start/stop happens around the servers, not inside them."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to ``serve`` (two servers share one process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def server_config(app: ASGIApp, settings: Settings, port: int) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=port,
+        loop="none",
+        http="httptools",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        timeout_keep_alive=75,
+        backlog=4096,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Run the gateway until SIGINT/SIGTERM: both listeners, then a clean shutdown."""
+    from gateway.admin import create_admin_app
+
+    gateway = await Gateway.start(settings)
+    servers = [
+        _Server(server_config(ProxyApp(gateway), settings, settings.gateway_proxy_port)),
+        _Server(server_config(create_admin_app(gateway), settings, settings.gateway_admin_port)),
+    ]
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    try:
+        await asyncio.gather(*(server.serve() for server in servers))
+    finally:
+        await gateway.stop()

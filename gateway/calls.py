@@ -1,0 +1,115 @@
+"""One call's record, filled in as the call proceeds and turned into a usage event at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from prometheus_client import Counter, Histogram
+from starlette.types import Receive
+
+from gateway.http import wait_disconnect
+from libs.common.db import new_id
+from libs.common.events.usage import CallStatus, UsageRecorded, UsageSource
+
+CALLS = Counter(
+    "steward_gateway_calls_total", "Calls proxied upstream", ["kind", "model", "status"]
+)
+TTFT = Histogram(
+    "steward_gateway_time_to_first_token_seconds",
+    "From sending upstream to the first content delta (streams only)",
+    ["model"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+UPSTREAM_DURATION = Histogram(
+    "steward_gateway_call_duration_seconds",
+    "Duration of proxied calls, gateway in to last byte out",
+    ["kind"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+Kind = Literal["chat", "completion", "embedding", "mcp"]
+
+
+@dataclass(slots=True)
+class Call:
+    project: str
+    credential_id: str
+    subject: str
+    model: str
+    endpoint: str
+    kind: Kind
+    stream: bool = False
+    started: float = 0.0  # perf_counter at arrival
+    sent_upstream: float | None = None
+    first_token: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usage_source: UsageSource = "upstream"
+    http_status: int = 0
+    status: CallStatus = "ok"
+    error_type: str | None = None
+
+    def fail(self, http_status: int, error_type: str) -> None:
+        self.http_status = http_status
+        self.status = "error"
+        self.error_type = error_type
+
+    def to_event(self) -> UsageRecorded:
+        now = time.perf_counter()
+        ttft = None
+        if self.first_token is not None and self.sent_upstream is not None:
+            ttft = round((self.first_token - self.sent_upstream) * 1000, 3)
+        return UsageRecorded(
+            event_id=new_id(),
+            time=datetime.now(UTC),
+            project=self.project,
+            credential_id=self.credential_id,
+            subject_id=self.subject,
+            model=self.model,
+            endpoint=self.endpoint,
+            kind=self.kind,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+            ttft_ms=ttft,
+            duration_ms=round((now - self.started) * 1000, 3),
+            http_status=self.http_status,
+            status=self.status,
+            error_type=self.error_type,
+            usage_source=self.usage_source,
+            stream=self.stream,
+        )
+
+    def observe(self) -> None:
+        CALLS.labels(self.kind, self.model, self.status).inc()
+        UPSTREAM_DURATION.labels(self.kind).observe(time.perf_counter() - self.started)
+        if self.first_token is not None and self.sent_upstream is not None:
+            TTFT.labels(self.model).observe(self.first_token - self.sent_upstream)
+
+
+async def until_disconnect(work: Awaitable[None], receive: Receive) -> bool:
+    """Run ``work``; if the client goes away first, cancel it. Returns True on disconnect.
+
+    Cancelling the work closes the upstream response, which closes its connection, so the
+    upstream stops generating tokens nobody will read.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        task.result()
+        return False
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return True

@@ -1,0 +1,444 @@
+"""The OpenAI-compatible data plane: ``/v1/models``, chat and text completions, embeddings.
+
+Per request: one credential check against the replica, one role/scope decision, two set lookups
+(entitlement, approved version), one JSON parse of the body (and one re-serialisation when the
+body must change), then the pooled upstream call. Errors are OpenAI error objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+from gateway.authn import AuthFailure, project_of
+from gateway.calls import Call, Kind, until_disconnect
+from gateway.http import (
+    BodyTooLarge,
+    ClientGone,
+    openai_error,
+    read_body,
+    response_headers,
+    send_json,
+    upstream_headers,
+)
+from gateway.routes import ModelRoute
+from gateway.sse import StreamRelay
+from gateway.tokens import completion_text, estimate_chars, estimate_prompt, estimate_text
+from libs.common.auth import Principal, decide
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger("steward.gateway.inference")
+
+ENDPOINTS: dict[str, Kind] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+}
+SSE = b"text/event-stream"
+
+
+class Refusal(Exception):
+    """A request the gateway answers itself, as an OpenAI error object."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = openai_error(message, type_, code=code, param=param)
+        self.type_ = code or type_
+        self.headers = headers or []
+
+
+_AUTH_TYPES = {401: "authentication_error", 403: "permission_error", 503: "service_unavailable"}
+
+
+def _from_auth(failure: AuthFailure) -> Refusal:
+    type_ = _AUTH_TYPES.get(failure.status, "invalid_request_error")
+    return Refusal(failure.status, failure.message, type_, code=failure.code)
+
+
+class InferenceProxy:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.created = int(time.time())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, rid: bytes) -> None:
+        extra = [(b"x-request-id", rid)]
+        try:
+            await self._handle(scope, receive, send, extra)
+        except Refusal as refusal:
+            await send_json(send, refusal.status, refusal.body, extra + refusal.headers)
+
+    async def _authorise(self, scope: Scope) -> tuple[Principal, str]:
+        try:
+            principal = await self.gw.authn.principal(scope)
+            project = project_of(principal, scope)
+        except AuthFailure as failure:
+            raise _from_auth(failure) from None
+        return principal, project
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, extra: list[tuple[bytes, bytes]]
+    ) -> None:
+        path: str = scope["path"]
+        kind = ENDPOINTS.get(path)
+        if kind is None:
+            if path == "/v1/models" or path.startswith("/v1/models/"):
+                await self._models(scope, send, extra)
+                return
+            raise Refusal(404, f"Unknown request URL: {path}", "invalid_request_error")
+        if scope["method"] != "POST":
+            raise Refusal(405, f"{path} accepts POST only", "invalid_request_error")
+        principal, project = await self._authorise(scope)
+        decision = decide(principal, "inference.invoke", project)
+        if not decision.allowed:
+            raise Refusal(403, decision.reason, "permission_error", code="forbidden")
+        try:
+            body = await read_body(scope, receive, self.gw.settings.gateway_max_request_bytes)
+        except BodyTooLarge as exc:
+            raise Refusal(413, str(exc), "invalid_request_error", code="request_too_large") from exc
+        except ClientGone:
+            return
+        request = _parse(body)
+        model = request.get("model")
+        if not isinstance(model, str) or not model:
+            raise Refusal(400, "'model' is required", "invalid_request_error", param="model")
+        route = self._route(project, model)
+        call = Call(
+            project=project,
+            credential_id=principal.credential_id,
+            subject=principal.subject,
+            model=model,
+            endpoint=route.name,
+            kind=kind,
+            started=time.perf_counter(),
+        )
+        try:
+            await self._call(scope, receive, send, extra, request, body, route, call)
+        except Refusal as refusal:
+            call.fail(refusal.status, refusal.type_)
+            raise
+        finally:
+            call.observe()
+            self.gw.usage.record(call.to_event())
+
+    async def _models(self, scope: Scope, send: Send, extra: list[tuple[bytes, bytes]]) -> None:
+        """Exactly the models this caller may call: entitled, approved, and routed."""
+        if scope["method"] != "GET":
+            raise Refusal(405, "/v1/models accepts GET only", "invalid_request_error")
+        principal, project = await self._authorise(scope)
+        visible: dict[str, dict[str, Any]] = {}
+        if decide(principal, "inference.invoke", project).allowed:
+            for name, route in self.gw.routes.models.items():
+                if self.gw.auth.entitled(
+                    project, "model", route.asset_name
+                ) and self.gw.catalog.approved("model", route.asset_name, route.version):
+                    visible[name] = {
+                        "id": name,
+                        "object": "model",
+                        "created": self.created,
+                        "owned_by": "steward",
+                    }
+        path: str = scope["path"]
+        if path == "/v1/models":
+            await send_json(send, 200, {"object": "list", "data": list(visible.values())}, extra)
+            return
+        card = visible.get(path.removeprefix("/v1/models/"))
+        if card is None:
+            raise Refusal(
+                404, "The model does not exist", "invalid_request_error", code="model_not_found"
+            )
+        await send_json(send, 200, card, extra)
+
+    def _route(self, project: str, model: str) -> ModelRoute:
+        route = self.gw.routes.models.get(model)
+        if route is None:
+            raise Refusal(
+                404,
+                f"The model '{model}' does not exist",
+                "invalid_request_error",
+                code="model_not_found",
+                param="model",
+            )
+        if not self.gw.auth.entitled(project, "model", route.asset_name):
+            raise Refusal(
+                403,
+                f"project '{project}' is not entitled to the model '{model}'",
+                "permission_error",
+                code="not_entitled",
+            )
+        if not self.gw.catalog.loaded:
+            raise Refusal(503, "the catalog replica is not loaded yet", "service_unavailable")
+        if self.gw.catalog.approved("model", route.asset_name, route.version) is None:
+            raise Refusal(
+                403,
+                f"the model '{model}' has no approved catalog version",
+                "permission_error",
+                code="not_approved",
+            )
+        return route
+
+    async def _call(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        extra: list[tuple[bytes, bytes]],
+        request: dict[str, Any],
+        body: bytes,
+        route: ModelRoute,
+        call: Call,
+    ) -> None:
+        cap = route.max_tokens or self.gw.settings.gateway_max_tokens
+        for param in ("max_tokens", "max_completion_tokens"):
+            value = request.get(param)
+            if value is not None and (not isinstance(value, int) or value > cap):
+                raise Refusal(
+                    400,
+                    f"'{param}' must be an integer of at most {cap}",
+                    "invalid_request_error",
+                    param=param,
+                )
+        prompt_estimate = estimate_prompt(request)
+        reservation = self.gw.quota.reserve(
+            project=call.project,
+            credential_id=call.credential_id,
+            model=call.model,
+            estimated_tokens=prompt_estimate + int(request.get("max_tokens") or 0),
+        )
+        if not reservation.allowed:
+            retry = reservation.retry_after_seconds
+            raise Refusal(
+                429,
+                reservation.reason or "token quota exceeded",
+                "insufficient_quota",
+                code="quota_exceeded",
+                headers=[(b"retry-after", str(retry).encode())] if retry else None,
+            )
+        modified = False
+        strip_usage = False
+        call.stream = call.kind != "embedding" and request.get("stream") is True
+        if call.stream:
+            options = request.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                request["stream_options"] = {
+                    **(options if isinstance(options, dict) else {}),
+                    "include_usage": True,
+                }
+                strip_usage = modified = True
+        if route.upstream_model:
+            request["model"] = route.upstream_model
+            modified = True
+        content = json.dumps(request, separators=(",", ":")).encode() if modified else body
+        headers = upstream_headers(scope, {"x-request-id": extra[0][1].decode()})
+        headers["accept-encoding"] = "identity"
+        if route.api_key is not None:
+            headers["authorization"] = "Bearer " + route.api_key.get_secret_value()
+        upstream = self.gw.http.build_request(
+            "POST",
+            route.upstream + scope["path"][3:],
+            content=content,
+            headers=headers,
+            timeout=route.timeout_seconds or httpx.USE_CLIENT_DEFAULT,
+        )
+        state = _Progress()
+        work = self._exchange(send, extra, upstream, call, request, strip_usage, state)
+        try:
+            disconnected = await until_disconnect(work, receive)
+        except httpx.TimeoutException as exc:
+            call.fail(504, "timeout")
+            if not isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+                _settle_cut_stream(call, state, request, prompt_estimate)
+            if not state.started:
+                raise Refusal(504, "the model did not answer in time", "timeout") from None
+            await _end_stream_with_error(send, "the model stopped answering", "timeout")
+            return
+        except httpx.TransportError as exc:
+            call.fail(502, "upstream_unavailable")
+            if not isinstance(exc, httpx.ConnectError):
+                _settle_cut_stream(call, state, request, prompt_estimate)
+            log.warning("upstream unreachable", extra={"route": route.name, "error": str(exc)})
+            if not state.started:
+                raise Refusal(502, "the model is unreachable", "upstream_error") from None
+            await _end_stream_with_error(send, "the model connection broke", "upstream_error")
+            return
+        finally:
+            self.gw.quota.settle(
+                reservation, used_tokens=call.prompt_tokens + call.completion_tokens
+            )
+        if disconnected and not state.complete:
+            call.status = "cancelled"
+            call.error_type = "client_disconnected"
+            call.http_status = call.http_status or 499
+            _settle_cut_stream(call, state, request, prompt_estimate)
+
+    async def _exchange(
+        self,
+        send: Send,
+        extra: list[tuple[bytes, bytes]],
+        upstream: httpx.Request,
+        call: Call,
+        request: dict[str, Any],
+        strip_usage: bool,
+        state: _Progress,
+    ) -> None:
+        call.sent_upstream = time.perf_counter()
+        response = await self.gw.http.send(upstream, stream=True)
+        try:
+            call.http_status = response.status_code
+            headers = response_headers(response.headers.raw) + extra
+            content_type = response.headers.get("content-type", "").encode()
+            if call.stream and response.status_code == 200 and content_type.startswith(SSE):
+                await self._relay_stream(send, response, headers, call, request, strip_usage, state)
+            else:
+                payload = await response.aread()
+                state.started = True
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": response.status_code,
+                        "headers": [*headers, (b"content-length", str(len(payload)).encode())],
+                    }
+                )
+                await send({"type": "http.response.body", "body": payload})
+                state.complete = True
+                _account(call, response.status_code, payload, request)
+        finally:
+            await response.aclose()
+
+    async def _relay_stream(
+        self,
+        send: Send,
+        response: httpx.Response,
+        headers: list[tuple[bytes, bytes]],
+        call: Call,
+        request: dict[str, Any],
+        strip_usage: bool,
+        state: _Progress,
+    ) -> None:
+        relay = StreamRelay(strip_usage=strip_usage)
+        state.relay = relay
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        state.started = True
+        async for chunk in response.aiter_bytes():
+            out = relay.feed(chunk)
+            if call.first_token is None and relay.first_content:
+                call.first_token = time.perf_counter()
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+        tail = relay.flush()
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        state.complete = True
+        _settle_stream_usage(call, relay, request, estimate_prompt(request))
+        if relay.upstream_error is not None:
+            call.status = "error"
+            call.error_type = str(relay.upstream_error.get("type") or "upstream_error")
+        elif not relay.done:
+            call.status = "error"
+            call.error_type = "upstream_incomplete"
+
+
+class _Progress:
+    """How far a response got: headers sent (no more error status possible), all sent."""
+
+    __slots__ = ("complete", "relay", "started")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.complete = False
+        self.relay: StreamRelay | None = None
+
+
+def _parse(body: bytes) -> dict[str, Any]:
+    try:
+        request = json.loads(body)
+    except ValueError:
+        raise Refusal(400, "the body is not valid JSON", "invalid_request_error") from None
+    if not isinstance(request, dict):
+        raise Refusal(400, "the body must be a JSON object", "invalid_request_error")
+    return request
+
+
+def _usage_counts(usage: Any) -> tuple[int, int] | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion
+
+
+def _account(call: Call, status: int, payload: bytes, request: dict[str, Any]) -> None:
+    """Tokens of a non-streamed answer: the upstream's usage, else an estimate."""
+    if status >= 400:
+        call.status = "error"
+        call.error_type = f"upstream_{status}"
+        try:
+            error = json.loads(payload).get("error")
+            if isinstance(error, dict) and isinstance(error.get("type"), str):
+                call.error_type = error["type"]
+        except (ValueError, AttributeError):
+            pass
+        return
+    try:
+        response = json.loads(payload)
+    except ValueError:
+        response = None
+    counts = _usage_counts(response.get("usage")) if isinstance(response, dict) else None
+    if counts is not None:
+        call.prompt_tokens, call.completion_tokens = counts
+        return
+    call.usage_source = "estimated"
+    call.prompt_tokens = estimate_prompt(request)
+    if isinstance(response, dict) and call.kind != "embedding":
+        call.completion_tokens = estimate_text(completion_text(response))
+
+
+def _settle_stream_usage(
+    call: Call, relay: StreamRelay, request: dict[str, Any], prompt_estimate: int
+) -> None:
+    counts = _usage_counts(relay.usage)
+    if counts is not None and relay.done:
+        call.prompt_tokens, call.completion_tokens = counts
+        call.usage_source = "upstream"
+        return
+    call.usage_source = "estimated"
+    call.prompt_tokens = counts[0] if counts is not None else prompt_estimate
+    call.completion_tokens = estimate_chars(relay.chars)
+
+
+def _settle_cut_stream(
+    call: Call, state: _Progress, request: dict[str, Any], prompt_estimate: int
+) -> None:
+    """A stream that did not finish: count what was relayed, as an estimate."""
+    if state.relay is not None and not state.complete:
+        _settle_stream_usage(call, state.relay, request, prompt_estimate)
+        call.usage_source = "estimated"
+    elif state.relay is None:
+        call.prompt_tokens = prompt_estimate
+        call.usage_source = "estimated"
+
+
+async def _end_stream_with_error(send: Send, message: str, type_: str) -> None:
+    """Mid-stream failures reach OpenAI clients as an ``error`` event (the SDKs raise on it)."""
+    event = b"data: " + json.dumps(openai_error(message, type_)).encode() + b"\n\n"
+    try:
+        await send({"type": "http.response.body", "body": event, "more_body": False})
+    except Exception as exc:  # the client may be gone too; nothing left to tell it
+        log.debug("could not end the stream", extra={"error": str(exc)})

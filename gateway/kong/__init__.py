@@ -1,0 +1,1 @@
+"""Kong compatibility: declarative config (load, validate, export) and the admin API."""

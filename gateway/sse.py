@@ -1,0 +1,96 @@
+"""Relaying an OpenAI-style SSE stream event by event, reading what metering needs on the way.
+
+Nothing is held back longer than it takes for the event it belongs to to end: each upstream
+chunk is split at event boundaries, the complete events go to the client at once, and only an
+unfinished tail waits for the next chunk. The relay notes the first content delta (time to first
+token), the usage chunk (and drops it when the client did not ask for one), the text length (for
+an estimate when no usage comes), and whether the stream ended with ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+DONE = b"[DONE]"
+
+
+def event_data(raw: bytes) -> bytes | None:
+    """The ``data`` field of one SSE event (joined lines), or None when it has none."""
+    data: list[bytes] = []
+    for line in raw.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(data) if data else None
+
+
+class StreamRelay:
+    """Feed upstream chunks in, get the bytes to send the client out."""
+
+    def __init__(self, *, strip_usage: bool) -> None:
+        self.strip_usage = strip_usage
+        self._tail = b""
+        self.first_content = False  # set by feed() the first time a content delta passes
+        self.usage: dict[str, Any] | None = None
+        self.chars = 0
+        self.done = False
+        self.malformed = 0
+        self.upstream_error: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        buffer = self._tail + chunk if self._tail else chunk
+        out: list[bytes] = []
+        start = 0
+        for match in _BOUNDARY.finditer(buffer):
+            end = match.end()
+            raw = buffer[start:end]
+            start = end
+            if self._keep(raw):
+                out.append(raw)
+        self._tail = buffer[start:]
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """What is left when the upstream closed mid-event (sent as is)."""
+        tail, self._tail = self._tail, b""
+        if tail:
+            self._keep(tail)
+        return tail
+
+    def _keep(self, raw: bytes) -> bool:
+        data = event_data(raw)
+        if data is None:
+            return True  # comments, retry hints, keep-alives
+        if data == DONE:
+            self.done = True
+            return True
+        try:
+            event = json.loads(data)
+        except ValueError:
+            self.malformed += 1
+            return True
+        if not isinstance(event, dict):
+            self.malformed += 1
+            return True
+        if "error" in event and isinstance(event["error"], dict):
+            self.upstream_error = event["error"]
+            return True
+        choices = event.get("choices")
+        if choices:
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    continue
+                delta = choice.get("delta")
+                text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                if isinstance(text, str) and text:
+                    self.chars += len(text)
+                    self.first_content = True
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+            if self.strip_usage and not choices:
+                return False  # the chunk we asked for on the client's behalf
+        return True

@@ -1,0 +1,266 @@
+"""Keeping the replicas current: a snapshot at start, events after, a fresh snapshot now and then.
+
+Order matters. A feed subscribes to its events *before* asking for the snapshot, and events that
+arrive while the snapshot is in flight are re-applied on top of it: the snapshot was read after
+they were committed or it was not, and either way re-applying them in order converges, because
+every change is an idempotent upsert or delete. When NATS comes back after an outage, the feed
+resubscribes and takes a new snapshot, so no event lost during the outage leaves a stale key.
+While authz or NATS is down the replicas keep serving what they last knew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+from pydantic import BaseModel, ValidationError
+
+from gateway.replica import AuthReplica, CatalogReplica
+from libs.common.bus import Bus
+from libs.common.clients import ServiceClient
+from libs.common.events import CloudEvent, EventPayload
+from libs.common.events.authz import (
+    EntitlementGranted,
+    EntitlementRevoked,
+    EntitlementState,
+    KeyCreated,
+    KeyRevoked,
+    KeyState,
+    KeyUpdated,
+)
+from libs.common.events.catalog import (
+    VersionApproved,
+    VersionDeprecated,
+    VersionRevoked,
+    VersionState,
+    VersionSubmitted,
+)
+
+log = logging.getLogger("steward.gateway.sync")
+
+Apply = Callable[[EventPayload], None]
+
+
+class SnapshotUnavailable(Exception):
+    """The owning service could not give a snapshot now; the replica keeps what it has."""
+
+
+class AuthzSnapshot(BaseModel):
+    keys: list[KeyState]
+    entitlements: list[EntitlementState]
+
+
+class CatalogSnapshot(BaseModel):
+    versions: list[VersionState]
+
+
+async def _get_snapshot(client: ServiceClient, credential: str | None) -> Any:
+    response = await client.request("GET", "/v1/snapshot", credential=credential)
+    if response.status_code != 200:
+        raise SnapshotUnavailable(f"{client.service} answered {response.status_code}")
+    return response.json()
+
+
+@dataclass
+class Feed:
+    """One replica's source: which subjects change it, and how to load it whole."""
+
+    name: str
+    handlers: Mapping[str, Apply]
+    load: Callable[[], Awaitable[Callable[[], None]]]
+    loaded_at: float | None = None
+    last_error: str | None = None
+    events_applied: int = 0
+    _recording: list[tuple[str, EventPayload]] | None = field(default=None, repr=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    def on_event(self, subject: str, payload: EventPayload) -> None:
+        self.handlers[subject](payload)
+        self.events_applied += 1
+        if self._recording is not None:
+            self._recording.append((subject, payload))
+
+    async def resync(self) -> None:
+        """Fetch the snapshot, install it, and re-apply what arrived while it was in flight."""
+        async with self._lock:
+            self._recording = []
+            try:
+                install = await self.load()
+                install()
+                for subject, payload in self._recording:
+                    self.handlers[subject](payload)
+            finally:
+                self._recording = None
+            self.loaded_at = time.time()
+            self.last_error = None
+
+
+def authz_feed(replica: AuthReplica, client: ServiceClient, credential: str | None) -> Feed:
+    async def load() -> Callable[[], None]:
+        snap = AuthzSnapshot.model_validate(await _get_snapshot(client, credential))
+        return lambda: replica.replace(snap.keys, snap.entitlements)
+
+    def upsert(p: EventPayload) -> None:
+        assert isinstance(p, KeyState)
+        replica.upsert_key(p)
+
+    def revoke_key(p: EventPayload) -> None:
+        assert isinstance(p, KeyRevoked)
+        replica.remove_key(p.key_id)
+
+    def grant(p: EventPayload) -> None:
+        assert isinstance(p, EntitlementState)
+        replica.grant(p)
+
+    def revoke(p: EventPayload) -> None:
+        assert isinstance(p, EntitlementState)
+        replica.revoke(p)
+
+    return Feed(
+        name="authz",
+        handlers={
+            KeyCreated.subject: upsert,
+            KeyUpdated.subject: upsert,
+            KeyRevoked.subject: revoke_key,
+            EntitlementGranted.subject: grant,
+            EntitlementRevoked.subject: revoke,
+        },
+        load=load,
+    )
+
+
+def catalog_feed(replica: CatalogReplica, client: ServiceClient, credential: str | None) -> Feed:
+    async def load() -> Callable[[], None]:
+        snap = CatalogSnapshot.model_validate(await _get_snapshot(client, credential))
+        return lambda: replica.replace(snap.versions)
+
+    def upsert(p: EventPayload) -> None:
+        assert isinstance(p, VersionState)
+        replica.upsert(p)
+
+    subjects = (VersionSubmitted, VersionApproved, VersionDeprecated, VersionRevoked)
+    return Feed(name="catalog", handlers={s.subject: upsert for s in subjects}, load=load)
+
+
+class Syncer:
+    """Runs the feeds: subscriptions on the bus, snapshots with retries, periodic resyncs."""
+
+    def __init__(self, bus: Bus, feeds: Sequence[Feed], *, resync_seconds: float) -> None:
+        self.bus = bus
+        self.feeds = list(feeds)
+        self.resync_seconds = resync_seconds
+        self._routes: dict[str, Feed] = {s: f for f in self.feeds for s in f.handlers}
+        self._subs: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._watch_bus(), name="gateway-sync-bus"))
+        for feed in self.feeds:
+            self._tasks.append(asyncio.create_task(self._keep(feed), name=f"sync-{feed.name}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self._unsubscribe()
+
+    async def _keep(self, feed: Feed) -> None:
+        """Load the snapshot until it works, then again every ``resync_seconds``."""
+        delay = 0.2
+        while True:
+            try:
+                await feed.resync()
+                log.info("replica loaded", extra={"feed": feed.name})
+                delay = 0.2
+                await asyncio.sleep(self.resync_seconds)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                feed.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("snapshot unavailable; retrying", extra={"feed": feed.name})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _watch_bus(self) -> None:
+        """Subscribe whenever NATS (re)connects, then take fresh snapshots to cover the gap."""
+        subscribed = False
+        while True:
+            connected = self.bus.connected
+            if connected and not subscribed:
+                try:
+                    await self._subscribe()
+                    subscribed = True
+                    # A snapshot asked for before the subscription existed may miss events
+                    # published in between: take one now (the lock orders it after any other).
+                    for feed in self.feeds:
+                        await self._safe_resync(feed)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("event subscription failed; retrying", extra={"error": str(exc)})
+                    await self._unsubscribe()
+            elif not connected and subscribed:
+                log.warning("NATS lost; serving from the last replica")
+                await self._unsubscribe()
+                subscribed = False
+            await asyncio.sleep(0.25)
+
+    async def _safe_resync(self, feed: Feed) -> None:
+        try:
+            await feed.resync()
+        except Exception as exc:
+            feed.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("resync after reconnect failed", extra={"feed": feed.name})
+
+    async def _subscribe(self) -> None:
+        js = self.bus.js
+        stream = self.bus.stream("EVENTS")
+        # One ordered consumer per subject tree (``authz.key.>``…), not per event type.
+        trees = sorted({".".join(s.split(".")[:2]) + ".>" for s in self._routes})
+        for subject in trees:
+            sub = await js.subscribe(
+                self.bus.subject(subject),
+                cb=self._on_msg,
+                stream=stream,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.NEW,
+            )
+            self._subs.append(sub)
+
+    async def _unsubscribe(self) -> None:
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        try:
+            event = CloudEvent.model_validate_json(msg.data)
+            subject = event.relative_subject
+            feed = self._routes.get(subject)
+            if feed is None:
+                return
+            payload = event.payload()
+        except (ValidationError, KeyError, ValueError) as exc:
+            log.error("unreadable event ignored", extra={"error": str(exc)})
+            return
+        feed.on_event(subject, payload)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            f.name: {
+                "loaded": f.loaded_at is not None,
+                "loaded_at": f.loaded_at,
+                "events_applied": f.events_applied,
+                "last_error": f.last_error,
+            }
+            for f in self.feeds
+        }

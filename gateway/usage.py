@@ -1,0 +1,149 @@
+"""Usage events: recorded on the request path in microseconds, published in the background.
+
+``record`` only queues the payload. A publisher task wraps it in a CloudEvent and publishes it to
+JetStream (``Nats-Msg-Id`` = event id); whatever cannot be published now goes to the disk spool,
+which is drained in order once NATS is back. Shutdown publishes or spools what is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from prometheus_client import Counter, Gauge
+from pydantic import ValidationError
+
+from gateway.spool import Spool
+from libs.common.bus import Bus, BusUnavailable
+from libs.common.events import CloudEvent
+from libs.common.events.usage import UsageRecorded
+
+log = logging.getLogger("steward.gateway.usage")
+
+USAGE_EVENTS = Counter("steward_gateway_usage_events_total", "Usage events by outcome", ["outcome"])
+SPOOL_BYTES = Gauge("steward_gateway_usage_spool_bytes", "Undelivered usage events on disk")
+
+BATCH = 256
+# Beyond this many queued events, new ones go straight to disk rather than to memory.
+MAX_QUEUED = 50_000
+
+
+class UsageRecorder:
+    def __init__(self, bus: Bus, spool: Spool, *, source: str = "gateway") -> None:
+        self.bus = bus
+        self.spool = spool
+        self.source = source
+        self._queue: asyncio.Queue[UsageRecorded] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._spool_task: asyncio.Task[None] | None = None
+        self._spooled = asyncio.Event()
+        if spool.size():
+            self._spooled.set()
+
+    def record(self, payload: UsageRecorded) -> None:
+        if self._queue.qsize() >= MAX_QUEUED:
+            self.spool.append([self._wrap(payload)])
+            USAGE_EVENTS.labels("spooled").inc()
+            self._spooled.set()
+            return
+        self._queue.put_nowait(payload)
+
+    def _wrap(self, payload: UsageRecorded) -> bytes:
+        event = CloudEvent.wrap(payload, source=self.source, entity=payload.project)
+        # The payload's id is the event's id: one id for JetStream, metering and the spool.
+        event.id = payload.event_id
+        event.time = payload.time
+        return event.model_dump_json().encode()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._publish_loop(), name="gateway-usage")
+        self._spool_task = asyncio.create_task(self._drain_loop(), name="gateway-usage-spool")
+
+    async def stop(self) -> None:
+        """Publish what is queued if NATS is there, spool the rest."""
+        for task in (self._task, self._spool_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        pending: list[UsageRecorded] = []
+        while not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        if pending:
+            await self._publish_or_spool(pending)
+
+    async def _publish_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._publish_or_spool(batch)
+            except asyncio.CancelledError:
+                # Shutdown in the middle of a batch: keep it on disk, delivered next start.
+                self.spool.append(self._wrap(p) for p in batch)
+                raise
+
+    async def _publish_or_spool(self, batch: Sequence[UsageRecorded]) -> None:
+        bodies = [(p.event_id, self._wrap(p)) for p in batch]
+        if self.bus.connected and not self._spooled.is_set():
+            results = await asyncio.gather(
+                *(self._publish(event_id, body) for event_id, body in bodies),
+                return_exceptions=True,
+            )
+            failed = [body for (_, body), ok in zip(bodies, results, strict=True) if ok is not True]
+            USAGE_EVENTS.labels("published").inc(len(bodies) - len(failed))
+        else:
+            # Events spooled earlier go first: keep the order metering sees.
+            failed = [body for _, body in bodies]
+        if failed:
+            self.spool.append(failed)
+            USAGE_EVENTS.labels("spooled").inc(len(failed))
+            SPOOL_BYTES.set(self.spool.size())
+            self._spooled.set()
+
+    async def _publish(self, event_id: str, body: bytes) -> bool:
+        await self.bus.publish(UsageRecorded.subject, body, event_id)
+        return True
+
+    async def _drain_loop(self) -> None:
+        """Deliver spooled events, oldest first, whenever NATS is reachable."""
+        while True:
+            await self._spooled.wait()
+            if not self.bus.connected:
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                await self.drain_once()
+            except BusUnavailable as exc:
+                log.warning("usage spool waiting for NATS", extra={"error": str(exc)})
+                await asyncio.sleep(1.0)
+
+    async def drain_once(self) -> int:
+        """Publish one batch from the spool; returns how many were delivered."""
+        lines, end = self.spool.pending()
+        if not lines:
+            self.spool.delivered(end)
+            self._spooled.clear()
+            SPOOL_BYTES.set(0)
+            return 0
+        for line in lines:
+            try:
+                event_id = CloudEvent.model_validate_json(line).id
+            except ValidationError:
+                log.error("unreadable spooled usage event dropped")
+                continue
+            await self.bus.publish(UsageRecorded.subject, line, event_id)
+        self.spool.delivered(end)
+        USAGE_EVENTS.labels("replayed").inc(len(lines))
+        SPOOL_BYTES.set(self.spool.size())
+        return len(lines)
+
+    def status(self) -> dict[str, int]:
+        return {"queued": self._queue.qsize(), "spool_bytes": self.spool.size()}
+
+
+async def close_quietly(recorder: UsageRecorder) -> None:
+    with contextlib.suppress(Exception):
+        await recorder.stop()

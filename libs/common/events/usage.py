@@ -1,0 +1,43 @@
+"""The usage event the gateway emits once per call (DESIGN §7), consumed by metering.
+
+The CloudEvent id is the event id: metering de-duplicates by it, and JetStream by the
+``Nats-Msg-Id`` it is published with, so a re-sent event (after a spool replay) counts once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import ClassVar, Literal
+
+from libs.common.events.envelope import EventPayload
+
+UsageSource = Literal["upstream", "estimated"]
+CallStatus = Literal["ok", "error", "cancelled"]
+
+
+class UsageRecorded(EventPayload):
+    """One call through the gateway: who, what, how many tokens, how fast, and how it ended."""
+
+    subject: ClassVar[str] = "gateway.usage.recorded"
+
+    event_id: str
+    time: datetime
+    project: str
+    credential_id: str
+    subject_id: str
+    model: str
+    # The route (model endpoint or MCP server) the call went to.
+    endpoint: str
+    kind: Literal["chat", "completion", "embedding", "mcp"] = "chat"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    # Milliseconds from sending upstream to the first content delta; None when not streamed.
+    ttft_ms: float | None = None
+    duration_ms: float
+    http_status: int
+    status: CallStatus
+    # An OpenAI-style error type (``upstream_error``, ``timeout``…) when status is not ok.
+    error_type: str | None = None
+    usage_source: UsageSource = "upstream"
+    stream: bool = False

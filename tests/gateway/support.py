@@ -1,0 +1,157 @@
+"""Helpers for the gateway tests: real sockets, real processes, real NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from libs.common.bus import Bus
+from libs.common.events import CloudEvent, EventPayload
+from libs.common.events.catalog import VersionState
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Any, port: int | None = None) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on a loopback socket, in this event loop."""
+    port = port or free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, lifespan="off", loop="none"
+    )
+    server = uvicorn.Server(config)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[assignment,method-assign]
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+class Process:
+    """A child process on a port (the test upstream, an MCP server, nats-server)."""
+
+    def __init__(self, args: list[str], port: int) -> None:
+        self.args = args
+        self.port = port
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, seconds: float = 20) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.args,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + seconds
+        while not port_open(self.port):
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"{self.args} exited with {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.args} did not listen on {self.port}")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        self.proc = None
+
+
+def python_process(module: str, *args: str) -> Process:
+    port = free_port()
+    return Process([sys.executable, "-m", module, str(port), *args], port)
+
+
+def nats_process(store: Path) -> Process:
+    port = free_port()
+    binary = str(Path(sys.executable).parent / "nats-server")
+    return Process([binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)], port)
+
+
+class CatalogStub:
+    """A stand-in for the catalog's ``GET /v1/snapshot`` (the catalog service is built
+    separately); versions change through real NATS events, as from the real catalog."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, VersionState] = {}
+        self.requests = 0
+        self.authorizations: list[str | None] = []
+
+    def app(self) -> Starlette:
+        async def snapshot(request: Request) -> Response:
+            self.requests += 1
+            self.authorizations.append(request.headers.get("authorization"))
+            return JSONResponse(
+                {
+                    "generated_at": datetime.now(UTC).isoformat(),
+                    "versions": [v.model_dump(mode="json") for v in self.versions.values()],
+                }
+            )
+
+        return Starlette(routes=[Route("/v1/snapshot", snapshot)])
+
+
+async def publish(bus: Bus, payload: EventPayload, source: str = "catalog") -> CloudEvent:
+    event = CloudEvent.wrap(payload, source=source)
+    await bus.publish(payload.subject, event.model_dump_json().encode(), event.id)
+    return event
+
+
+async def eventually(check: Callable[[], Any], within: float = 5.0, every: float = 0.01) -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(every)
+
+
+async def upstream_json(url: str, path: str) -> Any:
+    async with httpx.AsyncClient(base_url=url) as client:
+        response = await client.get(path)
+        response.raise_for_status()
+        return response.json()
