@@ -71,7 +71,27 @@ class Settings(BaseSettings):
     inference_url: str = "http://127.0.0.1:8104"
     metering_url: str = "http://127.0.0.1:8105"
 
-    @field_validator("api_key_pepper", "bootstrap_api_key", mode="before")
+    # -- gateway (gateway/): proxy and Kong-compatible admin ports, and what it may fetch.
+    gateway_proxy_port: int = 8000
+    gateway_admin_port: int = 8001
+    # A platform API key holding keys:manage and catalog:read: the gateway fetches the authz
+    # and catalog snapshots with it (it has no database of its own).
+    gateway_api_key: SecretStr | None = None
+    # Model routes declared in a YAML/JSON file until inference endpoint events feed them.
+    gateway_routes_file: Path | None = None
+    # A Kong 3.x declarative config (kong.yml) loaded at start; POST /config replaces it.
+    gateway_kong_config: Path | None = None
+    gateway_max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    gateway_max_tokens: int = Field(default=32_768, gt=0)
+    gateway_upstream_connect_timeout_seconds: float = 5.0
+    # Longest wait for the next byte from an upstream (a whole answer, or the next SSE chunk).
+    gateway_upstream_read_timeout_seconds: float = 300.0
+    gateway_upstream_max_connections: int = 512
+    # Re-read the snapshots this often as a safety net behind the events.
+    gateway_resync_seconds: float = 300.0
+    gateway_console_dir: Path | None = None
+
+    @field_validator("api_key_pepper", "bootstrap_api_key", "gateway_api_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # Compose and Helm pass unset secrets as empty strings.
