@@ -18,7 +18,7 @@ import httpx
 from libs.common.settings import Settings
 
 # Every service that exists, in start order.
-SERVICES: tuple[str, ...] = ("authz",)
+SERVICES: tuple[str, ...] = ("authz", "catalog", "approval")
 
 
 def reachable(host: str, port: int, timeout: float = 0.5) -> bool:

@@ -99,3 +99,40 @@ async def admin_key(settings: Settings) -> str:
     key = await bootstrap(settings)
     assert key is not None, "bootstrap must mint a key on a fresh database"
     return key
+
+
+@pytest.fixture(scope="session")
+async def catalog_app(settings: Settings, authz_app: FastAPI) -> AsyncIterator[FastAPI]:
+    from services.catalog.app import create_app
+
+    transports = {"authz": httpx.ASGITransport(app=authz_app)}
+    async for app in running(create_app(settings, transports=transports)):
+        yield app
+
+
+@pytest.fixture(scope="session")
+async def catalog(catalog_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=catalog_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://catalog") as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+async def approval_app(
+    settings: Settings, authz_app: FastAPI, catalog_app: FastAPI
+) -> AsyncIterator[FastAPI]:
+    from services.approval.app import create_app
+
+    transports = {
+        "authz": httpx.ASGITransport(app=authz_app),
+        "catalog": httpx.ASGITransport(app=catalog_app),
+    }
+    async for app in running(create_app(settings, transports=transports)):
+        yield app
+
+
+@pytest.fixture(scope="session")
+async def approval(approval_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=approval_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://approval") as client:
+        yield client

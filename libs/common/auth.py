@@ -77,10 +77,13 @@ ACTIONS: Mapping[str, Rule] = {
     # catalog
     "catalog.read": Rule(V, "catalog:read"),
     "catalog.write": Rule(PLAT, "catalog:write"),
+    "catalog.snapshot": Rule(PLAT, "catalog:read"),
     # approval
     "request.read": Rule(V, "requests:write"),
     "request.write": Rule(D, "requests:write"),
     "request.review": Rule(PLAT, "approvals:review"),
+    "policy.read": Rule(V, "requests:write"),
+    "policy.write": Rule(PLAT, "approvals:review"),
     "audit.read": Rule(PLAT, "audit:read"),
     # inference
     "endpoint.read": Rule(V, "endpoints:manage"),

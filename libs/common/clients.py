@@ -12,11 +12,12 @@ import hashlib
 import time
 from collections import OrderedDict
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 import httpx
 
 from libs.common.auth import Decision, Principal
-from libs.common.errors import ServiceUnavailable, Unauthorized
+from libs.common.errors import Forbidden, ServiceUnavailable, Unauthorized
 from libs.common.observability import request_id_var
 
 
@@ -85,6 +86,29 @@ class AuthzClient(ServiceClient):
             raise ServiceUnavailable(f"authz answered {response.status_code}")
         body = response.json()
         return Decision(allowed=body["allowed"], reason=body["reason"])
+
+
+class CatalogClient(ServiceClient):
+    """What other services ask the catalog, on behalf of (and with the credential of) a caller."""
+
+    service = "catalog"
+
+    async def asset(self, credential: str, kind: str, name: str) -> dict[str, Any] | None:
+        """The asset with all its versions, or None when the catalog has no such asset."""
+        response = await self.request(
+            "GET", f"/v1/assets/{kind}/{quote(name, safe='/')}", credential=credential
+        )
+        if response.status_code == 404:
+            return None
+        if response.status_code == 401:
+            raise Unauthorized(response.json().get("detail", "invalid credential"))
+        if response.status_code == 403:
+            detail = response.json().get("detail", "forbidden")
+            raise Forbidden(f"reading the catalog was refused: {detail}")
+        if response.status_code != 200:
+            raise ServiceUnavailable(f"catalog answered {response.status_code}")
+        body: dict[str, Any] = response.json()
+        return body
 
 
 class RemoteResolver:

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from libs.common.auth import PrincipalDep
 from libs.common.bus import Bus
-from libs.common.clients import AuthzClient, RemoteResolver
+from libs.common.clients import AuthzClient, CatalogClient, RemoteResolver
 from libs.common.consumer import Consumer, Handler
 from libs.common.db import make_engine, make_sessionmaker, transaction
 from libs.common.errors import Conflict, install_error_handlers, problem_response
@@ -48,6 +48,7 @@ class ServiceContext:
     bus: Bus
     outbox: Outbox
     authz: AuthzClient
+    catalog: CatalogClient
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def spawn(self, coro: Any, name: str) -> None:
@@ -91,6 +92,7 @@ def create_service_app(
             bus=bus,
             outbox=Outbox(spec.tables.outbox, spec.name),
             authz=AuthzClient(settings.authz_url, transport=transports.get("authz")),
+            catalog=CatalogClient(settings.catalog_url, transport=transports.get("catalog")),
         )
         app.state.ctx = ctx
         # Callers are resolved through authz unless the service's setup knows better.
@@ -123,6 +125,7 @@ def create_service_app(
                     await ctx.outbox.relay_once(ctx.sessionmaker, bus)
             await bus.close()
             await ctx.authz.aclose()
+            await ctx.catalog.aclose()
             await engine.dispose()
 
     app = FastAPI(title=spec.title, version="0.1.0", lifespan=lifespan)

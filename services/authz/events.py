@@ -1,10 +1,14 @@
-"""What authz publishes, and the events it handles (an explicit map, empty until other services
-publish something authz must act on)."""
+"""What authz publishes, and the events it handles (an explicit map)."""
 
 from __future__ import annotations
 
+import logging
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from libs.common.consumer import Handler
-from libs.common.events import EventPayload
+from libs.common.events import CloudEvent, EventPayload
+from libs.common.events.approval import AccessPayload, RequestApproved
 from libs.common.events.audit import AuditRecorded
 from libs.common.events.authz import (
     EntitlementGranted,
@@ -15,6 +19,11 @@ from libs.common.events.authz import (
     MemberChanged,
     ProjectCreated,
 )
+from libs.common.outbox import Outbox
+from libs.common.uow import UnitOfWork
+from services.authz import domain
+from services.authz import repository as repo
+from services.authz.models import bus_tables
 
 PUBLISHES: tuple[type[EventPayload], ...] = (
     ProjectCreated,
@@ -27,4 +36,31 @@ PUBLISHES: tuple[type[EventPayload], ...] = (
     AuditRecorded,
 )
 
-HANDLERS: dict[str, Handler] = {}
+log = logging.getLogger("steward.authz")
+
+
+async def on_request_approved(session: AsyncSession, event: CloudEvent) -> None:
+    """An approved ``access`` request grants the project's entitlement (idempotently: the
+    inbox drops a redelivered event, and granting what is granted changes nothing)."""
+    approved = RequestApproved.model_validate(event.data)
+    if approved.kind != "access":
+        return
+    access = AccessPayload.model_validate(approved.payload)
+    if not await repo.project_exists(session, approved.project):
+        log.warning(
+            "access approved for a project that no longer exists",
+            extra={"request_id": approved.request_id, "project": approved.project},
+        )
+        return
+    project = await repo.project_by_name(session, approved.project)
+    uow = UnitOfWork(session, Outbox(bus_tables.outbox, "authz"), actor=approved.decided_by)
+    await domain.grant_entitlement(
+        uow,
+        project,
+        access.asset_kind,
+        access.asset_name,
+        f"access request {approved.request_id}",
+    )
+
+
+HANDLERS: dict[str, Handler] = {RequestApproved.subject: on_request_approved}

@@ -1,0 +1,62 @@
+"""The approval service: requests, reviews, auto-approve policies, and the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+
+from libs.common.service import ServiceContext, ServiceSpec, create_service_app
+from libs.common.settings import Settings
+from services.approval import domain
+from services.approval.api import router
+from services.approval.config import ApprovalConfig
+from services.approval.events import HANDLERS
+from services.approval.models import bus_tables
+
+log = logging.getLogger("steward.approval")
+
+
+async def _expire_forever(ctx: ServiceContext, every: float) -> None:
+    while True:
+        try:
+            expired = await domain.expire_due(ctx.sessionmaker, ctx.outbox)
+            if expired:
+                log.info("pending requests expired", extra={"count": expired})
+        except Exception:
+            log.exception("expiring requests failed; will retry")
+        await asyncio.sleep(every)
+
+
+def make_spec(config: ApprovalConfig) -> ServiceSpec:
+    @asynccontextmanager
+    async def setup(ctx: ServiceContext, app: FastAPI) -> AsyncIterator[None]:
+        app.state.approval_config = config
+        ctx.spawn(_expire_forever(ctx, config.expiry_poll_seconds), "expiry")
+        yield
+
+    return ServiceSpec(
+        name="approval",
+        title="Steward approval",
+        tables=bus_tables,
+        routers=[router],
+        handlers=HANDLERS,
+        setup=setup,
+    )
+
+
+SPEC = make_spec(ApprovalConfig())
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    config: ApprovalConfig | None = None,
+    transports: dict[str, httpx.AsyncBaseTransport] | None = None,
+) -> FastAPI:
+    spec = make_spec(config) if config is not None else SPEC
+    return create_service_app(spec, settings, transports=transports)

@@ -1,0 +1,405 @@
+"""Approval rules: filing, deciding, withdrawing and expiring requests; policies.
+
+Each change emits its ``approval.request.*`` event and an audit record in the same transaction;
+the owning service (catalog, authz, inference, metering) acts on the event.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from libs.common.auth import Principal, Role
+from libs.common.db import utcnow
+from libs.common.errors import Conflict, Forbidden, NotFound, Unprocessable
+from libs.common.events.approval import (
+    PAYLOADS,
+    AccessPayload,
+    AssetPayload,
+    EndpointPayload,
+    RequestApproved,
+    RequestCreated,
+    RequestDecided,
+    RequestExpired,
+    RequestPayload,
+    RequestRejected,
+    RequestWithdrawn,
+)
+from libs.common.outbox import Outbox
+from libs.common.uow import UnitOfWork
+from services.approval import repository as repo
+from services.approval.config import ApprovalConfig
+from services.approval.models import Comment, Policy, Request
+from services.approval.policies import Rule, matches
+from services.approval.schemas import PAYLOAD_INPUTS
+
+# Looks an asset up in the catalog (with the caller's credential): the asset and its versions.
+CatalogLookup = Callable[[str, str], Awaitable[dict[str, Any] | None]]
+
+SYSTEM = "steward-approval"
+DECISIONS: dict[str, type[RequestDecided]] = {
+    "approved": RequestApproved,
+    "rejected": RequestRejected,
+    "withdrawn": RequestWithdrawn,
+    "expired": RequestExpired,
+}
+
+
+def state(request: Request) -> dict[str, Any]:
+    return {
+        "request_id": request.id,
+        "kind": request.kind,
+        "project": request.project,
+        "requester": request.requester,
+        "status": request.status,
+        "payload": request.payload,
+        "created_at": request.created_at,
+        "due_at": request.due_at,
+    }
+
+
+def target(request: Request) -> str:
+    return f"request/{request.id}"
+
+
+def _field_error(field: str, message: str) -> Unprocessable:
+    return Unprocessable(
+        f"{field}: {message}", errors=[{"field": field, "message": message, "type": "value_error"}]
+    )
+
+
+def parse_payload(kind: str, payload: dict[str, Any]) -> BaseModel:
+    """The kind's input model, with errors reported as ``payload.<field>``."""
+    try:
+        return PAYLOAD_INPUTS[kind].model_validate(payload)
+    except ValidationError as exc:
+        errors = [
+            {
+                "field": "payload." + ".".join(str(p) for p in err["loc"]),
+                "message": err["msg"].removeprefix("Value error, "),
+                "type": err["type"],
+            }
+            for err in exc.errors()
+        ]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        raise Unprocessable(detail, errors=errors) from exc
+
+
+def _version(asset: dict[str, Any], version: str) -> dict[str, Any] | None:
+    return next((v for v in asset["versions"] if v["version"] == version), None)
+
+
+async def _asset(catalog: CatalogLookup, kind: str, name: str, field: str) -> dict[str, Any]:
+    asset = await catalog(kind, name)
+    if asset is None:
+        raise _field_error(field, f"the catalog has no {kind} {name!r}")
+    return asset
+
+
+async def _enrich(
+    session: AsyncSession, catalog: CatalogLookup, kind: str, project: str, given: BaseModel
+) -> tuple[dict[str, Any], tuple[str, str, str | None] | None]:
+    """Check the request against the catalog; returns the stored payload and its asset key."""
+    data = given.model_dump()
+    payload: RequestPayload
+    if kind == "asset":
+        asset = await _asset(catalog, data["asset_kind"], data["asset_name"], "payload.asset_name")
+        version = _version(asset, data["version"])
+        if version is None:
+            raise _field_error("payload.version", f"{data['asset_name']!r} has no such version")
+        if version["status"] not in ("draft", "submitted"):
+            raise Conflict(
+                f"version {data['version']!r} is {version['status']}; only a draft is submitted"
+            )
+        duplicate = await repo.pending_duplicate(
+            session, "asset", None, data["asset_kind"], data["asset_name"], data["version"]
+        )
+        if duplicate is not None:
+            raise Conflict(f"request {duplicate.id} already asks to admit this version")
+        payload = AssetPayload(**data, checklist=version["checklist"])
+        key = (data["asset_kind"], data["asset_name"], data["version"])
+    elif kind == "access":
+        asset = await _asset(catalog, data["asset_kind"], data["asset_name"], "payload.asset_name")
+        usable = [v for v in asset["versions"] if v["status"] == "approved"]
+        if not usable:
+            raise Conflict(
+                f"{data['asset_name']!r} has no approved version yet; an asset request must "
+                "admit one first"
+            )
+        duplicate = await repo.pending_duplicate(
+            session, "access", project, data["asset_kind"], data["asset_name"], None
+        )
+        if duplicate is not None:
+            raise Conflict(f"request {duplicate.id} already asks for this access")
+        tags = sorted({t for v in usable for t in v["tags"]})
+        payload = AccessPayload(**data, tags=tags)
+        key = (data["asset_kind"], data["asset_name"], None)
+    elif kind == "endpoint":
+        asset = await _asset(catalog, "model", data["model_name"], "payload.model_name")
+        version = _version(asset, data["version"])
+        if version is None or version["status"] != "approved":
+            raise _field_error("payload.version", "needs an approved version of the model")
+        payload = EndpointPayload.model_validate(data)
+        key = ("model", data["model_name"], data["version"])
+    else:
+        payload = PAYLOADS[kind].model_validate(data)
+        key = None
+    return payload.model_dump(mode="json"), key
+
+
+async def _still_valid(request: Request, catalog: CatalogLookup) -> None:
+    """Things may have moved since the request was filed: refuse to approve the impossible."""
+    if request.kind not in ("asset", "access", "endpoint"):
+        return
+    assert request.asset_kind and request.asset_name
+    asset = await catalog(request.asset_kind, request.asset_name)
+    if asset is None:
+        raise Conflict(f"the catalog no longer has {request.asset_name!r}; reject the request")
+    if request.kind == "asset":
+        assert request.asset_version
+        version = _version(asset, request.asset_version)
+        if version is None or version["status"] not in ("draft", "submitted"):
+            status = version["status"] if version else "gone"
+            raise Conflict(f"the version is now {status}; reject the request instead")
+    elif request.kind == "access":
+        if not any(v["status"] == "approved" for v in asset["versions"]):
+            raise Conflict("the asset has no approved version any more; reject the request")
+    else:
+        assert request.asset_version
+        version = _version(asset, request.asset_version)
+        if version is None or version["status"] != "approved":
+            raise Conflict("the model version is no longer approved; reject the request")
+
+
+# -- filing -----------------------------------------------------------------------------------
+
+
+async def file_request(
+    uow: UnitOfWork,
+    principal: Principal,
+    project: str,
+    kind: str,
+    payload: dict[str, Any],
+    catalog: CatalogLookup,
+    config: ApprovalConfig,
+) -> Request:
+    given = parse_payload(kind, payload)
+    stored, key = await _enrich(uow.session, catalog, kind, project, given)
+    now = utcnow()
+    due = now + timedelta(days=config.sla_for(kind))
+    request = Request(
+        kind=kind,
+        project=project,
+        requester=principal.subject,
+        status="pending",
+        payload=stored,
+        asset_kind=key[0] if key else None,
+        asset_name=key[1] if key else None,
+        asset_version=key[2] if key else None,
+        created_at=now,
+        due_at=due,
+        expires_at=due + timedelta(days=config.expire_after_days),
+    )
+    uow.session.add(request)
+    await uow.session.flush()
+    await uow.emit(RequestCreated(**state(request)), entity=request.id)
+    await uow.audit(
+        "request.create",
+        target(request),
+        project=project,
+        after={"kind": kind, "status": "pending", "payload": stored, "due_at": due.isoformat()},
+    )
+    policy = await _matching_policy(uow.session, request)
+    if policy is not None:
+        await _decide(
+            uow,
+            request,
+            "approved",
+            by=f"policy:{policy.name}",
+            comment=f"auto-approved by policy {policy.name!r}",
+            policy=policy.name,
+        )
+    return request
+
+
+async def _matching_policy(session: AsyncSession, request: Request) -> Policy | None:
+    for policy in await repo.policies(session, request.kind):
+        rule = Rule.model_validate(policy.rule)
+        if not matches(rule, request.kind, request.project, request.payload):
+            continue
+        if policy.updated_by == request.requester:
+            continue  # nobody approves their own request, not even through a policy they wrote
+        if rule.require_good_standing and await repo.recently_rejected(
+            session, request.project, repo.lookback(rule.lookback_days)
+        ):
+            continue
+        return policy
+    return None
+
+
+# -- deciding ---------------------------------------------------------------------------------
+
+
+def _pending(request: Request) -> None:
+    if request.status != "pending":
+        raise Conflict(f"request {request.id} is already {request.status}")
+
+
+async def _decide(
+    uow: UnitOfWork,
+    request: Request,
+    status: str,
+    *,
+    by: str,
+    comment: str,
+    policy: str | None = None,
+    now: datetime | None = None,
+) -> Request:
+    now = now or utcnow()
+    request.status = status
+    request.decided_at = now
+    request.decided_by = by
+    request.decision_comment = comment
+    request.policy = policy
+    request.lead_time_seconds = (now - request.created_at).total_seconds()
+    await uow.session.flush()
+    extra: dict[str, Any] = {"policy": policy} if status == "approved" else {}
+    event = DECISIONS[status](
+        **state(request),
+        decided_by=by,
+        decided_at=now,
+        comment=comment,
+        lead_time_seconds=request.lead_time_seconds,
+        **extra,
+    )
+    await uow.emit(event, entity=request.id)
+    await uow.audit(
+        "request.auto_approve" if policy else f"request.{_VERB[status]}",
+        target(request),
+        project=request.project,
+        before={"status": "pending"},
+        after={
+            "status": status,
+            "decided_by": by,
+            "comment": comment,
+            "policy": policy,
+            "lead_time_seconds": request.lead_time_seconds,
+        },
+    )
+    return request
+
+
+_VERB = {"approved": "approve", "rejected": "reject", "withdrawn": "withdraw", "expired": "expire"}
+
+
+async def approve(
+    uow: UnitOfWork, principal: Principal, request: Request, comment: str, catalog: CatalogLookup
+) -> Request:
+    _pending(request)
+    if request.requester == principal.subject:
+        raise Forbidden("a requester can never approve their own request")
+    await _still_valid(request, catalog)
+    return await _decide(uow, request, "approved", by=principal.subject, comment=comment)
+
+
+async def reject(uow: UnitOfWork, principal: Principal, request: Request, comment: str) -> Request:
+    _pending(request)
+    return await _decide(uow, request, "rejected", by=principal.subject, comment=comment)
+
+
+async def withdraw(
+    uow: UnitOfWork, principal: Principal, request: Request, comment: str
+) -> Request:
+    _pending(request)
+    role = principal.role_in(request.project)
+    is_admin = role is not None and role.at_least(Role.PROJECT_ADMIN)
+    if request.requester != principal.subject and not is_admin:
+        raise Forbidden("only the requester or a project-admin may withdraw a request")
+    return await _decide(uow, request, "withdrawn", by=principal.subject, comment=comment)
+
+
+async def add_comment(uow: UnitOfWork, request: Request, body: str) -> Comment:
+    comment = Comment(request_id=request.id, author=uow.actor, body=body)
+    uow.session.add(comment)
+    await uow.session.flush()
+    await uow.audit(
+        "request.comment", target(request), project=request.project, after={"comment": body}
+    )
+    return comment
+
+
+async def expire_due(
+    sessionmaker: async_sessionmaker[AsyncSession], outbox: Outbox, now: datetime | None = None
+) -> int:
+    """Expire every pending request past its expiry; returns how many."""
+    now = now or utcnow()
+    async with sessionmaker() as session, session.begin():
+        uow = UnitOfWork(session, outbox, actor=SYSTEM)
+        due = await repo.expiring(session, now)
+        for request in due:
+            await _decide(
+                uow,
+                request,
+                "expired",
+                by=SYSTEM,
+                comment=f"no decision by {request.expires_at.isoformat()}",
+                now=now,
+            )
+    return len(due)
+
+
+# -- statistics -------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def median(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+# -- policies ---------------------------------------------------------------------------------
+
+
+async def put_policy(uow: UnitOfWork, name: str, rule: Rule) -> tuple[Policy, bool]:
+    existing = await repo.policy(uow.session, name)
+    before = existing.rule if existing else None
+    body = rule.model_dump(mode="json")
+    if existing is None:
+        policy = Policy(
+            name=name, kind=rule.kind, rule=body, enabled=rule.enabled, updated_by=uow.actor
+        )
+        uow.session.add(policy)
+    else:
+        policy = existing
+        policy.kind, policy.rule, policy.enabled = rule.kind, body, rule.enabled
+        policy.updated_at, policy.updated_by = utcnow(), uow.actor
+    await uow.session.flush()
+    await uow.audit("policy.put", f"policy/{name}", before=before, after=body)
+    return policy, existing is None
+
+
+async def delete_policy(uow: UnitOfWork, name: str) -> None:
+    policy = await repo.policy(uow.session, name)
+    if policy is None:
+        raise NotFound(f"no policy {name!r}")
+    await uow.session.delete(policy)
+    await uow.session.flush()
+    await uow.audit("policy.delete", f"policy/{name}", before=policy.rule)

@@ -1,0 +1,190 @@
+"""Bodies of the approval API. Inputs forbid unknown fields; fields the service fills in (the
+catalog's checklist, an asset's tags, the computed cost) cannot be sent by a requester."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from libs.common.events.approval import (
+    AssetKind,
+    AssetName,
+    CostSecurityPlan,
+    EndpointPayload,
+    QuotaPayload,
+    RequestKind,
+    RequestStatus,
+    VersionName,
+)
+from services.approval.policies import Rule
+
+
+class Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AssetRequestIn(Input):
+    asset_kind: AssetKind
+    asset_name: AssetName
+    version: VersionName
+
+
+class AccessRequestIn(Input):
+    asset_kind: AssetKind
+    asset_name: AssetName
+    justification: str = Field(default="", max_length=2000)
+
+
+class PlanIn(CostSecurityPlan):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EndpointRequestIn(EndpointPayload):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    plan: PlanIn
+
+
+class QuotaRequestIn(QuotaPayload):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PAYLOAD_INPUTS: dict[str, type[BaseModel]] = {
+    "asset": AssetRequestIn,
+    "access": AccessRequestIn,
+    "endpoint": EndpointRequestIn,
+    "quota": QuotaRequestIn,
+}
+
+
+class RequestCreate(Input):
+    kind: RequestKind
+    payload: dict[str, Any] = Field(
+        description="asset: {asset_kind, asset_name, version}; access: {asset_kind, asset_name, "
+        "justification}; endpoint: {model_name, version, runtime, plan: {gpus, replicas, hours, "
+        "gpu_hour_rate, currency, data_classification, network_exposure}}; quota: {window, "
+        "token_limit, key_id?, justification}",
+        examples=[{"asset_kind": "model", "asset_name": "certified/production-llm-8b"}],
+    )
+
+
+class Decision(Input):
+    comment: str = Field(default="", max_length=5000)
+
+
+class Rejection(Input):
+    comment: str = Field(min_length=1, max_length=5000, description="Why: the requester reads it")
+
+
+class CommentCreate(Input):
+    body: str = Field(min_length=1, max_length=5000)
+
+
+class CommentRead(BaseModel):
+    id: str
+    author: str
+    body: str
+    created_at: datetime
+
+
+class Cost(BaseModel):
+    gpu_hours: float
+    estimated_cost: float
+    currency: str
+
+
+class RequestRead(BaseModel):
+    id: str
+    kind: RequestKind
+    project: str
+    requester: str
+    status: RequestStatus
+    payload: dict[str, Any]
+    cost: Cost | None = Field(description="endpoint requests: the plan's computed cost")
+    created_at: datetime
+    due_at: datetime
+    expires_at: datetime
+    overdue: bool
+    age_seconds: float
+    decided_at: datetime | None
+    decided_by: str | None
+    decision_comment: str
+    policy: str | None
+    lead_time_seconds: float | None
+
+
+class RequestDetail(RequestRead):
+    comments: list[CommentRead]
+
+
+class RequestPage(BaseModel):
+    items: list[RequestRead]
+    next_cursor: str | None
+
+
+class KindStats(BaseModel):
+    decided: int
+    approved: int
+    rejected: int
+    pending: int
+    overdue: int
+    lead_time_median_seconds: float | None
+    lead_time_p90_seconds: float | None
+
+
+class ProjectQueue(BaseModel):
+    pending: int
+    overdue: int
+    oldest_pending_at: datetime | None
+
+
+class Stats(BaseModel):
+    since: datetime
+    by_kind: dict[str, KindStats]
+    by_project: dict[str, ProjectQueue]
+
+
+class PolicyRead(Rule):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    updated_at: datetime
+    updated_by: str
+
+
+class AuditRead(BaseModel):
+    seq: int
+    event_id: str
+    service: str
+    actor: str
+    action: str
+    target: str
+    project: str | None
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    request_id: str | None
+    at: datetime
+    recorded_at: datetime
+    prev_hash: str
+    hash: str
+
+
+class AuditPage(BaseModel):
+    items: list[AuditRead]
+    next_cursor: str | None
+
+
+class AuditProblem(BaseModel):
+    seq: int | None
+    problem: Literal["missing", "broken-link", "edited", "truncated"]
+    detail: str
+
+
+class AuditVerification(BaseModel):
+    ok: bool
+    records: int
+    head_seq: int
+    head_hash: str
+    problems: list[AuditProblem]
