@@ -17,10 +17,10 @@ DEV_SCOPES = ["catalog:read", "requests:write"]
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T | None]], *, timeout: float = 15.0, what: str = "condition"
+    probe: Callable[[], Awaitable[T | None]], *, within: float = 15.0, what: str = "condition"
 ) -> T:
     """Poll until ``probe`` returns something truthy (events travel through real NATS)."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         value = await probe()
         if value:

@@ -126,9 +126,7 @@ async def test_asset_and_access_journey_from_import_to_revocation(
         async def on_message(msg: Any) -> None:
             await heard.put(json.loads(msg.data))
 
-        await nc.subscribe(
-            f"{settings.event_namespace}.catalog.version.revoked", cb=on_message
-        )
+        await nc.subscribe(f"{settings.event_namespace}.catalog.version.revoked", cb=on_message)
         revoked = await ok(
             await catalog.post(
                 f"/v1/versions/{version_id}/revoke",
