@@ -149,14 +149,14 @@ def decide(principal: Principal, action: str, project: str | None) -> Decision:
     rule = ACTIONS.get(action)
     if rule is None:
         return Decision(False, f"unknown action {action!r}")
-    if rule.scope not in principal.scopes:
-        return Decision(False, f"the credential lacks the scope {rule.scope!r}")
     role = principal.role_in(project)
     where = f"project {project!r}" if project else "any project"
     if role is None:
         return Decision(False, f"no role in {where}")
     if not role.at_least(rule.min_role):
         return Decision(False, f"{action} needs role {rule.min_role.value} in {where}")
+    if rule.scope not in principal.scopes:
+        return Decision(False, f"the credential lacks the scope {rule.scope!r}")
     return Decision(True, "allowed")
 
 

@@ -35,7 +35,7 @@ class Problem(Exception):
 
     def body(self, instance: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "type": f"https://steward.dev/problems/{self.type_}",
+            "type": f"urn:steward:problem:{self.type_}",
             "title": self.title_text,
             "status": self.status_code,
             "detail": self.detail,
