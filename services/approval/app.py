@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import httpx
@@ -56,7 +56,7 @@ def create_app(
     settings: Settings | None = None,
     *,
     config: ApprovalConfig | None = None,
-    transports: dict[str, httpx.AsyncBaseTransport] | None = None,
+    transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
 ) -> FastAPI:
     spec = make_spec(config) if config is not None else SPEC
     return create_service_app(spec, settings, transports=transports)

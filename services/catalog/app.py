@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import httpx
 from fastapi import FastAPI
 
@@ -23,6 +25,6 @@ SPEC = ServiceSpec(
 def create_app(
     settings: Settings | None = None,
     *,
-    transports: dict[str, httpx.AsyncBaseTransport] | None = None,
+    transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
 ) -> FastAPI:
     return create_service_app(SPEC, settings, transports=transports)

@@ -338,10 +338,10 @@ async def test_pending_requests_expire_after_their_deadline(
             )
             await wait_status(catalog, admin_key, "model", name, "1.0.0", "submitted")
 
-            async def expired() -> dict[str, object] | None:
-                found = await ok(
-                    await client.get(f"/v1/requests/{request['id']}", headers=bearer(admin_key))
-                )
+            path = f"/v1/requests/{request['id']}"
+
+            async def expired(path: str = path) -> dict[str, object] | None:
+                found = await ok(await client.get(path, headers=bearer(admin_key)))
                 return found if found["status"] == "expired" else None
 
             found = await eventually(expired, what="the request to expire")

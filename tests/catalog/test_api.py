@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -32,7 +34,7 @@ async def test_search_filters_by_kind_tag_status_provider_and_text_with_cursor_p
     )
     await import_yaml(catalog, admin_key, text)
 
-    async def names(**params: object) -> list[str]:
+    async def names(**params: Any) -> list[str]:
         page = await ok(
             await catalog.get(
                 "/v1/catalog", params={"q": prefix, **params}, headers=bearer(admin_key)
@@ -58,7 +60,7 @@ async def test_search_filters_by_kind_tag_status_provider_and_text_with_cursor_p
     seen: list[str] = []
     cursor = None
     while True:
-        params: dict[str, object] = {"q": prefix, "limit": 1}
+        params: dict[str, Any] = {"q": prefix, "limit": 1}
         if cursor:
             params["cursor"] = cursor
         page = await ok(await catalog.get("/v1/catalog", params=params, headers=bearer(admin_key)))
