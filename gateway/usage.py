@@ -39,12 +39,15 @@ class UsageRecorder:
         self._task: asyncio.Task[None] | None = None
         self._spool_task: asyncio.Task[None] | None = None
         self._spooled = asyncio.Event()
+        self.published = 0  # acknowledged by JetStream, live or from the spool
+        self.spooled = 0  # written to disk
         if spool.size():
             self._spooled.set()
 
     def record(self, payload: UsageRecorded) -> None:
         if self._queue.qsize() >= MAX_QUEUED:
             self.spool.append([self._wrap(payload)])
+            self.spooled += 1
             USAGE_EVENTS.labels("spooled").inc()
             self._spooled.set()
             return
@@ -93,12 +96,14 @@ class UsageRecorder:
                 return_exceptions=True,
             )
             failed = [body for (_, body), ok in zip(bodies, results, strict=True) if ok is not True]
+            self.published += len(bodies) - len(failed)
             USAGE_EVENTS.labels("published").inc(len(bodies) - len(failed))
         else:
             # Events spooled earlier go first: keep the order metering sees.
             failed = [body for _, body in bodies]
         if failed:
             self.spool.append(failed)
+            self.spooled += len(failed)
             USAGE_EVENTS.labels("spooled").inc(len(failed))
             SPOOL_BYTES.set(self.spool.size())
             self._spooled.set()
@@ -136,12 +141,18 @@ class UsageRecorder:
                 continue
             await self.bus.publish(UsageRecorded.subject, line, event_id)
         self.spool.delivered(end)
+        self.published += len(lines)
         USAGE_EVENTS.labels("replayed").inc(len(lines))
         SPOOL_BYTES.set(self.spool.size())
         return len(lines)
 
     def status(self) -> dict[str, int]:
-        return {"queued": self._queue.qsize(), "spool_bytes": self.spool.size()}
+        return {
+            "queued": self._queue.qsize(),
+            "published": self.published,
+            "spooled": self.spooled,
+            "spool_bytes": self.spool.size(),
+        }
 
 
 async def close_quietly(recorder: UsageRecorder) -> None:

@@ -21,8 +21,8 @@ from gateway.app import Gateway, ProxyApp
 from libs.common.bus import Bus
 from libs.common.events.catalog import VersionState
 from libs.common.settings import Settings
-from tests.gateway.support import CatalogStub, Process, eventually, python_process, serve
-from tests.helpers import bearer, new_project, ok, unique
+from tests.gateway.support import CatalogStub, Process, eventually, python_process
+from tests.helpers import bearer, new_project, ok, serve, unique
 
 # Route name → behaviour of the test upstream (see tests/gateway/upstream.py).
 MODELS = [

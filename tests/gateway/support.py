@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -22,15 +20,9 @@ from starlette.routing import Route
 from libs.common.bus import Bus
 from libs.common.events import CloudEvent, EventPayload
 from libs.common.events.catalog import VersionState
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def port_open(port: int) -> bool:
@@ -39,27 +31,6 @@ def port_open(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-@contextlib.asynccontextmanager
-async def serve(app: Any, port: int | None = None) -> AsyncIterator[str]:
-    """Serve an ASGI app with uvicorn on a loopback socket, in this event loop."""
-    port = port or free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, lifespan="off", loop="none"
-    )
-    server = uvicorn.Server(config)
-    server.capture_signals = contextlib.nullcontext  # type: ignore[assignment,method-assign]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 class Process:
@@ -99,12 +70,6 @@ class Process:
 def python_process(module: str, *args: str) -> Process:
     port = free_port()
     return Process([sys.executable, "-m", module, str(port), *args], port)
-
-
-def nats_process(store: Path) -> Process:
-    port = free_port()
-    binary = str(Path(sys.executable).parent / "nats-server")
-    return Process([binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)], port)
 
 
 class CatalogStub:
@@ -155,3 +120,46 @@ async def upstream_json(url: str, path: str) -> Any:
         response = await client.get(path)
         response.raise_for_status()
         return response.json()
+
+
+async def usage_events(
+    nats_url: str, namespace: str, project: str, count: int, *, within: float = 5.0
+) -> list[dict[str, Any]]:
+    """The usage events of ``project`` on the USAGE stream: exactly ``count`` of them.
+
+    Waits until ``count`` arrived, then a little longer to catch any extra (a double count).
+    """
+    import nats
+    from nats.js.api import DeliverPolicy
+
+    nc = await nats.connect(nats_url)
+    found: list[dict[str, Any]] = []
+    try:
+        js = nc.jetstream()
+        sub = await js.subscribe(
+            f"{namespace}.gateway.usage.recorded",
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        deadline = time.monotonic() + within
+        grace: float | None = None
+        while True:
+            now = time.monotonic()
+            if grace is not None and now > grace:
+                break
+            if now > deadline:
+                break
+            try:
+                msg = await sub.next_msg(timeout=0.2)
+            except TimeoutError:
+                continue
+            event = CloudEvent.model_validate_json(msg.data)
+            if event.data["project"] == project:
+                found.append(event.model_dump(mode="json"))
+                if len(found) >= count and grace is None:
+                    grace = time.monotonic() + 0.3
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    assert len(found) == count, f"expected {count} usage events, got {len(found)}: {found}"
+    return found
