@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -92,19 +92,23 @@ def configure_tracing(service: str, otlp_endpoint: str | None) -> None:
 
 
 class RequestContextMiddleware:
-    """Request id in and out, a server span, and Prometheus metrics per route template."""
+    """Request id in and out, and Prometheus metrics per route template.
+
+    Server spans (with the caller's ``traceparent``) come from FastAPI's native OpenTelemetry
+    support, which follows the global tracer provider set by ``configure_tracing``.
+    """
 
     def __init__(self, app: ASGIApp, service: str) -> None:
         self.app = app
         self.service = service
-        self.tracer = trace.get_tracer(f"steward.{service}")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        incoming = headers.get("x-request-id", "")
+        incoming = next(
+            (v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), ""
+        )
         request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else new_id()
         token = request_id_var.set(request_id)
         status = 500
@@ -118,22 +122,13 @@ class RequestContextMiddleware:
                 message["headers"].append((b"x-request-id", request_id.encode()))
             await send(message)
 
-        ctx = propagate.extract(headers)
         method = scope["method"]
-        with self.tracer.start_as_current_span(
-            f"{method} {scope['path']}", context=ctx, kind=trace.SpanKind.SERVER
-        ) as span:
-            try:
-                await self.app(scope, receive, send_wrapper)
-            finally:
-                route = scope.get("route")
-                template = getattr(route, "path", None) or "unmatched"
-                span.update_name(f"{method} {template}")
-                span.set_attribute("http.request.method", method)
-                span.set_attribute("http.route", template)
-                span.set_attribute("http.response.status_code", status)
-                HTTP_REQUESTS.labels(self.service, method, template, str(status)).inc()
-                HTTP_DURATION.labels(self.service, method, template).observe(
-                    time.perf_counter() - started
-                )
-                request_id_var.reset(token)
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            template = getattr(scope.get("route"), "path", None) or "unmatched"
+            HTTP_REQUESTS.labels(self.service, method, template, str(status)).inc()
+            HTTP_DURATION.labels(self.service, method, template).observe(
+                time.perf_counter() - started
+            )
+            request_id_var.reset(token)
