@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.authn import Authenticator
 from gateway.http import openai_error, send_bytes, send_json
 from gateway.inference import InferenceProxy
+from gateway.mcp import McpProxy
 from gateway.quota import AllowAll, QuotaGate
 from gateway.replica import AuthReplica, CatalogReplica
 from gateway.routes import RouteTable
@@ -174,6 +175,7 @@ class ProxyApp:
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
         self.inference = InferenceProxy(gateway)
+        self.mcp = McpProxy(gateway)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -195,6 +197,9 @@ class ProxyApp:
             if path.startswith("/v1/"):
                 area = "v1"
                 await self.inference(scope, receive, send_counted, rid)
+            elif path.startswith("/mcp/"):
+                area = "mcp"
+                await self.mcp(scope, receive, send_counted, rid)
             elif await probes(self.gw, path, send_counted):
                 area = "probe"
             else:

@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from gateway.admin import create_admin_app
 from gateway.app import Gateway, ProxyApp
 from libs.common.bus import Bus
-from libs.common.events.catalog import VersionState
+from libs.common.events.catalog import ToolRef, VersionState
 from libs.common.settings import Settings
 from tests.gateway.support import CatalogStub, Process, eventually, python_process
 from tests.helpers import bearer, new_project, ok, serve, unique
@@ -61,6 +61,14 @@ async def upstream() -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="session")
+async def mcp_upstream() -> AsyncIterator[str]:
+    process = python_process("tests.gateway.mcp_server")
+    await process.start()
+    yield f"http://127.0.0.1:{process.port}/mcp"
+    await process.stop()
+
+
+@pytest.fixture(scope="session")
 async def authz_url(authz_app: FastAPI) -> AsyncIterator[str]:
     async with serve(authz_app) as url:
         yield url
@@ -86,6 +94,9 @@ async def catalog_stub() -> AsyncIterator[tuple[CatalogStub, str]]:
             stub.versions[name] = version(name, "submitted")
         elif name != "uncatalogued":
             stub.versions[name] = version(name)
+    tools = [ToolRef(name="echo", access="read_only")]
+    stub.versions["tools"] = version("tools", kind="mcp_server", tools=tools)
+    stub.versions["unapproved-tools"] = version("unapproved-tools", "draft", kind="mcp_server")
     async with serve(stub.app()) as url:
         yield stub, url
 
@@ -111,7 +122,7 @@ async def bus(settings: Settings) -> AsyncIterator[Bus]:
     await bus.close()
 
 
-def write_routes(path: Path, upstream: str) -> Path:
+def write_routes(path: Path, upstream: str, mcp: str) -> Path:
     models: list[dict[str, Any]] = []
     for name in MODELS:
         route: dict[str, Any] = {"name": name, "upstream": f"{upstream}/v1"}
@@ -121,7 +132,11 @@ def write_routes(path: Path, upstream: str) -> Path:
             route["upstream_model"] = "echo-internal"
             route["api_key"] = "upstream-secret"
         models.append(route)
-    path.write_text(yaml.safe_dump({"models": models}))
+    servers = [
+        {"name": "tools", "upstream": mcp},
+        {"name": "unapproved-tools", "upstream": mcp},
+    ]
+    path.write_text(yaml.safe_dump({"models": models, "mcp_servers": servers}))
     return path
 
 
@@ -145,6 +160,7 @@ async def gateway_settings(
     catalog_stub: tuple[CatalogStub, str],
     gateway_key: str,
     upstream: str,
+    mcp_upstream: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Settings:
     data_dir = tmp_path_factory.mktemp("gateway")
@@ -154,7 +170,7 @@ async def gateway_settings(
             "authz_url": authz_url,
             "catalog_url": catalog_stub[1],
             "gateway_api_key": SecretStr(gateway_key),
-            "gateway_routes_file": write_routes(data_dir / "routes.yaml", upstream),
+            "gateway_routes_file": write_routes(data_dir / "routes.yaml", upstream, mcp_upstream),
             "gateway_max_request_bytes": 64 * 1024,
             "gateway_max_tokens": 4096,
         }

@@ -1,0 +1,92 @@
+"""Plain proxying for MCP, ``/api`` and Kong routes: bytes through, as they come, nothing parsed.
+
+The response streams straight back (SSE included); a client that leaves closes the upstream
+response; connect errors and timeouts become the caller's own error body.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+from starlette.types import Receive, Send
+
+from gateway.calls import until_disconnect
+from gateway.http import Headers, response_headers
+
+# (status, message) → (body, content type): each area words its own errors.
+ErrorBody = Callable[[int, str], tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Outcome:
+    status: int = 0
+    error_type: str | None = None
+    disconnected: bool = False
+    upstream_latency: float | None = None  # seconds from sending to the response headers
+    response_headers: httpx.Headers = field(default_factory=httpx.Headers)
+
+
+async def forward(
+    client: httpx.AsyncClient,
+    receive: Receive,
+    send: Send,
+    request: httpx.Request,
+    *,
+    extra_headers: Callable[[Outcome], Headers],
+    error_body: ErrorBody,
+) -> Outcome:
+    outcome = Outcome()
+    started = False
+
+    async def exchange() -> None:
+        nonlocal started
+        sent = time.perf_counter()
+        response = await client.send(request, stream=True)
+        try:
+            outcome.upstream_latency = time.perf_counter() - sent
+            outcome.status = response.status_code
+            outcome.response_headers = response.headers
+            headers = response_headers(response.headers.raw) + extra_headers(outcome)
+            await send(
+                {"type": "http.response.start", "status": response.status_code, "headers": headers}
+            )
+            started = True
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+
+    try:
+        outcome.disconnected = await until_disconnect(exchange(), receive)
+    except httpx.TimeoutException:
+        outcome.error_type = "timeout"
+        await _fail(send, started, 504, "The upstream server is timing out", error_body, outcome)
+    except httpx.TransportError:
+        outcome.error_type = "upstream_unavailable"
+        await _fail(
+            send,
+            started,
+            502,
+            "An invalid response was received from the upstream server",
+            error_body,
+            outcome,
+        )
+    return outcome
+
+
+async def _fail(
+    send: Send, started: bool, status: int, message: str, error_body: ErrorBody, outcome: Outcome
+) -> None:
+    if started:
+        # Headers are out: all that is left is to end the body (the client sees it cut short).
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    outcome.status = status
+    body, content_type = error_body(status, message)
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

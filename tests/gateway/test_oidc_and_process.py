@@ -1,0 +1,133 @@
+"""OIDC bearer tokens verified at the gateway against a real JWKS server, and the gateway as
+the process operators run (``python -m gateway``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from libs.common.settings import Settings
+from tests.authz.oidc_issuer import Issuer, new_key
+from tests.gateway.conftest import RunningGateway, running_gateway, tenant
+from tests.gateway.support import ROOT, eventually, port_open
+from tests.helpers import bearer, free_port, serve
+
+CHAT = {"model": "echo", "messages": [{"role": "user", "content": "token"}]}
+
+
+@pytest.fixture(scope="module")
+async def issuer() -> AsyncIterator[Issuer]:
+    idp = Issuer()
+    async with serve(idp.app()) as url:
+        idp.base_url = url
+        yield idp
+
+
+@pytest.fixture(scope="module")
+async def oidc_gw(
+    issuer: Issuer, gateway_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningGateway]:
+    settings = gateway_settings.model_copy(
+        update={
+            "oidc_issuer": issuer.issuer,
+            "oidc_audience": "steward",
+            "data_dir": tmp_path_factory.mktemp("oidc-gw"),
+        }
+    )
+    async with running_gateway(settings) as running:
+        await running.gateway.wait_loaded(10)
+        yield running
+
+
+async def test_an_oidc_token_with_a_project_group_and_the_scope_may_call(
+    oidc_gw: RunningGateway,
+    gw: RunningGateway,
+    issuer: Issuer,
+    authz: httpx.AsyncClient,
+    admin_key: str,
+) -> None:
+    t = await tenant(authz, admin_key, gw, ["echo"])
+    await eventually(lambda: oidc_gw.gateway.auth.entitled(t.project, "model", "echo"))
+    key = issuer.add(new_key("gw-rsa"))
+    good = issuer.token(
+        key, scope="openid inference:invoke", groups=[f"/steward/{t.project}/developer"]
+    )
+    async with httpx.AsyncClient(base_url=oidc_gw.url) as client:
+        ok = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(good))
+        assert ok.status_code == 200, ok.text
+        listed = await client.get("/v1/models", headers=bearer(good))
+        assert [m["id"] for m in listed.json()["data"]] == ["echo"]
+
+        no_scope = issuer.token(key, scope="openid", groups=[f"/steward/{t.project}/developer"])
+        refused = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(no_scope))
+        assert refused.status_code == 403
+
+        no_role = issuer.token(key, scope="openid inference:invoke")
+        unbound = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(no_role))
+        assert unbound.status_code == 400  # no project to count the call against
+        named = {**bearer(no_role), "X-Steward-Project": t.project}
+        outsider = await client.post("/v1/chat/completions", json=CHAT, headers=named)
+        assert outsider.status_code == 403
+
+        expired = issuer.token(
+            key, lifetime=-120, scope="inference:invoke", groups=[f"/steward/{t.project}/developer"]
+        )
+        late = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(expired))
+        assert late.status_code == 401
+        assert "expired" in late.json()["error"]["message"]
+
+        other_audience = issuer.token(key, audience="someone-else", scope="inference:invoke")
+        wrong = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(other_audience))
+        assert wrong.status_code == 401
+
+
+async def test_python_dash_m_gateway_serves_both_ports_and_stops_on_sigterm(
+    gateway_settings: Settings, tmp_path: Path
+) -> None:
+    proxy, admin = free_port(), free_port()
+    env = {
+        **os.environ,
+        "STEWARD_DATA_DIR": str(tmp_path),
+        "STEWARD_NATS_URL": gateway_settings.nats_url,
+        "STEWARD_EVENT_NAMESPACE": gateway_settings.event_namespace,
+        "STEWARD_API_KEY_PEPPER": "unused-here",
+        "STEWARD_AUTHZ_URL": gateway_settings.authz_url,
+        "STEWARD_CATALOG_URL": gateway_settings.catalog_url,
+        "STEWARD_GATEWAY_API_KEY": "stw_AAAAAAAA_" + "B" * 32,
+        "STEWARD_GATEWAY_PROXY_PORT": str(proxy),
+        "STEWARD_GATEWAY_ADMIN_PORT": str(admin),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await eventually(lambda: port_open(proxy) and port_open(admin), within=20, every=0.1)
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"http://127.0.0.1:{admin}/healthz")).status_code == 200
+            # The snapshot key is refused by authz: not ready, and says why.
+            ready = await client.get(f"http://127.0.0.1:{admin}/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["authz_replica"] == "not loaded"
+            refused = await client.post(
+                f"http://127.0.0.1:{proxy}/v1/chat/completions",
+                json=CHAT,
+                headers=bearer("stw_AAAAAAAA_" + "C" * 32),
+            )
+            assert refused.status_code == 503
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), 15)
+    assert code == 0
