@@ -61,13 +61,18 @@ def current_traceparent() -> str | None:
     return carrier.get("traceparent")
 
 
+_WAKE: dict[Table, asyncio.Event] = {}
+
+
 class Outbox:
     """Writes events into a service's outbox and relays them to JetStream."""
 
     def __init__(self, table: Table, source: str) -> None:
         self.table = table
         self.source = source
-        self._wake = asyncio.Event()
+        # One wake-up per outbox table, shared by every Outbox object over it: an event
+        # handler that writes through its own Outbox still wakes the service's relay.
+        self._wake = _WAKE.setdefault(table, asyncio.Event())
 
     async def add(
         self, session: AsyncSession, payload: EventPayload, *, entity: str | None = None
