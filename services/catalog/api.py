@@ -122,11 +122,13 @@ async def import_catalog(
     request: Request,
     principal: Annotated[Principal, Authorized("catalog.write")],
     uow: UnitOfWorkDep,
+    dry_run: bool = False,
 ) -> ImportResult:
     """Import a GitOps ``catalog.yaml``: new versions arrive as ``draft``; importing the same
-    file twice changes nothing; one bad entry refuses the whole file."""
+    file twice changes nothing; one bad entry refuses the whole file. ``dry_run`` only reports."""
     text = (await _body(request)).decode("utf-8", errors="replace")
-    return _import_result(await domain.import_entries(uow, parse_catalog_yaml(text)))
+    entries = parse_catalog_yaml(text)
+    return _import_result(await domain.import_entries(uow, entries, dry_run=dry_run))
 
 
 @router.post(
@@ -139,9 +141,10 @@ async def import_mcp_servers(
     request: Request,
     principal: Annotated[Principal, Authorized("catalog.write")],
     uow: UnitOfWorkDep,
+    dry_run: bool = False,
 ) -> ImportResult:
     """Import MCP registry ``server.json`` documents (``jq -s . servers/*.json`` makes a folder
-    into one array)."""
+    into one array). ``dry_run`` only reports."""
     try:
         data = json.loads(await _body(request))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -149,7 +152,7 @@ async def import_mcp_servers(
         raise refuse([error], "server.json import") from exc
     documents = data if isinstance(data, list) else [data]
     entries = parse_server_jsons(documents, prefix_index=isinstance(data, list))
-    return _import_result(await domain.import_entries(uow, entries))
+    return _import_result(await domain.import_entries(uow, entries, dry_run=dry_run))
 
 
 @router.get("/catalog")

@@ -73,15 +73,18 @@ def version_state(version: Version, asset: Asset) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Imported:
     entry: Entry
-    version_id: str
+    version_id: str | None  # None in a dry run, for a version not created yet
     outcome: str  # created | updated | unchanged
 
 
-async def import_entries(uow: UnitOfWork, entries: Sequence[Entry]) -> list[Imported]:
+async def import_entries(
+    uow: UnitOfWork, entries: Sequence[Entry], *, dry_run: bool = False
+) -> list[Imported]:
     """Write validated entries as ``draft`` versions; all or nothing.
 
     An identical entry changes nothing. A changed entry may replace a draft, but a version that
-    has left ``draft`` is immutable: the import is refused, naming the entry.
+    has left ``draft`` is immutable: the import is refused, naming the entry. A dry run reports
+    the outcomes (``steward diff``) and writes nothing.
     """
     session = uow.session
     errors: list[dict[str, str]] = []
@@ -109,15 +112,18 @@ async def import_entries(uow: UnitOfWork, entries: Sequence[Entry]) -> list[Impo
     results: list[Imported] = []
     for i, entry in enumerate(entries):
         asset, version = existing[i]
+        if version is not None and version.content_hash == entry.content_hash:
+            results.append(Imported(entry, version.id, "unchanged"))
+            continue
+        outcome = "updated" if version else "created"
+        if dry_run:
+            results.append(Imported(entry, version.id if version else None, outcome))
+            continue
         if asset is None:
             asset = Asset(kind=entry.kind, name=entry.name, created_by=uow.actor)
             session.add(asset)
             await session.flush()
-        if version is not None and version.content_hash == entry.content_hash:
-            results.append(Imported(entry, version.id, "unchanged"))
-            continue
         before = _summary(version) if version else None
-        outcome = "updated" if version else "created"
         if version is None:
             version = Version(
                 asset_id=asset.id,

@@ -66,7 +66,7 @@ class ImportedVersion(BaseModel):
     kind: AssetKind
     name: str
     version: str
-    version_id: str
+    version_id: str | None
     outcome: Literal["created", "updated", "unchanged"]
 
 

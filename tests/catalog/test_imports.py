@@ -279,3 +279,21 @@ async def test_publisher_metadata_of_server_json_gives_tags_and_tools(
     assert version["tags"] == ["general"]
     assert version["tools"] == [{"name": "forecast", "access": "read_only"}]
     assert version["spec"]["transports"] == ["streamable-http"]
+
+
+async def test_a_dry_run_reports_what_an_import_would_do_and_writes_nothing(
+    catalog: httpx.AsyncClient, admin_key: str
+) -> None:
+    name = uname("dry")
+    text = catalog_yaml([model(name)], [])
+    url = "/v1/imports/catalog?dry_run=true"
+    headers = {**bearer(admin_key), "content-type": "application/yaml"}
+    planned = await ok(await catalog.post(url, content=text.encode(), headers=headers))
+    assert (planned["created"], planned["unchanged"]) == (1, 0)
+    assert planned["versions"][0]["version_id"] is None
+    assert await asset(catalog, admin_key, "model", name) is None
+
+    imported = await import_yaml(catalog, admin_key, text)
+    assert imported["created"] == 1
+    again = await ok(await catalog.post(url, content=text.encode(), headers=headers))
+    assert (again["created"], again["unchanged"]) == (0, 1)
