@@ -10,11 +10,18 @@ from typing import Annotated
 import httpx
 import typer
 
+from cli import commands, gitops
+from cli.client import CliError
+from cli.output import errors
 from cli.stack import SERVICES, Stack
 from libs.common.migrate import upgrade
 from libs.common.settings import Settings
 
-app = typer.Typer(help="Steward: the governance plane for generative AI.", no_args_is_help=True)
+app = typer.Typer(
+    help="Steward: the governance plane for generative AI.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 
 
 def _migrate(settings: Settings, services: tuple[str, ...]) -> None:
@@ -106,5 +113,27 @@ def status(
         typer.echo(f"{name:<10} {state.get('status')}")
 
 
+app.command()(commands.login)
+app.command()(commands.whoami)
+app.command()(commands.approve)
+app.command()(commands.reject)
+app.add_typer(commands.projects, name="projects")
+app.add_typer(commands.catalog, name="catalog")
+app.add_typer(commands.requests, name="request")
+app.add_typer(commands.keys, name="keys")
+app.add_typer(commands.audit, name="audit")
+app.command("apply")(gitops.apply)
+app.command("diff")(gitops.diff)
+
+
+def main() -> None:
+    """Entry point: API errors end as one red line and exit code 2, never a traceback."""
+    try:
+        app()
+    except CliError as exc:
+        errors.print(f"[red]{exc}[/red]")
+        raise SystemExit(2) from exc
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -1,0 +1,75 @@
+"""The resource commands of ``steward``, against the real services on real sockets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+
+from tests.cli.test_gitops import service_urls, steward  # noqa: F401 - the fixture is shared
+from tests.helpers import bearer, new_project, unique
+
+
+async def test_keys_are_created_shown_once_rotated_and_revoked(
+    service_urls: dict[str, str],  # noqa: F811
+    authz: httpx.AsyncClient,
+    admin_key: str,
+) -> None:
+    env = {**service_urls, "STEWARD_API_KEY": admin_key}
+    project = await new_project(authz, admin_key, "cli")
+    created = await steward(
+        env, "keys", "create", project, "--name", "ci", "--scope", "projects:read", "-o", "json"
+    )
+    assert created.exit_code == 0, created.output
+    key = json.loads(created.output)
+    assert (await authz.get("/v1/whoami", headers=bearer(key["key"]))).status_code == 200
+
+    table = await steward(env, "keys", "list", project)
+    assert key["id"] in table.output and key["key"] not in table.output
+
+    rotated = await steward(
+        env, "keys", "rotate", project, key["id"], "--grace-seconds", "0", "-o", "json"
+    )
+    new = json.loads(rotated.output)
+    revoked = await steward(env, "keys", "revoke", project, new["id"], "-o", "json")
+    assert json.loads(revoked.output)["status"] == "revoked"
+    assert (await authz.get("/v1/whoami", headers=bearer(new["key"]))).status_code == 401
+
+
+async def test_audit_verify_exits_zero_on_an_intact_chain(
+    service_urls: dict[str, str],  # noqa: F811
+    admin_key: str,
+) -> None:
+    result = await steward(
+        {**service_urls, "STEWARD_API_KEY": admin_key}, "audit", "verify", "-o", "json"
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["ok"] is True
+
+
+async def test_an_imported_model_is_listed_as_draft_and_absent_from_the_dropdown(
+    service_urls: dict[str, str],  # noqa: F811
+    admin_key: str,
+    tmp_path: Path,
+) -> None:
+    env = {**service_urls, "STEWARD_API_KEY": admin_key}
+    name = unique("cli-model")
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        f"source: test\nmodels:\n  - name: {name}\n    version: '1.0'\n"
+        f"    artifacts:\n      - uri: hf://org/{name}\n"
+    )
+    dry = await steward(env, "catalog", "import", str(catalog), "--dry-run", "-o", "json")
+    assert json.loads(dry.output)["created"] == 1
+    imported = await steward(env, "catalog", "import", str(catalog), "-o", "json")
+    assert json.loads(imported.output)["created"] == 1, imported.output
+    again = await steward(env, "catalog", "import", str(catalog), "-o", "json")
+    assert json.loads(again.output)["unchanged"] == 1
+
+    listed = json.loads((await steward(env, "catalog", "list", "-q", name, "-o", "json")).output)
+    assert [(v["name"], v["status"]) for v in listed] == [(name, "draft")]
+    dropdown = await steward(
+        env, "catalog", "list", "--status", "approved", "-q", name, "-o", "json"
+    )
+    assert json.loads(dropdown.output) == []
