@@ -21,6 +21,7 @@ run: install          ## start NATS and every service on the embedded default
 
 test: install         ## lint, type-check and test against real PostgreSQL and NATS
 	scripts/test-services.sh
+	scripts/test-tools.sh
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy .

