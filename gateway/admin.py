@@ -5,18 +5,19 @@ Unlike Kong's, every admin route but the probes needs a platform-admin credentia
 API changes who may reach what, so it is never open just because it listens on localhost.
 """
 
-from __future__ import annotations
-
 from typing import Annotated, Any
 
+import yaml
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.app import Gateway
 from gateway.authn import AuthFailure
+from gateway.kong.export import export_kong
 from libs.common.auth import Principal
-from libs.common.errors import Forbidden, Unauthorized, install_error_handlers
+from libs.common.errors import Forbidden, Unauthorized, Unprocessable, install_error_handlers
+from libs.common.events.usage import UsageRecorded
 from libs.common.observability import RequestContextMiddleware
 
 
@@ -62,7 +63,29 @@ def create_admin_app(gateway: Gateway) -> FastAPI:
         }
         return body
 
+    @app.get("/steward/export", tags=["gateway"])
+    async def export(principal: Admin, format: str = "kong") -> PlainTextResponse:
+        """The live policy as a kong.yml (``steward gateway export --format kong``)."""
+        if format != "kong":
+            raise Unprocessable("the only export format is 'kong'")
+        document = export_kong(
+            gateway.routes,
+            gateway.auth,
+            gateway.catalog,
+            gateway.kong.config if gateway.kong is not None else None,
+        )
+        return PlainTextResponse(
+            yaml.safe_dump(document, sort_keys=False), media_type="application/yaml"
+        )
+
+    @app.post("/steward/usage", status_code=202, tags=["gateway"])
+    async def usage_intake(body: list[UsageRecorded], principal: Admin) -> dict[str, int]:
+        """Usage from Steward's plugin on a real Kong: queued like the gateway's own."""
+        for payload in body:
+            gateway.usage.record(payload)
+        return {"accepted": len(body)}
+
     from gateway.kong.admin import kong_router
 
-    app.include_router(kong_router(gateway, Admin))
+    app.include_router(kong_router(gateway, Depends(platform_admin)))
     return app

@@ -21,9 +21,13 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.api import ApiProxy, console
 from gateway.authn import Authenticator
 from gateway.http import openai_error, send_bytes, send_json
 from gateway.inference import InferenceProxy
+from gateway.kong.config import load_file, load_state
+from gateway.kong.proxy import KongProxy
+from gateway.kong.runtime import KongRuntime
 from gateway.mcp import McpProxy
 from gateway.quota import AllowAll, QuotaGate
 from gateway.replica import AuthReplica, CatalogReplica
@@ -67,6 +71,8 @@ class Gateway:
     quota: QuotaGate = field(default_factory=AllowAll)
     clients: list[ServiceClient] = field(default_factory=list)
     oidc_http: httpx.AsyncClient | None = None
+    # The Kong declarative config in force (None: no Kong routes); replaced whole by POST /config.
+    kong: KongRuntime | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Gateway:
@@ -110,6 +116,12 @@ class Gateway:
             clients=[authz_client, catalog_client],
             oidc_http=oidc_http,
         )
+        kong = (
+            load_file(settings.gateway_kong_config)
+            if settings.gateway_kong_config is not None
+            else load_state(settings.data_dir / "gateway")
+        )
+        gateway.kong = KongRuntime(kong) if kong is not None else None
         await usage.start()
         await syncer.start()
         return gateway
@@ -176,6 +188,8 @@ class ProxyApp:
         self.gw = gateway
         self.inference = InferenceProxy(gateway)
         self.mcp = McpProxy(gateway)
+        self.api = ApiProxy(gateway)
+        self.kong = KongProxy(gateway)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -200,15 +214,17 @@ class ProxyApp:
             elif path.startswith("/mcp/"):
                 area = "mcp"
                 await self.mcp(scope, receive, send_counted, rid)
+            elif path.startswith("/api/"):
+                area = "api"
+                await self.api(scope, receive, send_counted, rid)
+            elif path == "/console" or path.startswith("/console/"):
+                area = "console"
+                await console(self.gw.settings.gateway_console_dir, scope, send_counted)
             elif await probes(self.gw, path, send_counted):
                 area = "probe"
             else:
-                await send_json(
-                    send_counted,
-                    404,
-                    {"message": "no Route matched with those values"},
-                    [(b"x-request-id", rid)],
-                )
+                area = "kong"
+                await self.kong(scope, receive, send_counted, rid)
         except Exception:
             log.exception("proxy error", extra={"path": path})
             if status == 0:

@@ -127,6 +127,10 @@ class AuthReplica:
     def entitled(self, project: str, kind: str, name: str) -> bool:
         return (project, kind, name) in self._entitlements
 
+    def entitlement_triples(self) -> set[tuple[str, str, str]]:
+        """Every (project, asset kind, asset name) entitled, for exports."""
+        return set(self._entitlements)
+
     def entitlements_of(self, project: str, kind: str) -> set[str]:
         return {n for p, k, n in self._entitlements if p == project and k == kind}
 

@@ -11,6 +11,8 @@ behaviour, so one process serves every case:
 - ``…hang…``: waits 5 s before answering (for timeouts).
 - ``…error…``: answers 500 with an OpenAI error object.
 
+``/anything/…`` echoes the request back (for Kong routes).
+
 ``GET /_log`` returns the requests received (headers and bodies); ``GET /_stats`` how many streams
 completed and how many were abandoned by their client; ``POST /_reset`` clears both.
 """
@@ -156,6 +158,20 @@ async def embeddings(request: Request) -> Response:
     )
 
 
+async def anything(request: Request) -> Response:
+    """Echo what arrived (for Kong routes): method, path, query, headers, body."""
+    body = await request.body()
+    return JSONResponse(
+        {
+            "method": request.method,
+            "path": request.url.path,
+            "query": request.url.query,
+            "headers": dict(request.headers),
+            "body": body.decode(errors="replace"),
+        }
+    )
+
+
 async def log(request: Request) -> Response:
     return JSONResponse(LOG)
 
@@ -175,6 +191,7 @@ app = Starlette(
         Route("/v1/chat/completions", completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/anything/{rest:path}", anything, methods=["GET", "POST", "PUT", "DELETE"]),
         Route("/_log", log),
         Route("/_stats", stats),
         Route("/_reset", reset, methods=["POST"]),
