@@ -88,6 +88,7 @@ ACTIONS: Mapping[str, Rule] = {
     # inference
     "endpoint.read": Rule(V, "endpoints:manage"),
     "endpoint.manage": Rule(PA, "endpoints:manage"),
+    "route.snapshot": Rule(PLAT, "endpoints:manage"),
     "inference.invoke": Rule(D, "inference:invoke"),
     "mcp.invoke": Rule(D, "mcp:invoke"),
     # metering

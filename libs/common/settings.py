@@ -91,7 +91,25 @@ class Settings(BaseSettings):
     gateway_resync_seconds: float = 300.0
     gateway_console_dir: Path | None = None
 
-    @field_validator("api_key_pepper", "bootstrap_api_key", "gateway_api_key", mode="before")
+    # -- inference (services/inference) and what it shares with the gateway.
+    # The GPU pool endpoints are provisioned from, by type: STEWARD_GPU_POOL='{"nvidia-a100": 8}'.
+    gpu_pool: dict[str, int] = {"gpu": 8}
+    # Fernet key (urlsafe base64 of 32 bytes) sealing external endpoints' upstream credentials
+    # at rest and on the bus; the gateway opens them with the same key. Unset in the embedded
+    # mode: one is created once under data_dir with mode 0600.
+    upstream_credential_key: SecretStr | None = None
+    # A platform API key holding catalog:read: inference reads an approved version's source
+    # URI with it when it provisions from an approval event (there is no caller to ask for).
+    inference_api_key: SecretStr | None = None
+
+    @field_validator(
+        "api_key_pepper",
+        "bootstrap_api_key",
+        "gateway_api_key",
+        "upstream_credential_key",
+        "inference_api_key",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # Compose and Helm pass unset secrets as empty strings.
@@ -119,3 +137,18 @@ class Settings(BaseSettings):
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(48))
         return path.read_text().strip().encode()
+
+    @cached_property
+    def upstream_credential_fernet_key(self) -> bytes:
+        """The key sealing upstream credentials: configured, or created once (embedded mode)."""
+        if self.upstream_credential_key is not None:
+            return self.upstream_credential_key.get_secret_value().encode()
+        path = self.data_dir / "upstream-credential.key"
+        if not path.exists():
+            from cryptography.fernet import Fernet
+
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(Fernet.generate_key())
+        return path.read_bytes().strip()

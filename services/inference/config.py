@@ -1,0 +1,107 @@
+"""Inference's own settings (``STEWARD_INFERENCE_*``): runtimes, supervision, allowances.
+
+The GPU pool and the credential key live in the shared ``Settings`` (``STEWARD_GPU_POOL``,
+``STEWARD_UPSTREAM_CREDENTIAL_KEY``) because the gateway or the operator reads them too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The built-in simulator: an OpenAI-compatible server that is not a model (see simulator.py).
+SIMULATOR_COMMAND = [
+    "{python}",
+    "-m",
+    "services.inference.simulator",
+    "--host",
+    "{host}",
+    "--port",
+    "{port}",
+    "--served-model-name",
+    "{served_model_name}",
+]
+# vLLM's own server, where vLLM is installed: ``{model}`` is the version's source (hf:// etc.).
+VLLM_COMMAND = [
+    "vllm",
+    "serve",
+    "{model}",
+    "--host",
+    "{host}",
+    "--port",
+    "{port}",
+    "--served-model-name",
+    "{served_model_name}",
+]
+
+
+class LocalProfile(BaseModel):
+    """How to start an OpenAI-compatible server on this host.
+
+    Placeholders in ``command``: ``{python}`` (this interpreter), ``{host}``, ``{port}``,
+    ``{served_model_name}``, ``{model}`` (the version's source URI, ``hf://`` stripped),
+    ``{data_dir}`` and ``{endpoint_id}``.
+    """
+
+    command: list[str] = Field(min_length=1)
+    env: dict[str, str] = {}
+    health_path: str = "/health"
+    # Seconds the server may take to answer its health check before the start counts as failed.
+    startup_timeout_seconds: float = Field(default=600.0, gt=0)
+
+
+class InferenceConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STEWARD_INFERENCE_", extra="ignore")
+
+    # -- local runtime
+    local_profiles: dict[str, LocalProfile] = {
+        "simulator": LocalProfile(command=SIMULATOR_COMMAND),
+        "vllm": LocalProfile(command=VLLM_COMMAND),
+    }
+    # The profile an approved ``local`` endpoint request runs with.
+    local_default_profile: str = "simulator"
+    local_host: str = "127.0.0.1"
+    health_interval_seconds: float = Field(default=2.0, gt=0)
+    # Restart a crashed server after 0.5 s, 1 s, 2 s… up to the cap; after ``max_restarts``
+    # crashes in a row (a crash after a healthy minute resets the count) the endpoint fails.
+    restart_initial_seconds: float = Field(default=0.5, gt=0)
+    restart_max_seconds: float = Field(default=30.0, gt=0)
+    max_restarts: int = Field(default=5, ge=0)
+    stable_after_seconds: float = Field(default=60.0, gt=0)
+    stop_grace_seconds: float = Field(default=10.0, gt=0)
+
+    # -- kubernetes runtime (KServe)
+    kubeconfig: Path | None = None
+    kube_context: str | None = None
+    # Emit a KServe ``InferenceService`` (v1beta1) or an llm-d ``LLMInferenceService``.
+    kube_kind: Literal["InferenceService", "LLMInferenceService"] = "InferenceService"
+    kube_namespace_prefix: str = Field(default="steward-", pattern=r"^[a-z0-9-]{0,20}$")
+    # The ServingRuntime and model format of the predictor.
+    kserve_runtime: str = "kserve-huggingfaceserver"
+    kserve_model_format: Literal["vLLM", "huggingface"] = "huggingface"
+    # Path appended to the InferenceService's status.url to reach its OpenAI API.
+    kserve_openai_path: str = "/openai/v1"
+
+    # -- external runtime
+    probe_interval_seconds: float = Field(default=15.0, gt=0)
+    probe_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    # -- provisioning in general
+    reconcile_seconds: float = Field(default=1.0, gt=0)
+    # Provisioning that has not reached ready after this long fails.
+    provision_timeout_seconds: float = Field(default=1800.0, gt=0)
+    # GPUs one project may hold at once (all types); unset: as many as the pool has free.
+    project_gpu_limit: int | None = Field(default=None, ge=0)
+    project_gpu_limits: dict[str, int] = {}
+
+    @model_validator(mode="after")
+    def _default_profile_exists(self) -> InferenceConfig:
+        if self.local_default_profile not in self.local_profiles:
+            raise ValueError(f"no local profile named {self.local_default_profile!r}")
+        return self
+
+    def gpu_limit_for(self, project: str) -> int | None:
+        return self.project_gpu_limits.get(project, self.project_gpu_limit)

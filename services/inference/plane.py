@@ -1,0 +1,58 @@
+"""What the routes and the event handlers share: the pool, the runtimes' reconciler, the catalog.
+
+The service spec (and its handler map) is built before the lifespan creates any of this, so
+handlers hold a ``PlaneRef`` that ``setup`` fills in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from libs.common.clients import CatalogClient
+from services.inference.config import InferenceConfig
+from services.inference.domain import CatalogVersion, Pool, VersionLookup
+from services.inference.reconciler import Reconciler
+
+
+@dataclass
+class Plane:
+    config: InferenceConfig
+    pool: Pool
+    credential_key: bytes
+    reconciler: Reconciler
+    catalog: CatalogClient
+    # The service's own catalog:read key, for provisioning from approval events (no caller).
+    service_credential: str | None
+
+    async def catalog_version(
+        self, credential: str, name: str, version: str
+    ) -> CatalogVersion | None:
+        """The version's status and source URI, asked with ``credential``; None if unknown."""
+        asset = await self.catalog.asset(credential, "model", name)
+        if asset is None:
+            return None
+        found = next((v for v in asset["versions"] if v["version"] == version), None)
+        if found is None:
+            return None
+        spec = found.get("spec") or {}
+        return CatalogVersion(status=found["status"], source_uri=spec.get("source_uri"))
+
+    def service_lookup(self) -> VersionLookup | None:
+        """Catalog look-ups with the service key, or None (trust the approval) without one."""
+        credential = self.service_credential
+        if credential is None:
+            return None
+
+        async def lookup(name: str, version: str) -> CatalogVersion | None:
+            return await self.catalog_version(credential, name, version)
+
+        return lookup
+
+
+class PlaneRef:
+    plane: Plane | None = None
+
+    def get(self) -> Plane:
+        if self.plane is None:
+            raise RuntimeError("the inference service is still starting")
+        return self.plane

@@ -1,0 +1,78 @@
+"""The one interface every runtime implements: provision, watch (status), scale, delete.
+
+The reconciler drives an endpoint through it and turns what ``watch`` reports into status
+changes; a runtime knows nothing of the database or the bus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """What a runtime needs to run one endpoint (a snapshot of its row)."""
+
+    endpoint_id: str
+    project: str
+    runtime_name: str
+    asset_name: str
+    version: str
+    source_uri: str | None
+    served_model_name: str
+    replicas: int
+    gpus: int
+    gpu_type: str | None
+    profile: str | None
+    owner: str
+    request_id: str | None
+    # external endpoints: the registered base URL and the sealed credential.
+    upstream_url: str | None = None
+    sealed_credential: str | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeStatus:
+    """``pending`` (not serving yet, or again), ``ready`` at ``url``, or ``failed`` for good."""
+
+    state: Literal["pending", "ready", "failed"]
+    url: str | None = None
+    reason: str = ""
+
+
+class RuntimeFailure(Exception):
+    """The runtime cannot run this endpoint (bad spec, not configured): retrying will not help."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Runtime(Protocol):
+    name: str
+
+    async def provision(self, spec: EndpointSpec) -> None:
+        """Create what serves the endpoint; idempotent (it may already exist)."""
+
+    def watch(self, spec: EndpointSpec) -> AsyncIterator[RuntimeStatus]:
+        """Report the endpoint's state as it changes, until cancelled or ``failed``."""
+        ...
+
+    async def status(self, spec: EndpointSpec) -> RuntimeStatus:
+        """The state now, in one look."""
+        ...
+
+    async def scale(self, spec: EndpointSpec, replicas: int) -> None:
+        """Change the number of replicas of a running endpoint."""
+
+    async def delete(self, spec: EndpointSpec) -> None:
+        """Remove everything the endpoint used; idempotent (gone already is fine)."""
+
+    async def aclose(self) -> None:
+        """Release the runtime's own resources at shutdown."""
+
+
+def clip(text: str, limit: int = 1000) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,297 @@
+"""The ``local`` runtime: an OpenAI-compatible server process on this host, supervised.
+
+Each endpoint is one process (one replica: a host has one set of GPUs; scale out with
+Kubernetes), started from a runtime profile's command, health-checked, restarted with
+exponential backoff when it dies, and stopped cleanly (SIGTERM to its process group, then
+SIGKILL). Its output goes to ``<data_dir>/inference/logs/<endpoint id>.log``.
+
+The child's environment is this process's minus every ``STEWARD_*`` variable: a model server
+has no business with Steward's secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+
+from libs.common.db import utcnow
+from services.inference.config import InferenceConfig, LocalProfile
+from services.inference.runtimes.base import EndpointSpec, RuntimeFailure, RuntimeStatus, clip
+
+log = logging.getLogger("steward.inference.local")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEWARD_")}
+    env.update(extra)
+    return env
+
+
+def _model_arg(spec: EndpointSpec) -> str:
+    """What a server like vLLM takes as the model: the source without its ``hf://`` scheme."""
+    if spec.source_uri:
+        return spec.source_uri.removeprefix("hf://")
+    return spec.asset_name
+
+
+class Supervised:
+    """One endpoint's server process and everything needed to start it again."""
+
+    def __init__(
+        self,
+        spec: EndpointSpec,
+        profile: LocalProfile,
+        config: InferenceConfig,
+        log_path: Path,
+        http: httpx.AsyncClient,
+    ) -> None:
+        self.spec = spec
+        self.profile = profile
+        self.config = config
+        self.log_path = log_path
+        self.http = http
+        self.host = config.local_host
+        self.port = free_port(self.host)
+        self.process: asyncio.subprocess.Process | None = None
+        self.starts = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def upstream_url(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def command(self) -> list[str]:
+        values = {
+            "python": sys.executable,
+            "host": self.host,
+            "port": str(self.port),
+            "served_model_name": self.spec.served_model_name,
+            "model": _model_arg(self.spec),
+            "data_dir": str(self.log_path.parent.parent),
+            "endpoint_id": self.spec.endpoint_id,
+        }
+        try:
+            return [part.format(**values) for part in self.profile.command]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise RuntimeFailure(f"the profile's command has a bad placeholder: {exc}") from exc
+
+    async def start(self) -> None:
+        command = self.command()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        with self.log_path.open("ab") as out:
+            out.write(
+                f"=== steward: start {self.starts} at {utcnow().isoformat()}: "
+                f"{' '.join(command)}\n".encode()
+            )
+            out.flush()
+            try:
+                self.process = await asyncio.create_subprocess_exec(
+                    *command,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=_child_env(self.profile.env),
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise RuntimeFailure(f"cannot start {command[0]!r}: {exc}") from exc
+        log.info(
+            "local server started",
+            extra={"endpoint_id": self.spec.endpoint_id, "pid": self.process.pid},
+        )
+
+    async def healthy(self) -> bool:
+        try:
+            response = await self.http.get(self.base_url + self.profile.health_path, timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def _exited(self) -> int | None:
+        return None if self.process is None else self.process.returncode
+
+    async def _wait_exit(self, seconds: float) -> int | None:
+        assert self.process is not None
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.process.wait()), seconds)
+        except TimeoutError:
+            return None
+
+    async def until_healthy(self) -> str | None:
+        """None once healthy, else why it never got there (it exited, or took too long)."""
+        deadline = time.monotonic() + self.profile.startup_timeout_seconds
+        delay = 0.05
+        while time.monotonic() < deadline:
+            code = await self._wait_exit(delay)
+            if code is not None:
+                return f"exited with code {code} before it was healthy"
+            if await self.healthy():
+                return None
+            delay = min(delay * 1.5, 1.0)
+        await self.kill()
+        return f"was not healthy after {self.profile.startup_timeout_seconds:.0f}s"
+
+    async def monitor(self) -> str:
+        """Return (why) when the healthy server dies or stops answering its health check."""
+        misses = 0
+        while True:
+            code = await self._wait_exit(self.config.health_interval_seconds)
+            if code is not None:
+                return f"exited with code {code}"
+            if await self.healthy():
+                misses = 0
+                continue
+            misses += 1
+            if misses >= 3:
+                await self.kill()
+                return "stopped answering its health check"
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))
+                tail = f.read().decode("utf-8", errors="replace").splitlines()
+        except OSError:
+            return ""
+        return " | ".join(line for line in tail[-lines:] if line.strip())
+
+    async def supervise(self) -> AsyncIterator[RuntimeStatus]:
+        restarts = 0
+        delay = self.config.restart_initial_seconds
+        while True:
+            if self.process is None or self._exited() is not None:
+                await self.start()
+            problem = await self.until_healthy()
+            if problem is None:
+                yield RuntimeStatus("ready", url=self.upstream_url)
+                healthy_since = time.monotonic()
+                problem = await self.monitor()
+                if time.monotonic() - healthy_since >= self.config.stable_after_seconds:
+                    restarts, delay = 0, self.config.restart_initial_seconds
+            restarts += 1
+            if restarts > self.config.max_restarts:
+                yield RuntimeStatus(
+                    "failed",
+                    reason=clip(
+                        f"the server {problem}; gave up after {self.config.max_restarts} "
+                        f"restarts (log {self.log_path}: {self.log_tail()})"
+                    ),
+                )
+                return
+            yield RuntimeStatus(
+                "pending",
+                reason=f"the server {problem}; restart {restarts} of "
+                f"{self.config.max_restarts} in {delay:g}s",
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.config.restart_max_seconds)
+
+    async def kill(self) -> None:
+        """SIGTERM to the process group, SIGKILL after the grace period."""
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), self.config.stop_grace_seconds)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+        # Children that outlived the leader (a server's workers) go with the group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+class LocalRuntime:
+    name = "local"
+
+    def __init__(self, config: InferenceConfig, data_dir: Path) -> None:
+        self.config = config
+        self.logs = data_dir / "inference" / "logs"
+        self.http = httpx.AsyncClient(trust_env=False)
+        self.servers: dict[str, Supervised] = {}
+
+    def log_path(self, endpoint_id: str) -> Path:
+        return self.logs / f"{endpoint_id}.log"
+
+    def _profile(self, spec: EndpointSpec) -> LocalProfile:
+        name = spec.profile or self.config.local_default_profile
+        profile = self.config.local_profiles.get(name)
+        if profile is None:
+            known = sorted(self.config.local_profiles)
+            raise RuntimeFailure(f"no local runtime profile {name!r}; configured: {known}")
+        return profile
+
+    async def provision(self, spec: EndpointSpec) -> None:
+        check_replicas(spec.replicas)
+        if spec.endpoint_id in self.servers:
+            return
+        server = Supervised(
+            spec, self._profile(spec), self.config, self.log_path(spec.endpoint_id), self.http
+        )
+        server.command()  # a bad placeholder fails now, not in the supervisor
+        self.servers[spec.endpoint_id] = server
+
+    async def watch(self, spec: EndpointSpec) -> AsyncIterator[RuntimeStatus]:
+        server = self.servers.get(spec.endpoint_id)
+        if server is None:
+            raise RuntimeFailure("the endpoint was not provisioned on this host")
+        try:
+            async for status in server.supervise():
+                yield status
+        finally:
+            # Cancelled (deleted, stopped, shutting down) or failed: the process goes too.
+            await asyncio.shield(server.kill())
+
+    async def status(self, spec: EndpointSpec) -> RuntimeStatus:
+        server = self.servers.get(spec.endpoint_id)
+        if server is None or server.process is None or server.process.returncode is not None:
+            return RuntimeStatus("pending", reason="not running")
+        if await server.healthy():
+            return RuntimeStatus("ready", url=server.upstream_url)
+        return RuntimeStatus("pending", reason="not healthy")
+
+    async def scale(self, spec: EndpointSpec, replicas: int) -> None:
+        check_replicas(replicas)
+
+    async def delete(self, spec: EndpointSpec) -> None:
+        server = self.servers.pop(spec.endpoint_id, None)
+        if server is not None:
+            await server.kill()
+
+    async def aclose(self) -> None:
+        servers, self.servers = list(self.servers.values()), {}
+        await asyncio.gather(*(s.kill() for s in servers), return_exceptions=True)
+        await self.http.aclose()
+
+
+def check_replicas(replicas: int) -> None:
+    if replicas != 1:
+        raise RuntimeFailure(
+            "the local runtime serves one replica per endpoint on this host; "
+            "use the kubernetes runtime to run more"
+        )

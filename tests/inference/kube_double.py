@@ -1,0 +1,378 @@
+"""A TEST-ONLY Kubernetes API double: no API server can run here, so this one speaks the wire
+protocol the real ``kubernetes-asyncio`` client expects, on a real loopback socket.
+
+What it implements, as the API server does: bearer-token authentication; namespaces; namespaced
+custom objects (create, get, list, JSON merge patch, delete) with ``metadata.uid``,
+``resourceVersion``, ``generation`` and ``creationTimestamp``; ``?watch=true`` streams of
+newline-delimited ``WatchEvent`` JSON (``ADDED``/``MODIFIED``/``DELETED``) filtered by
+``fieldSelector=metadata.name=…`` and resumed after ``resourceVersion``, ending after
+``timeoutSeconds``; errors as ``Status`` objects (409 AlreadyExists, 404 NotFound, 401, 415).
+
+It also plays the KServe controller: shortly after an ``InferenceService`` (or
+``LLMInferenceService``) is created it reports progress, then either ``Ready`` with
+``status.url`` (pointing at a server the test starts for it, like a pod) or a load failure
+with KServe's ``modelStatus`` fields, as each namespace's ``Outcome`` says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+TOKEN = "kube-double-token"
+SERVING_KINDS = {"inferenceservices", "llminferenceservices"}
+
+
+@dataclass
+class Outcome:
+    """What the pretend KServe controller does with a new serving object."""
+
+    ready: bool = True
+    transition: str = "BlockedByFailedLoad"
+    reason: str = "ModelLoadFailed"
+    message: str = "failed to load model: weights not found"
+    delay: float = 0.1
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _status(code: int, reason: str, message: str, **details: Any) -> JSONResponse:
+    return JSONResponse(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "details": details,
+            "code": code,
+        },
+        status_code=code,
+    )
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+@dataclass
+class KubeDouble:
+    # Plays the pods: given the serving object, start its server and return its URL.
+    start_pod: Callable[[dict[str, Any]], Awaitable[str]] | None = None
+    namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)
+    objects: dict[tuple[str, str, str, str, str], dict[str, Any]] = field(default_factory=dict)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    _rv: int = 0
+    _log: list[tuple[int, tuple[str, str, str, str], str, dict[str, Any]]] = field(
+        default_factory=list
+    )
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _deleted: dict[tuple[str, str, str, str, str], dict[str, Any]] = field(default_factory=dict)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _next_rv(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    async def _record(self, key: tuple[str, str, str, str, str], kind: str) -> None:
+        obj = self.objects.get(key)
+        if kind == "DELETED":
+            obj = self._deleted[key]
+        assert obj is not None
+        self._log.append((self._rv, key[:4], kind, copy.deepcopy(obj)))
+        async with self._changed:
+            self._changed.notify_all()
+
+    def find(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        for key, obj in self.objects.items():
+            if key[3] == plural and key[2] == namespace and key[4] == name:
+                return obj
+        return None
+
+    # -- the pretend KServe controller ---------------------------------------------------------
+
+    async def _reconcile(self, key: tuple[str, str, str, str, str]) -> None:
+        outcome = self.outcomes.get(key[2], Outcome())
+        await asyncio.sleep(outcome.delay / 2)
+        if key not in self.objects:
+            return
+        await self._set_status(
+            key,
+            {
+                "conditions": [
+                    {"type": "PredictorReady", "status": "Unknown", "reason": "Deploying"},
+                    {
+                        "type": "Ready",
+                        "status": "Unknown",
+                        "reason": "PredictorNotReady",
+                        "message": "predictor pods starting",
+                        "lastTransitionTime": _now(),
+                    },
+                ],
+                "modelStatus": {
+                    "transitionStatus": "InProgress",
+                    "states": {"activeModelState": "Loading", "targetModelState": "Loaded"},
+                },
+            },
+        )
+        await asyncio.sleep(outcome.delay / 2)
+        if key not in self.objects:
+            return
+        if outcome.ready:
+            url = await self.start_pod(self.objects[key]) if self.start_pod else "http://0.0.0.0:1"
+            status: dict[str, Any] = {
+                "conditions": [
+                    {"type": "IngressReady", "status": "True", "lastTransitionTime": _now()},
+                    {"type": "PredictorReady", "status": "True", "lastTransitionTime": _now()},
+                    {"type": "Ready", "status": "True", "lastTransitionTime": _now()},
+                ],
+                "url": url,
+                "address": {"url": url},
+                "modelStatus": {
+                    "transitionStatus": "UpToDate",
+                    "states": {"activeModelState": "Loaded", "targetModelState": "Loaded"},
+                    "copies": {"failedCopies": 0, "totalCopies": 1},
+                },
+            }
+        else:
+            status = {
+                "conditions": [
+                    {
+                        "type": "PredictorReady",
+                        "status": "False",
+                        "reason": outcome.reason,
+                        "message": outcome.message,
+                    },
+                    {
+                        "type": "Ready",
+                        "status": "False",
+                        "reason": outcome.reason,
+                        "message": outcome.message,
+                        "lastTransitionTime": _now(),
+                    },
+                ],
+                "modelStatus": {
+                    "transitionStatus": outcome.transition,
+                    "states": {"activeModelState": "FailedToLoad", "targetModelState": ""},
+                    "lastFailureInfo": {
+                        "reason": outcome.reason,
+                        "message": outcome.message,
+                        "exitCode": 1,
+                    },
+                    "copies": {"failedCopies": 1, "totalCopies": 1},
+                },
+            }
+        await self._set_status(key, status)
+
+    async def _set_status(
+        self, key: tuple[str, str, str, str, str], status: dict[str, Any]
+    ) -> None:
+        obj = self.objects.get(key)
+        if obj is None:
+            return
+        obj["status"] = status
+        obj["metadata"]["resourceVersion"] = self._next_rv()
+        await self._record(key, "MODIFIED")
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def app(self) -> Starlette:
+        async def guard(request: Request) -> Response | None:
+            self.requests.append((request.method, request.url.path))
+            if request.headers.get("authorization") != f"Bearer {TOKEN}":
+                return _status(401, "Unauthorized", "Unauthorized")
+            return None
+
+        async def namespaces(request: Request) -> Response:
+            if (refused := await guard(request)) is not None:
+                return refused
+            body = await request.json()
+            name = body["metadata"]["name"]
+            if name in self.namespaces:
+                return _status(
+                    409,
+                    "AlreadyExists",
+                    f'namespaces "{name}" already exists',
+                    name=name,
+                    kind="namespaces",
+                )
+            body["metadata"].update(
+                uid=str(uuid.uuid4()), resourceVersion=self._next_rv(), creationTimestamp=_now()
+            )
+            body["status"] = {"phase": "Active"}
+            self.namespaces[name] = body
+            return JSONResponse(body, status_code=201)
+
+        async def namespace(request: Request) -> Response:
+            if (refused := await guard(request)) is not None:
+                return refused
+            name = request.path_params["name"]
+            if name not in self.namespaces:
+                return _status(404, "NotFound", f'namespaces "{name}" not found', name=name)
+            return JSONResponse(self.namespaces[name])
+
+        async def collection(request: Request) -> Response:
+            if (refused := await guard(request)) is not None:
+                return refused
+            p = request.path_params
+            group, version, ns, plural = p["group"], p["version"], p["namespace"], p["plural"]
+            if request.method == "POST":
+                return await self._create(request, group, version, ns, plural)
+            selector = request.query_params.get("fieldSelector", "")
+            name = selector.removeprefix("metadata.name=") if selector else None
+            if request.query_params.get("watch") in ("true", "1", "True"):
+                since = int(request.query_params.get("resourceVersion") or 0)
+                timeout = float(request.query_params.get("timeoutSeconds") or 1800)
+                return StreamingResponse(
+                    self._watch((group, version, ns, plural), name, since, timeout),
+                    media_type="application/json",
+                )
+            items = [
+                o
+                for k, o in self.objects.items()
+                if k[:4] == (group, version, ns, plural) and (name is None or k[4] == name)
+            ]
+            return JSONResponse(
+                {
+                    "apiVersion": f"{group}/{version}",
+                    "kind": "List",
+                    "metadata": {"resourceVersion": str(self._rv)},
+                    "items": items,
+                }
+            )
+
+        async def item(request: Request) -> Response:
+            if (refused := await guard(request)) is not None:
+                return refused
+            p = request.path_params
+            key = (p["group"], p["version"], p["namespace"], p["plural"], p["name"])
+            obj = self.objects.get(key)
+            if obj is None:
+                return _status(
+                    404,
+                    "NotFound",
+                    f'{key[3]}.{key[0]} "{key[4]}" not found',
+                    name=key[4],
+                    group=key[0],
+                    kind=key[3],
+                )
+            if request.method == "GET":
+                return JSONResponse(obj)
+            if request.method == "DELETE":
+                del self.objects[key]
+                obj["metadata"]["resourceVersion"] = self._next_rv()
+                self._deleted[key] = obj
+                await self._record(key, "DELETED")
+                return JSONResponse(
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "metadata": {},
+                        "status": "Success",
+                        "details": {"name": key[4], "group": key[0], "kind": key[3]},
+                    }
+                )
+            content_type = request.headers.get("content-type", "")
+            if not content_type.startswith("application/merge-patch+json"):
+                return _status(415, "UnsupportedMediaType", f"unsupported {content_type}")
+            patch = await request.json()
+            status = obj.get("status")
+            patched = merge_patch(obj, patch)
+            patched["status"] = status  # the main resource ignores status changes
+            patched["metadata"]["resourceVersion"] = self._next_rv()
+            patched["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
+            self.objects[key] = patched
+            await self._record(key, "MODIFIED")
+            return JSONResponse(patched)
+
+        base = "/apis/{group}/{version}/namespaces/{namespace}/{plural}"
+        return Starlette(
+            routes=[
+                Route("/api/v1/namespaces", namespaces, methods=["POST"]),
+                Route("/api/v1/namespaces/{name}", namespace, methods=["GET"]),
+                Route(base, collection, methods=["GET", "POST"]),
+                Route(base + "/{name}", item, methods=["GET", "PATCH", "DELETE"]),
+            ]
+        )
+
+    async def _create(
+        self, request: Request, group: str, version: str, ns: str, plural: str
+    ) -> Response:
+        if ns not in self.namespaces:
+            return _status(404, "NotFound", f'namespaces "{ns}" not found', name=ns)
+        try:
+            body = await request.json()
+            name = body["metadata"]["name"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return _status(400, "BadRequest", "the object has no metadata.name")
+        key = (group, version, ns, plural, name)
+        if key in self.objects:
+            return _status(
+                409,
+                "AlreadyExists",
+                f'{plural}.{group} "{name}" already exists',
+                name=name,
+                group=group,
+                kind=plural,
+            )
+        body["metadata"].update(
+            namespace=ns,
+            uid=str(uuid.uuid4()),
+            resourceVersion=self._next_rv(),
+            generation=1,
+            creationTimestamp=_now(),
+        )
+        self.objects[key] = body
+        await self._record(key, "ADDED")
+        if plural in SERVING_KINDS:
+            task = asyncio.create_task(self._reconcile(key))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return JSONResponse(body, status_code=201)
+
+    async def _watch(
+        self, where: tuple[str, str, str, str], name: str | None, since: int, seconds: float
+    ) -> AsyncIterator[bytes]:
+        deadline = asyncio.get_running_loop().time() + seconds
+        seen = since
+        while True:
+            for rv, at, kind, obj in list(self._log):
+                if rv <= seen or at != where:
+                    continue
+                seen = rv
+                if name is not None and obj["metadata"]["name"] != name:
+                    continue
+                yield (json.dumps({"type": kind, "object": obj}) + "\n").encode()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))

@@ -1,0 +1,177 @@
+"""Helpers for inference tests: an approved model, an endpoint request, waiting on status, and
+listening to the endpoint events on the real bus."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import nats
+
+from tests.approval.support import (
+    DEV_SCOPES,
+    admitted,
+    approve,
+    catalog_yaml,
+    eventually,
+    file_request,
+    import_yaml,
+    model,
+    uname,
+)
+from tests.helpers import NATS_URL, bearer, member_key, new_project, ok
+
+ADMIN_SCOPES = ["catalog:read", "requests:write", "endpoints:manage"]
+
+
+@dataclass
+class Team:
+    project: str
+    dev: str  # developer: catalog:read, requests:write, endpoints:manage (reads endpoints)
+    admin: str  # project-admin: may manage endpoints
+
+
+async def team(authz: httpx.AsyncClient, admin_key: str, name: str | None = None) -> Team:
+    if name is None:
+        project = await new_project(authz, admin_key, "inf")
+    else:
+        project = name
+        await ok(
+            await authz.post("/v1/projects", json={"name": name}, headers=bearer(admin_key)), 201
+        )
+    dev = await member_key(
+        authz, admin_key, project, "developer", [*DEV_SCOPES, "endpoints:manage"]
+    )
+    admin = await member_key(authz, admin_key, project, "project-admin", ADMIN_SCOPES)
+    return Team(project, dev, admin)
+
+
+async def approved_model(
+    authz: httpx.AsyncClient,
+    catalog: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    admin_key: str,
+    who: Team,
+    prefix: str = "model",
+) -> str:
+    """A model imported and admitted to the catalog (its version 1.0.0 is approved)."""
+    name = f"{uname(prefix)}/llm"
+    await import_yaml(catalog, admin_key, catalog_yaml([model(name)]))
+    await admitted(catalog, approval, admin_key, who.dev, who.project, "model", name)
+    return name
+
+
+def plan(**overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "gpus": 1,
+        "gpu_type": "nvidia-a100",
+        "replicas": 1,
+        "hours": 8,
+        "gpu_hour_rate": 2.5,
+        "data_classification": "internal",
+        "network_exposure": "project",
+    }
+    values.update(overrides)
+    return values
+
+
+async def request_endpoint(
+    approval: httpx.AsyncClient,
+    admin_key: str,
+    who: Team,
+    name: str,
+    runtime: str,
+    **plan_overrides: Any,
+) -> dict[str, Any]:
+    """The developer files an endpoint request; Pat approves it. Returns the decided request."""
+    filed = await file_request(
+        approval,
+        who.dev,
+        who.project,
+        "endpoint",
+        {
+            "model_name": name,
+            "version": "1.0.0",
+            "runtime": runtime,
+            "plan": plan(**plan_overrides),
+        },
+    )
+    decided: dict[str, Any] = await approve(approval, admin_key, filed["id"])
+    return decided
+
+
+async def endpoints(
+    inference: httpx.AsyncClient, key: str, project: str, **params: Any
+) -> list[dict[str, Any]]:
+    listed: list[dict[str, Any]] = await ok(
+        await inference.get(f"/v1/projects/{project}/endpoints", params=params, headers=bearer(key))
+    )
+    return listed
+
+
+async def endpoint_of_request(
+    inference: httpx.AsyncClient, key: str, project: str, request_id: str
+) -> dict[str, Any]:
+    async def probe() -> dict[str, Any] | None:
+        found = [
+            e for e in await endpoints(inference, key, project) if e["request_id"] == request_id
+        ]
+        return found[0] if found else None
+
+    found: dict[str, Any] = await eventually(probe, what=f"the endpoint of request {request_id}")
+    return found
+
+
+async def wait_status(
+    inference: httpx.AsyncClient,
+    key: str,
+    project: str,
+    endpoint_id: str,
+    *statuses: str,
+    within: float = 20.0,
+) -> dict[str, Any]:
+    async def probe() -> dict[str, Any] | None:
+        found: dict[str, Any] = await ok(
+            await inference.get(
+                f"/v1/projects/{project}/endpoints/{endpoint_id}", headers=bearer(key)
+            )
+        )
+        return found if found["status"] in statuses else None
+
+    found: dict[str, Any] = await eventually(
+        probe, within=within, what=f"endpoint {endpoint_id} to be {'/'.join(statuses)}"
+    )
+    return found
+
+
+@dataclass
+class Heard:
+    events: list[dict[str, Any]]
+
+    def about(self, endpoint_id: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["data"]["endpoint_id"] == endpoint_id]
+
+    def statuses(self, endpoint_id: str) -> list[str]:
+        return [e["data"]["status"] for e in self.about(endpoint_id)]
+
+
+@asynccontextmanager
+async def listening(namespace: str) -> AsyncIterator[Heard]:
+    """Every ``inference.endpoint.*`` event published while the block runs (core NATS)."""
+    nc = await nats.connect(NATS_URL)
+    heard = Heard([])
+
+    async def on_message(msg: Any) -> None:
+        heard.events.append(json.loads(msg.data))
+
+    try:
+        await nc.subscribe(f"{namespace}.inference.endpoint.>", cb=on_message)
+        yield heard
+    finally:
+        await asyncio.sleep(0.3)  # let the last relayed events arrive
+        await nc.close()
