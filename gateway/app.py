@@ -33,7 +33,7 @@ from gateway.quota import AllowAll, QuotaGate
 from gateway.replica import AuthReplica, CatalogReplica
 from gateway.routes import RouteTable
 from gateway.spool import Spool
-from gateway.sync import Syncer, authz_feed, catalog_feed
+from gateway.sync import Syncer, authz_feed, catalog_feed, inference_feed
 from gateway.usage import UsageRecorder
 from libs.common.bus import Bus
 from libs.common.clients import AuthzClient, ServiceClient
@@ -53,6 +53,12 @@ class CatalogClient(ServiceClient):
     """Only the snapshot is read from the catalog; everything else arrives as events."""
 
     service = "catalog"
+
+
+class InferenceClient(ServiceClient):
+    """Only the routes snapshot is read from inference; endpoint changes arrive as events."""
+
+    service = "inference"
 
 
 @dataclass
@@ -85,9 +91,15 @@ class Gateway:
             log.warning("STEWARD_GATEWAY_API_KEY is unset: the replicas cannot be loaded")
         authz_client = AuthzClient(settings.authz_url, timeout=10.0)
         catalog_client = CatalogClient(settings.catalog_url, timeout=10.0)
+        inference_client = InferenceClient(settings.inference_url, timeout=10.0)
+        routes = RouteTable.from_file(settings.gateway_routes_file)
         syncer = Syncer(
             bus,
-            [authz_feed(auth, authz_client, key), catalog_feed(catalog, catalog_client, key)],
+            [
+                authz_feed(auth, authz_client, key),
+                catalog_feed(catalog, catalog_client, key),
+                inference_feed(routes, inference_client, key),
+            ],
             resync_seconds=settings.gateway_resync_seconds,
         )
         oidc_http = httpx.AsyncClient(timeout=5.0)
@@ -108,12 +120,12 @@ class Gateway:
             bus=bus,
             auth=auth,
             catalog=catalog,
-            routes=RouteTable.from_file(settings.gateway_routes_file),
+            routes=routes,
             authn=Authenticator(auth, verifier_from_settings(settings, oidc_http)),
             usage=usage,
             syncer=syncer,
             http=httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=False),
-            clients=[authz_client, catalog_client],
+            clients=[authz_client, catalog_client, inference_client],
             oidc_http=oidc_http,
         )
         kong = (

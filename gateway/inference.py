@@ -30,6 +30,7 @@ from gateway.routes import ModelRoute
 from gateway.sse import StreamRelay
 from gateway.tokens import completion_text, estimate_chars, estimate_prompt, estimate_text
 from libs.common.auth import Principal, decide
+from libs.common.events.inference import CredentialError, open_credential
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -145,9 +146,11 @@ class InferenceProxy:
         visible: dict[str, dict[str, Any]] = {}
         if decide(principal, "inference.invoke", project).allowed:
             for name, route in self.gw.routes.models.items():
-                if self.gw.auth.entitled(
-                    project, "model", route.asset_name
-                ) and self.gw.catalog.approved("model", route.asset_name, route.version):
+                if (
+                    route.visible_to(project)
+                    and self.gw.auth.entitled(project, "model", route.asset_name)
+                    and self.gw.catalog.approved("model", route.asset_name, route.version)
+                ):
                     visible[name] = {
                         "id": name,
                         "object": "model",
@@ -167,7 +170,7 @@ class InferenceProxy:
 
     def _route(self, project: str, model: str) -> ModelRoute:
         route = self.gw.routes.models.get(model)
-        if route is None:
+        if route is None or not route.visible_to(project):
             raise Refusal(
                 404,
                 f"The model '{model}' does not exist",
@@ -249,6 +252,17 @@ class InferenceProxy:
         headers["accept-encoding"] = "identity"
         if route.api_key is not None:
             headers["authorization"] = "Bearer " + route.api_key.get_secret_value()
+        elif route.sealed_api_key is not None:
+            try:
+                secret = open_credential(
+                    self.gw.settings.upstream_credential_fernet_key, route.sealed_api_key
+                )
+            except CredentialError:
+                log.error("cannot open the upstream credential", extra={"route": route.name})
+                raise Refusal(
+                    502, "the model's upstream credential is unusable", "upstream_error"
+                ) from None
+            headers["authorization"] = "Bearer " + secret
         upstream = self.gw.http.build_request(
             "POST",
             route.upstream + scope["path"][3:],

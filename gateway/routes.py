@@ -1,7 +1,9 @@
 """The route table: which upstream serves a model name or an MCP server.
 
-Until the inference service publishes endpoint events, routes are declared in a YAML or JSON file
-(``STEWARD_GATEWAY_ROUTES_FILE``)::
+Model routes come from the inference service (its ``GET /v1/routes`` snapshot, then
+``inference.endpoint.*`` events: an endpoint is routed iff its latest state is ``ready``), and may
+also be declared in a YAML or JSON file (``STEWARD_GATEWAY_ROUTES_FILE``), for upstreams Steward
+does not provision::
 
     models:
       - name: llama-3-8b            # what clients put in "model"
@@ -15,11 +17,14 @@ Until the inference service publishes endpoint events, routes are declared in a 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from libs.common.events.inference import EndpointState
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$"
 
@@ -45,10 +50,23 @@ class _Route(BaseModel):
     def asset_name(self) -> str:
         return self.asset or self.name
 
+    def visible_to(self, project: str) -> bool:
+        return True
+
 
 class ModelRoute(_Route):
     # The model name the upstream knows, when it differs from the public one.
     upstream_model: str | None = None
+    # An inference endpoint: the project that owns it, and who else may call it.
+    project: str | None = None
+    exposure: Literal["project", "internal", "public"] = "public"
+    # Fernet token of the upstream credential (opened only when a request is sent).
+    sealed_api_key: str | None = None
+
+    def visible_to(self, project: str) -> bool:
+        """A project-exposed endpoint serves its own project only."""
+        return self.exposure != "project" or self.project in (None, project)
+
     max_tokens: int | None = Field(default=None, gt=0)
     # Overrides STEWARD_GATEWAY_UPSTREAM_READ_TIMEOUT_SECONDS for this model.
     timeout_seconds: float | None = Field(default=None, gt=0)
@@ -66,13 +84,48 @@ class RoutesFile(BaseModel):
 
 
 class RouteTable:
+    """Declared routes plus inference endpoints; ``models`` is what the request path reads."""
+
     def __init__(self) -> None:
         self.models: dict[str, ModelRoute] = {}
         self.mcp: dict[str, McpRoute] = {}
+        self._declared: dict[str, ModelRoute] = {}
+        self._endpoints: dict[str, ModelRoute] = {}  # endpoint id → route
 
     def install(self, routes: RoutesFile) -> None:
-        self.models = {r.name: r for r in routes.models}
+        self._declared = {r.name: r for r in routes.models}
         self.mcp = {r.name: r for r in routes.mcp_servers}
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        # A declared route keeps its name even if an endpoint claims it: the operator said so.
+        self.models = {**{r.name: r for r in self._endpoints.values()}, **self._declared}
+
+    def replace_endpoints(self, states: Iterable[EndpointState]) -> None:
+        self._endpoints = {}
+        for state in states:
+            self._apply(state)
+        self._rebuild()
+
+    def apply_endpoint(self, state: EndpointState) -> None:
+        """Route the endpoint iff this (its latest) state is ``ready`` with an upstream URL."""
+        self._apply(state)
+        self._rebuild()
+
+    def _apply(self, state: EndpointState) -> None:
+        if state.status != "ready" or not state.upstream_url:
+            self._endpoints.pop(state.endpoint_id, None)
+            return
+        self._endpoints[state.endpoint_id] = ModelRoute(
+            name=state.route_name,
+            upstream=state.upstream_url,
+            asset=state.asset_name,
+            version=state.version,
+            upstream_model=state.served_model_name,
+            project=state.project,
+            exposure=state.network_exposure,
+            sealed_api_key=state.upstream_credential,
+        )
 
     @classmethod
     def from_file(cls, path: Path | None) -> RouteTable:

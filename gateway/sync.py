@@ -23,6 +23,7 @@ from nats.js.api import DeliverPolicy
 from pydantic import BaseModel, ValidationError
 
 from gateway.replica import AuthReplica, CatalogReplica
+from gateway.routes import RouteTable
 from libs.common.bus import Bus
 from libs.common.clients import ServiceClient
 from libs.common.events import CloudEvent, EventPayload
@@ -42,6 +43,7 @@ from libs.common.events.catalog import (
     VersionState,
     VersionSubmitted,
 )
+from libs.common.events.inference import EVENTS_BY_STATUS, EndpointState
 
 log = logging.getLogger("steward.gateway.sync")
 
@@ -59,6 +61,10 @@ class AuthzSnapshot(BaseModel):
 
 class CatalogSnapshot(BaseModel):
     versions: list[VersionState]
+
+
+class RoutesSnapshot(BaseModel):
+    routes: list[EndpointState]
 
 
 async def _get_snapshot(client: ServiceClient, credential: str | None) -> Any:
@@ -147,6 +153,25 @@ def catalog_feed(replica: CatalogReplica, client: ServiceClient, credential: str
 
     subjects = (VersionSubmitted, VersionApproved, VersionDeprecated, VersionRevoked)
     return Feed(name="catalog", handlers={s.subject: upsert for s in subjects}, load=load)
+
+
+def inference_feed(routes: RouteTable, client: ServiceClient, credential: str | None) -> Feed:
+    async def load() -> Callable[[], None]:
+        response = await client.request("GET", "/v1/routes", credential=credential)
+        if response.status_code != 200:
+            raise SnapshotUnavailable(f"inference answered {response.status_code}")
+        snap = RoutesSnapshot.model_validate(response.json())
+        return lambda: routes.replace_endpoints(snap.routes)
+
+    def apply(p: EventPayload) -> None:
+        assert isinstance(p, EndpointState)
+        routes.apply_endpoint(p)
+
+    return Feed(
+        name="inference",
+        handlers={model.subject: apply for model in EVENTS_BY_STATUS.values()},
+        load=load,
+    )
 
 
 class Syncer:
