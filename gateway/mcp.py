@@ -153,7 +153,9 @@ class McpProxy:
             call.http_status = outcome.status
             if outcome.error_type is not None:
                 call.fail(outcome.status, outcome.error_type)
-            elif outcome.disconnected:
+            elif outcome.disconnected and not outcome.started:
+                # An MCP client closes an SSE response once it has its JSON-RPC answer, so only
+                # leaving before the answer began counts as cancelled.
                 call.status, call.error_type = "cancelled", "client_disconnected"
             elif outcome.status >= 400:
                 call.fail(outcome.status, f"upstream_{outcome.status}")

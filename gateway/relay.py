@@ -25,6 +25,7 @@ class Outcome:
     status: int = 0
     error_type: str | None = None
     disconnected: bool = False
+    started: bool = False  # the response headers went out
     upstream_latency: float | None = None  # seconds from sending to the response headers
     response_headers: httpx.Headers = field(default_factory=httpx.Headers)
 
@@ -53,7 +54,7 @@ async def forward(
             await send(
                 {"type": "http.response.start", "status": response.status_code, "headers": headers}
             )
-            started = True
+            started = outcome.started = True
             async for chunk in response.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
