@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+from pathlib import Path
 from typing import Annotated
 
 import httpx
 import typer
 
 from cli import commands, gitops
-from cli.client import CliError
+from cli.client import CliError, describe_problem, load_key
 from cli.output import errors
 from cli.stack import SERVICES, Stack
 from libs.common.migrate import upgrade
@@ -44,6 +46,55 @@ def _bootstrap(settings: Settings) -> None:
             '  curl -H "Authorization: Bearer $STEWARD_API_KEY" http://127.0.0.1:8101/v1/whoami'
         )
         typer.secho(line, fg="yellow")
+
+
+async def _mint_gateway_key(settings: Settings) -> str:
+    """A platform key for the gateway's snapshots, issued straight into authz like bootstrap."""
+    from libs.common.auth import SCOPES, Principal
+    from libs.common.db import make_engine, make_sessionmaker, transaction
+    from libs.common.outbox import Outbox
+    from libs.common.uow import UnitOfWork
+    from services.authz.domain import BOOTSTRAP_ADMIN, create_platform_key
+    from services.authz.models import bus_tables
+
+    engine = make_engine(settings.database_url_for("authz"), schema="authz")
+    admin = Principal(
+        subject=BOOTSTRAP_ADMIN,
+        credential="api_key",
+        credential_id="steward-up",
+        scopes=SCOPES,
+        platform_admin=True,
+    )
+    secret = ""
+    try:
+        async for session in transaction(make_sessionmaker(engine)):
+            uow = UnitOfWork(session, Outbox(bus_tables.outbox, "authz"), actor="steward-up")
+            issued = await create_platform_key(
+                uow,
+                settings.pepper,
+                admin,
+                name="gateway",
+                scopes=["catalog:read", "endpoints:manage", "keys:manage"],
+                expires_at=None,
+            )
+            secret = issued.secret
+    finally:
+        await engine.dispose()
+    return secret
+
+
+def _gateway_key(settings: Settings) -> str:
+    """STEWARD_GATEWAY_API_KEY, or (embedded mode) a key minted once and kept under data_dir."""
+    if settings.gateway_api_key is not None:
+        return settings.gateway_api_key.get_secret_value()
+    path = settings.data_dir / "gateway.key"
+    if path.exists():
+        return path.read_text().strip()
+    key = asyncio.run(_mint_gateway_key(settings))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    return key
 
 
 @app.command()
@@ -80,6 +131,8 @@ def up() -> None:
         for name in SERVICES:
             url = stack.start_service(name)
             typer.echo(f"  {name:<10} {url}   (API docs: {url}/docs)")
+        proxy, admin = stack.start_gateway(_gateway_key(settings))
+        typer.echo(f"  {'gateway':<10} {proxy}   (OpenAI base_url: {proxy}/v1, admin: {admin})")
         typer.secho(f"\nLogs in {stack.logs}. Press Ctrl-C to stop.", fg="cyan")
         died = stack.watch()
         if died:
@@ -113,6 +166,46 @@ def status(
         typer.echo(f"{name:<10} {state.get('status')}")
 
 
+gateway_cli = typer.Typer(help="The gateway: its policy, for other gateways.", no_args_is_help=True)
+
+
+@gateway_cli.command("export")
+def gateway_export(
+    format: Annotated[str, typer.Option("--format", help="kong: a Kong 3.x kong.yml")] = "kong",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="file to write; stdout if omitted")
+    ] = None,
+) -> None:
+    """Write the live gateway policy (routes, ACLs, quotas) as a Kong declarative config."""
+    settings = Settings()
+    admin = os.environ.get("STEWARD_GATEWAY_ADMIN_URL") or (
+        f"http://{settings.host}:{settings.gateway_admin_port}"
+    )
+    try:
+        key = load_key()
+        response = httpx.get(
+            f"{admin.rstrip('/')}/steward/export",
+            params={"format": format},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+    except CliError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from exc
+    except httpx.HTTPError as exc:
+        typer.secho(f"the gateway admin API is unreachable at {admin}: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+    if response.status_code != 200:
+        typer.secho(describe_problem(response), fg="red", err=True)
+        raise typer.Exit(1)
+    if output is None:
+        typer.echo(response.text, nl=False)
+    else:
+        output.write_text(response.text)
+        typer.echo(f"wrote {output}")
+
+
+app.add_typer(gateway_cli, name="gateway")
 app.command()(commands.login)
 app.command()(commands.whoami)
 app.command()(commands.approve)

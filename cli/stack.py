@@ -88,6 +88,30 @@ class Stack:
         self._wait(ready, name, 30)
         return url
 
+    def start_gateway(self, api_key: str) -> tuple[str, str]:
+        """The gateway, last (it loads its replicas from the services); returns its two URLs."""
+        env = {
+            **os.environ,
+            "STEWARD_DATA_DIR": str(self.settings.data_dir),
+            "STEWARD_GATEWAY_API_KEY": api_key,
+        }
+        log = (self.logs / "gateway.log").open("ab")
+        self.processes["gateway"] = subprocess.Popen(
+            [sys.executable, "-m", "gateway"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        host = self.settings.host
+        proxy = f"http://{host}:{self.settings.gateway_proxy_port}"
+        admin = f"http://{host}:{self.settings.gateway_admin_port}"
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{admin}/readyz", timeout=0.5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        self._wait(ready, "gateway", 30)
+        return proxy, admin
+
     def _wait(self, check: object, name: str, timeout: float) -> None:
         assert callable(check)
         deadline = time.monotonic() + timeout
