@@ -89,7 +89,8 @@ class Settings(BaseSettings):
     gateway_upstream_max_connections: int = 512
     # Re-read the snapshots this often as a safety net behind the events.
     gateway_resync_seconds: float = 300.0
-    gateway_console_dir: Path | None = None
+    # The web console's static files, served at /console/: the repository's console/ unless set.
+    gateway_console_dir: Path | None = Path(__file__).resolve().parents[2] / "console"
 
     # -- inference (services/inference) and what it shares with the gateway.
     # The GPU pool endpoints are provisioned from, by type: STEWARD_GPU_POOL='{"nvidia-a100": 8}'.
