@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from pydantic import ValidationError
-from sqlalchemy import Table, select
+from sqlalchemy import Table, select, text
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -24,6 +26,9 @@ log = logging.getLogger("steward.consumer")
 tracer = trace.get_tracer("steward.consumer")
 
 Handler = Callable[[AsyncSession, CloudEvent], Awaitable[None]]
+# Receives, in stream order, the events of one fetched batch that this consumer has not applied
+# before (the inbox already holds their ids, in the same transaction).
+BatchHandler = Callable[[AsyncSession, Sequence[CloudEvent]], Awaitable[None]]
 
 
 class Consumer:
@@ -54,13 +59,17 @@ class Consumer:
         self.handlers = dict(handlers)
         self.batch = batch
 
+    # Seconds before JetStream redelivers an unacknowledged message; how many may be in flight.
+    ack_wait: float = 30
+    max_ack_pending: int = 1000
+
     async def _subscribe(self) -> object:
         config = ConsumerConfig(
             durable_name=self.durable,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30,
-            max_ack_pending=1000,
+            ack_wait=self.ack_wait,
+            max_ack_pending=self.max_ack_pending,
             filter_subjects=[self.bus.subject(s) for s in self.handlers],
         )
         stream = self.bus.stream(self.stream)
@@ -77,13 +86,17 @@ class Consumer:
                         msgs = await sub.fetch(self.batch, timeout=1)  # type: ignore[attr-defined]
                     except TimeoutError:
                         continue
-                    for msg in msgs:
-                        await self.handle(msg)
+                    await self.process(msgs)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("consumer interrupted; resubscribing", extra={"error": str(exc)})
                 await asyncio.sleep(1)
+
+    async def process(self, msgs: Sequence[Msg]) -> None:
+        """One fetched batch: here, one transaction per event."""
+        for msg in msgs:
+            await self.handle(msg)
 
     async def handle(self, msg: Msg) -> None:
         try:
@@ -137,3 +150,144 @@ class Consumer:
             select(c.event_id).where(c.consumer == self.durable, c.event_id == event_id)
         )
         return found is not None
+
+
+class BatchConsumer(Consumer):
+    """Applies a whole fetched batch in one transaction: for event streams too busy for one
+    transaction per event (usage events at thousands per second).
+
+    The new ids of the batch go into the inbox with one statement; the handler receives only the
+    events whose ids were new, so a redelivered event is never applied twice, even by another
+    replica working on the same durable at the same time. Messages are acknowledged after the
+    commit. If the batch fails, each event is retried in a transaction of its own, so one event
+    that cannot be applied holds back only itself.
+    """
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        inbox: Table,
+        durable: str,
+        handlers: Mapping[str, BatchHandler],
+        batch: int = 1000,
+        ack_wait: float = 30,
+    ) -> None:
+        super().__init__(
+            bus=bus,
+            sessionmaker=sessionmaker,
+            inbox=inbox,
+            durable=durable,
+            handlers={subject: _unused for subject in handlers},
+            batch=batch,
+        )
+        self.batch_handlers = dict(handlers)
+        self.ack_wait = ack_wait
+        self.max_ack_pending = max(self.max_ack_pending, 4 * batch)
+        # When the stream stored the newest message of the last batch applied whole: every
+        # message stored before it has been applied (one replica, in order; best effort).
+        self.watermark: datetime | None = None
+
+    async def process(self, msgs: Sequence[Msg]) -> None:
+        events: list[tuple[Msg, CloudEvent]] = []
+        done: list[Msg] = []  # acknowledged whatever happens to the batch
+        for msg in msgs:
+            try:
+                event = CloudEvent.model_validate_json(msg.data)
+            except ValidationError as exc:
+                log.error("unreadable event terminated", extra={"error": str(exc)})
+                await msg.term()
+                continue
+            if event.relative_subject in self.batch_handlers:
+                events.append((msg, event))
+            else:
+                done.append(msg)  # NATS before 2.10 ignores filter_subjects
+        try:
+            if events:
+                await self.apply_batch([e for _, e in events])
+        except asyncio.CancelledError:
+            # Shutting down mid-batch: nothing was committed; let another consumer have them.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(_nak_all([m for m, _ in events]))
+            raise
+        except Exception:
+            log.exception("batch failed; applying its events one by one", extra={"n": len(events)})
+            for msg, event in events:
+                await self._one(msg, event)
+        else:
+            done.extend(m for m, _ in events)
+            if msgs:
+                self.watermark = max(m.metadata.timestamp for m in msgs)
+        for msg in done:
+            await msg.ack()
+
+    async def _one(self, msg: Msg, event: CloudEvent) -> None:
+        try:
+            await self.apply_batch([event])
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("event handler failed; will retry", extra={"event_id": event.id})
+            delivered = msg.metadata.num_delivered or 1
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=min(2.0**delivered, 60.0))
+        else:
+            await msg.ack()
+
+    async def apply_batch(self, events: Sequence[CloudEvent]) -> int:
+        """Apply the events not applied before, in one transaction; returns how many were new."""
+        unique: dict[str, CloudEvent] = {}
+        for event in events:
+            unique.setdefault(event.id, event)
+        async with self.sessionmaker() as session, session.begin():
+            fresh = await self.claim(session, sorted(unique))
+            new = [e for e in unique.values() if e.id in fresh]
+            by_subject: dict[str, list[CloudEvent]] = {}
+            for event in new:
+                by_subject.setdefault(event.relative_subject, []).append(event)
+            for subject, batch in by_subject.items():
+                with tracer.start_as_current_span(f"consume {subject} x{len(batch)}"):
+                    await self.batch_handlers[subject](session, batch)
+        return len(new)
+
+    async def claim(self, session: AsyncSession, event_ids: Sequence[str]) -> set[str]:
+        """Insert the ids into the inbox, returning those that were not there yet.
+
+        ``ON CONFLICT DO NOTHING``: an id another transaction is inserting waits for it, then
+        counts as seen if it committed. Ids go in sorted, so two replicas never deadlock.
+        """
+        if not event_ids:
+            return set()
+        now = utcnow()
+        if session.get_bind().dialect.name == "postgresql":
+            # One statement whatever the batch size: the ids travel as one array parameter.
+            # The table name is ours; every value is a bound parameter.
+            sql = f"INSERT INTO {self.inbox.name} (consumer, event_id, processed_at) "
+            sql += (
+                "SELECT CAST(:consumer AS text), ids.id, CAST(:at AS timestamptz) "
+                "FROM unnest(CAST(:ids AS text[])) AS ids(id) "
+                "ON CONFLICT DO NOTHING RETURNING event_id"
+            )
+            rows = await session.execute(
+                text(sql), {"consumer": self.durable, "ids": list(event_ids), "at": now}
+            )
+            return {row[0] for row in rows}
+        fresh: set[str] = set()
+        statement = (
+            sqlite_insert(self.inbox).on_conflict_do_nothing().returning(self.inbox.c.event_id)
+        )
+        for start in range(0, len(event_ids), 300):  # SQLite's bound-parameter limit
+            chunk = event_ids[start : start + 300]
+            values = [{"consumer": self.durable, "event_id": i, "processed_at": now} for i in chunk]
+            fresh.update(r[0] for r in await session.execute(statement.values(values)))
+        return fresh
+
+
+async def _unused(session: AsyncSession, event: CloudEvent) -> None:
+    raise AssertionError("a BatchConsumer applies events through its batch handlers")
+
+
+async def _nak_all(msgs: Sequence[Msg]) -> None:
+    for msg in msgs:
+        await msg.nak()

@@ -92,6 +92,30 @@ class Settings(BaseSettings):
     # The web console's static files, served at /console/: the repository's console/ unless set.
     gateway_console_dir: Path | None = Path(__file__).resolve().parents[2] / "console"
 
+    # -- metering (services/metering): usage ingest, retention, quotas, webhooks, prices.
+    # Usage events applied per transaction (one JetStream fetch).
+    metering_batch_size: int = Field(default=1000, ge=1, le=10_000)
+    # Seconds before JetStream redelivers usage events a crashed metering left unacknowledged.
+    metering_ack_wait_seconds: float = Field(default=30.0, gt=0)
+    # Raw usage events are kept this long; per-minute aggregates (what reports read) longer.
+    metering_raw_retention_days: int = Field(default=30, ge=1)
+    metering_aggregate_retention_days: int = Field(default=400, ge=1)
+    # Event ids remembered for de-duplication: longer than the USAGE stream keeps events (7 d).
+    metering_inbox_retention_days: int = Field(default=8, ge=8)
+    metering_retention_interval_seconds: float = Field(default=3600.0, gt=0)
+    # The gateway hears a quota's usage at most this often (plus at once on warning/exceeded).
+    metering_quota_publish_seconds: float = Field(default=0.5, gt=0)
+    metering_soft_threshold: float = Field(default=0.8, gt=0, lt=1)
+    # Called on every quota warning and exceeded, besides a quota's own webhook_url.
+    metering_quota_webhooks: list[str] = []
+    # Signs webhook bodies (X-Steward-Signature: sha256=HMAC(secret, body)) when set.
+    metering_webhook_secret: SecretStr | None = None
+    metering_webhook_timeout_seconds: float = Field(default=5.0, gt=0)
+    metering_webhook_max_attempts: int = Field(default=8, ge=1)
+    metering_webhook_retry_seconds: float = Field(default=1.0, gt=0)
+    # Prices in the price table are in this currency; reports show costs in it.
+    metering_currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
+
     # -- inference (services/inference) and what it shares with the gateway.
     # The GPU pool endpoints are provisioned from, by type: STEWARD_GPU_POOL='{"nvidia-a100": 8}'.
     gpu_pool: dict[str, int] = {"gpu": 8}
@@ -114,6 +138,11 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # Compose and Helm pass unset secrets as empty strings.
+        return None if value == "" else value
+
+    @field_validator("metering_webhook_secret", mode="before")
+    @classmethod
+    def _blank_metering_secret(cls, value: object) -> object:
         return None if value == "" else value
 
     def database_url_for(self, service: str) -> str:

@@ -1,0 +1,431 @@
+"""Token quota arithmetic, shared by metering (which counts) and the gateway (which enforces).
+
+Metering owns the truth: it counts every usage event once and publishes each quota's state
+(``libs.common.events.metering``). A gateway replica decides locally with a ``QuotaLedger``:
+
+- ``reserve`` before forwarding a call sets aside an estimate (prompt estimate + ``max_tokens``)
+  and refuses the call when it would take any applicable limit past its budget;
+- ``settle`` after the call replaces the estimate with the real usage, counted locally until
+  metering's state includes it (``counted_through``), so the replica never forgets its own calls;
+- ``apply`` merges states from the snapshot and from events: within one window usage only
+  grows, so the larger count wins and the order of arrival does not matter.
+
+Windows are UTC and aligned: a minute, an hour, a day from midnight, a calendar month.
+
+Worst-case overshoot with R gateway replicas sharing one budget (see README "Quotas"):
+
+- one replica alone never admits past a limit, except by its own estimate error (an upstream
+  that reports more prompt tokens than the gateway estimated);
+- replicas see each other's calls only once metering has counted and published them: the lag
+  ``L`` = publish + ingest batch + ``metering_quota_publish_seconds`` + delivery (about 1 s), plus
+  the duration ``D`` of a call (others see its tokens only when it ends). In that time the other
+  R-1 replicas may admit what they believe is left, so the overshoot is at most the tokens the
+  other replicas admit in ``L + D``: ``(R - 1) x rate x (L + D)``, and never more than
+  ``(R - 1) x limit``;
+- that last figure is also the bound while replicas are cut off from metering (NATS down): each
+  one enforces the whole budget on what it sees, so R replicas admit at most R x limit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from libs.common.events.metering import (
+    Dimension,
+    QuotaLimits,
+    QuotaState,
+    QuotaStatus,
+    Window,
+)
+
+WINDOWS: tuple[Window, ...] = ("minute", "hour", "day", "month")
+DIMENSIONS: tuple[Dimension, ...] = ("input", "output", "total")
+DEFAULT_SOFT_THRESHOLD = 0.8
+
+
+def window_bounds(window: Window, at: datetime) -> tuple[datetime, datetime]:
+    """The UTC window ``[start, end)`` of this kind that contains ``at``."""
+    if at.tzinfo is None:
+        raise ValueError("window_bounds needs an aware datetime")
+    at = at.astimezone(UTC)
+    if window == "minute":
+        start = at.replace(second=0, microsecond=0)
+        return start, start + timedelta(minutes=1)
+    if window == "hour":
+        start = at.replace(minute=0, second=0, microsecond=0)
+        return start, start + timedelta(hours=1)
+    if window == "day":
+        start = at.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start, start + timedelta(days=1)
+    if window == "month":
+        start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = start.replace(year=start.year + 1, month=1) if start.month == 12 else None
+        return start, end or start.replace(month=start.month + 1)
+    raise ValueError(f"unknown window {window!r}")
+
+
+def window_start(window: Window, at: datetime) -> datetime:
+    return window_bounds(window, at)[0]
+
+
+def seconds_until(end: datetime, now: datetime) -> int:
+    """Whole seconds until ``end``, at least 1: ``Retry-After`` and ``RateLimit-Reset``."""
+    return max(1, math.ceil((end - now).total_seconds()))
+
+
+def limit_of(limits: QuotaLimits, dimension: Dimension) -> int | None:
+    if dimension == "input":
+        return limits.input_tokens
+    if dimension == "output":
+        return limits.output_tokens
+    return limits.total_tokens
+
+
+def used_of(dimension: Dimension, input_used: int, output_used: int) -> int:
+    if dimension == "input":
+        return input_used
+    if dimension == "output":
+        return output_used
+    return input_used + output_used
+
+
+def level(limit: int, fraction: float) -> int:
+    """Tokens at which ``fraction`` of ``limit`` is reached (80% of 7 tokens is reached at 6)."""
+    return max(1, math.ceil(limit * fraction - 1e-9))
+
+
+def dimensions_reached(
+    limits: QuotaLimits, input_used: int, output_used: int, fraction: float
+) -> list[Dimension]:
+    """The limited dimensions whose usage reached ``fraction`` of their limit."""
+    reached: list[Dimension] = []
+    for dimension in DIMENSIONS:
+        limit = limit_of(limits, dimension)
+        if limit is not None and used_of(dimension, input_used, output_used) >= level(
+            limit, fraction
+        ):
+            reached.append(dimension)
+    return reached
+
+
+def status_of(
+    limits: QuotaLimits, soft_threshold: float, input_used: int, output_used: int
+) -> QuotaStatus:
+    if dimensions_reached(limits, input_used, output_used, 1.0):
+        return "exceeded"
+    if dimensions_reached(limits, input_used, output_used, soft_threshold):
+        return "warning"
+    return "ok"
+
+
+def applies(state: QuotaState, project: str, credential_id: str, model: str) -> bool:
+    """Does a call by this key on this model count against the quota?"""
+    return (
+        state.project == project
+        and (state.key_id is None or state.key_id == credential_id)
+        and (state.model is None or state.model == model)
+    )
+
+
+def describe(state: QuotaState) -> str:
+    """``project p`` / ``key k of project p`` / ``... on model m``: for messages people read."""
+    who = f"key {state.key_id} of project {state.project}" if state.key_id else None
+    who = who or f"project {state.project}"
+    return f"{who} on model {state.model}" if state.model else who
+
+
+def rate_limit_headers(
+    limit: int, remaining: int, reset_seconds: int, *, refused: bool
+) -> dict[str, str]:
+    """Kong's rate-limiting header names; ``Retry-After`` only on a refusal."""
+    headers = {
+        "RateLimit-Limit": str(limit),
+        "RateLimit-Remaining": str(max(0, remaining)),
+        "RateLimit-Reset": str(reset_seconds),
+    }
+    if refused:
+        headers["Retry-After"] = str(reset_seconds)
+    return headers
+
+
+# -- the gateway's local ledger ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Tokens set aside in one quota's window for one call in flight."""
+
+    quota_id: str
+    window_start: datetime
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The ledger's answer to one call. ``allowed`` False means 429 with ``headers``."""
+
+    allowed: bool
+    at: datetime
+    holds: tuple[Hold, ...] = ()
+    reason: str = ""
+    retry_after_seconds: int | None = None
+    # Soft-threshold notice for the client (e.g. an ``x-steward-quota-warning`` header).
+    warning: str | None = None
+    # RateLimit-* for the tightest applicable quota (and Retry-After on a refusal).
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Entry:
+    state: QuotaState
+    # Reserved for calls in flight, by window start: [input, output].
+    inflight: dict[datetime, list[int]] = field(default_factory=dict)
+    # Settled here, not yet in metering's count: (window start, epoch second) -> [input, output].
+    pending: dict[tuple[datetime, int], list[int]] = field(default_factory=dict)
+
+    def used(self, start: datetime) -> tuple[int, int]:
+        """Usage in the window starting at ``start`` as this replica knows it."""
+        used_in = used_out = 0
+        if self.state.window_start == start:
+            used_in, used_out = self.state.input_used, self.state.output_used
+        for (window, _), (i, o) in self.pending.items():
+            if window == start:
+                used_in += i
+                used_out += o
+        held = self.inflight.get(start)
+        if held is not None:
+            used_in += held[0]
+            used_out += held[1]
+        return used_in, used_out
+
+    def forget_before(self, start: datetime) -> None:
+        """Drop local amounts of windows that have ended."""
+        if any(k[0] < start for k in self.pending):
+            self.pending = {k: v for k, v in self.pending.items() if k[0] >= start}
+        for stale in [w for w in self.inflight if w < start]:
+            # Only a call that was never settled leaves a hold behind; its window is over.
+            del self.inflight[stale]
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    entry: _Entry
+    start: datetime
+    end: datetime
+    blocked: list[Dimension]
+    limit: int
+    remaining: int
+    fraction_left: float
+
+
+class QuotaLedger:
+    """A gateway replica's view of every quota; synchronous, so reserve/settle never await.
+
+    ``confirm_margin_seconds`` allows for the time between settling a call and its usage event
+    reaching JetStream: locally settled usage is dropped once metering's ``counted_through`` is
+    that much later (until then it may be counted twice, which only errs towards refusing).
+    """
+
+    def __init__(self, *, confirm_margin_seconds: float = 1.0) -> None:
+        self.confirm_margin = timedelta(seconds=confirm_margin_seconds)
+        self._by_project: dict[str, dict[str, _Entry]] = {}
+        self._by_id: dict[str, _Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def states(self) -> list[QuotaState]:
+        return [e.state for e in self._by_id.values()]
+
+    def replace(self, states: Iterable[QuotaState]) -> None:
+        """Install a snapshot: quotas it lacks are gone; local amounts of the others are kept."""
+        fresh = {s.quota_id: s for s in states}
+        for quota_id in [q for q in self._by_id if q not in fresh]:
+            self.remove(quota_id)
+        for state in fresh.values():
+            self.apply(state)
+
+    def apply(self, state: QuotaState, *, confirm: bool = True) -> None:
+        """Merge a state from the snapshot or an event (any order, any number of times).
+
+        Pass ``confirm=False`` while this replica still has usage events waiting in its spool:
+        metering cannot have counted those yet.
+        """
+        entry = self._by_id.get(state.quota_id)
+        if entry is None:
+            entry = _Entry(state=state)
+            self._by_id[state.quota_id] = entry
+            self._by_project.setdefault(state.project, {})[state.quota_id] = entry
+        else:
+            entry.state = _merge(entry.state, state)
+        if confirm and entry.pending and entry.state.counted_through is not None:
+            # A bucket holds the calls settled in one second: drop it once all of it is counted.
+            cutoff = (entry.state.counted_through - self.confirm_margin).timestamp()
+            entry.pending = {k: v for k, v in entry.pending.items() if k[1] + 1 > cutoff}
+
+    def remove(self, quota_id: str) -> None:
+        entry = self._by_id.pop(quota_id, None)
+        if entry is not None:
+            project = self._by_project.get(entry.state.project, {})
+            project.pop(quota_id, None)
+            if not project:
+                self._by_project.pop(entry.state.project, None)
+
+    def usage(self, quota_id: str, now: datetime) -> tuple[int, int]:
+        """(input, output) used in the current window, as this replica counts it."""
+        entry = self._by_id[quota_id]
+        return entry.used(window_start(entry.state.window, now))
+
+    def reserve(
+        self,
+        *,
+        project: str,
+        credential_id: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        now: datetime | None = None,
+    ) -> Reservation:
+        """Admit a call if, for every applicable quota and limit, used + estimate <= limit."""
+        now = now or datetime.now(UTC)
+        input_tokens, output_tokens = max(0, input_tokens), max(0, output_tokens)
+        verdicts = [
+            _judge(entry, now, input_tokens, output_tokens)
+            for entry in self._by_project.get(project, {}).values()
+            if applies(entry.state, project, credential_id, model)
+        ]
+        if not verdicts:
+            return Reservation(allowed=True, at=now)
+        refused = [v for v in verdicts if v.blocked]
+        if refused:
+            # The call passes only when every blocking window has ended: wait for the last one.
+            worst = max(refused, key=lambda v: v.end)
+            retry = seconds_until(worst.end, now)
+            return Reservation(
+                allowed=False,
+                at=now,
+                reason=_refusal(worst, input_tokens, output_tokens, retry),
+                retry_after_seconds=retry,
+                headers=rate_limit_headers(worst.limit, worst.remaining, retry, refused=True),
+            )
+        holds = []
+        for v in verdicts:
+            held = v.entry.inflight.setdefault(v.start, [0, 0])
+            held[0] += input_tokens
+            held[1] += output_tokens
+            holds.append(Hold(v.entry.state.quota_id, v.start, input_tokens, output_tokens))
+        tightest = min(verdicts, key=lambda v: v.fraction_left)
+        warning = None
+        if 1.0 - tightest.fraction_left >= tightest.entry.state.soft_threshold:
+            used_pct = round(100 * (1.0 - tightest.fraction_left))
+            warning = (
+                f"{describe(tightest.entry.state)} has used {used_pct}% of its "
+                f"{tightest.entry.state.window} token budget"
+            )
+        return Reservation(
+            allowed=True,
+            at=now,
+            holds=tuple(holds),
+            warning=warning,
+            headers=rate_limit_headers(
+                tightest.limit,
+                tightest.remaining,
+                seconds_until(tightest.end, now),
+                refused=False,
+            ),
+        )
+
+    def settle(
+        self,
+        reservation: Reservation,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        at: datetime | None = None,
+    ) -> None:
+        """Replace a call's estimate by its real usage (``at``: the usage event's time)."""
+        at = at or datetime.now(UTC)
+        for hold in reservation.holds:
+            entry = self._by_id.get(hold.quota_id)
+            if entry is None:
+                continue  # the quota was removed while the call ran
+            held = entry.inflight.get(hold.window_start)
+            if held is not None:
+                held[0] -= hold.input_tokens
+                held[1] -= hold.output_tokens
+                if held[0] <= 0 and held[1] <= 0:
+                    del entry.inflight[hold.window_start]
+            start = window_start(entry.state.window, at)
+            entry.forget_before(start)
+            amount = entry.pending.setdefault((start, int(at.timestamp())), [0, 0])
+            amount[0] += max(0, input_tokens)
+            amount[1] += max(0, output_tokens)
+
+
+def _merge(known: QuotaState, incoming: QuotaState) -> QuotaState:
+    """Newest definition (by revision), largest count of the newest window."""
+    base = incoming if incoming.revision > known.revision else known
+    if incoming.window != known.window:
+        # The window kind changed: only counts of the current definition's window mean anything.
+        counts = incoming if incoming.window == base.window else known
+    elif incoming.window_start != known.window_start:
+        counts = max(incoming, known, key=lambda s: s.window_start)
+    else:
+        counts = known.model_copy(
+            update={
+                "input_used": max(known.input_used, incoming.input_used),
+                "output_used": max(known.output_used, incoming.output_used),
+            }
+        )
+    through = [t for t in (known.counted_through, incoming.counted_through) if t is not None]
+    return base.model_copy(
+        update={
+            "window_start": counts.window_start,
+            "window_end": counts.window_end,
+            "input_used": counts.input_used,
+            "output_used": counts.output_used,
+            "as_of": max(known.as_of, incoming.as_of),
+            "counted_through": max(through) if through else None,
+            "status": status_of(
+                base.limits, base.soft_threshold, counts.input_used, counts.output_used
+            ),
+        }
+    )
+
+
+def _judge(entry: _Entry, now: datetime, input_tokens: int, output_tokens: int) -> _Verdict:
+    state = entry.state
+    start, end = window_bounds(state.window, now)
+    entry.forget_before(start)
+    used_in, used_out = entry.used(start)
+    blocked: list[Dimension] = []
+    tight_limit, tight_remaining, tight_fraction = 0, 0, math.inf
+    for dimension in DIMENSIONS:
+        limit = limit_of(state.limits, dimension)
+        if limit is None:
+            continue
+        used = used_of(dimension, used_in, used_out)
+        asked = used_of(dimension, input_tokens, output_tokens)
+        if used + asked > limit:
+            blocked.append(dimension)
+        fraction = (limit - used) / limit if limit > 0 else 0.0
+        if fraction < tight_fraction:
+            tight_limit, tight_remaining, tight_fraction = limit, limit - used, fraction
+    return _Verdict(entry, start, end, blocked, tight_limit, tight_remaining, tight_fraction)
+
+
+def _refusal(v: _Verdict, input_tokens: int, output_tokens: int, retry: int) -> str:
+    dimension = v.blocked[0]
+    limit = limit_of(v.entry.state.limits, dimension)
+    asked = used_of(dimension, input_tokens, output_tokens)
+    what = f"{dimension} token quota of {limit} per {v.entry.state.window}"
+    if limit is not None and asked > limit:
+        return (
+            f"this request alone may use {asked} tokens, over the {what}"
+            f" of {describe(v.entry.state)}"
+        )
+    return f"{what} reached for {describe(v.entry.state)}; it resets in {retry}s"
