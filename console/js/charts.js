@@ -17,7 +17,7 @@ export function compact(value) {
   if (Math.abs(n) >= 1e9) return `${fmtNumber(n / 1e9, 1)}G`;
   if (Math.abs(n) >= 1e6) return `${fmtNumber(n / 1e6, 1)}M`;
   if (Math.abs(n) >= 1e3) return `${fmtNumber(n / 1e3, 1)}k`;
-  return fmtNumber(n, 1);
+  return fmtNumber(n, 2);
 }
 
 function figure(caption, svg, summary, dataTable, legend) {
@@ -50,7 +50,7 @@ function yAxis(svg, { left, top, plotH, plotW, max, format = compact }) {
 
 /** Stacked columns over time: points = [{label, values: [..]}], one value per series. */
 export function stackedColumns({ caption, points, series, unit = "tokens", empty = "No usage in this range yet." }) {
-  const width = 640;
+  const width = 480;
   const height = 260;
   const left = 56;
   const top = 12;
@@ -83,18 +83,18 @@ export function stackedColumns({ caption, points, series, unit = "tokens", empty
 /** Horizontal bars, largest first: items = [{label, value}]. */
 export function horizontalBars({ caption, items, unit = "tokens", format = (v) => fmtNumber(v), empty = "No usage in this range yet." }) {
   const sorted = [...items].sort((a, b) => b.value - a.value).slice(0, 12);
-  const width = 640;
+  const width = 480;
   const rowH = 26;
-  const left = 170;
+  const left = 150;
   const height = Math.max(60, sorted.length * rowH + 30);
-  const plotW = width - left - 90;
+  const plotW = width - left - 60;
   const max = niceMax(Math.max(0, ...sorted.map((i) => i.value)));
   const svg = s("svg", { class: "chart", viewBox: `0 0 ${width} ${height}` });
   if (!sorted.length) svg.append(s("text", { x: width / 2, y: 34, "text-anchor": "middle" }, empty));
   sorted.forEach((item, i) => {
     const y = 10 + i * rowH;
     const w = (plotW * item.value) / max;
-    const label = item.label.length > 26 ? `${item.label.slice(0, 25)}…` : item.label;
+    const label = item.label.length > 22 ? `…${item.label.slice(-21)}` : item.label;
     svg.append(
       s("text", { x: left - 8, y: y + 15, "text-anchor": "end" }, label, s("title", {}, item.label)),
       s("rect", { x: left, y, width: Math.max(1, w), height: rowH - 8, fill: COLOURS[0], rx: 2 }, s("title", {}, `${item.label}: ${format(item.value)} ${unit}`)),
@@ -108,7 +108,7 @@ export function horizontalBars({ caption, items, unit = "tokens", format = (v) =
 
 /** Grouped columns: groups = [{label, values: [..]}] (e.g. TTFT p50 and p95 per model). */
 export function groupedColumns({ caption, groups, series, unit = "ms", empty = "No calls measured yet." }) {
-  const width = 640;
+  const width = 480;
   const height = 260;
   const left = 56;
   const top = 12;

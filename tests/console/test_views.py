@@ -1,0 +1,71 @@
+"""Every view in Chromium: labelled controls, keyboard use, and the key lifecycle (shown once,
+rotate, revoke)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from playwright.async_api import expect
+
+from tests.console.conftest import Stack
+from tests.console.support import console_page
+
+
+async def test_signing_in_by_keyboard_and_every_view_labels_its_controls(
+    browser: Any, stack: Stack, admin_key: str, artifacts: Path
+) -> None:
+    admin = await console_page(browser, stack.url, artifacts)
+    page = admin.page
+    await admin.open()
+    # The skip link comes first; the key field has the focus; Enter signs in.
+    await expect(page.get_by_label("API key")).to_be_focused()
+    await page.keyboard.type(admin_key)
+    await page.keyboard.press("Enter")
+    await page.locator("#who-name").wait_for()
+    await expect(page.locator("main h1")).to_be_focused()
+    await page.keyboard.press("Shift+Tab")
+    assert await admin.unlabelled() == []
+
+    links = await page.locator("#nav a").evaluate_all("(as) => as.map((a) => a.hash)")
+    assert len(links) >= 7
+    for hash_ in links:
+        await admin.go(hash_.removeprefix("#/"))
+        await page.wait_for_load_state("networkidle")
+        assert await admin.unlabelled() == [], hash_
+        # The view's heading takes the focus, for keyboard and screen-reader users.
+        await expect(page.locator("main h1")).to_be_focused()
+    admin.assert_clean()
+
+
+async def test_a_platform_key_is_shown_once_then_rotated_and_revoked(
+    browser: Any, stack: Stack, admin_key: str, artifacts: Path
+) -> None:
+    admin = await console_page(browser, stack.url, artifacts)
+    page = admin.page
+    await admin.sign_in(admin_key)
+    await admin.go("keys")
+    platform = page.locator("section", has_text="Platform keys")
+    await platform.get_by_label("Name", exact=True).fill("ci pipeline")
+    await platform.get_by_role("button", name="Create key").click()
+    secret = page.locator("#new-key")
+    await expect(secret).to_have_value(re.compile(r"^stw_"))
+    first = await secret.input_value()
+    key_id = first.split("_")[1]
+    await expect(page.locator("#secret-title")).to_be_focused()
+
+    await platform.get_by_role("button", name=f"Rotate key ci pipeline ({key_id})").click()
+    await page.get_by_role("dialog").get_by_role("button", name="Rotate").click()
+    await expect(secret).not_to_have_value(first)
+    second = await secret.input_value()
+    await expect(platform.get_by_role("row", name=re.compile(key_id))).to_contain_text("→")
+    await admin.shot("10-admin-key-rotated")
+
+    new_id = second.split("_")[1]
+    await platform.get_by_role("button", name=f"Revoke key ci pipeline ({new_id})").click()
+    await page.get_by_role("dialog").get_by_role("button", name="Revoke").click()
+    await expect(
+        platform.get_by_role("row", name=re.compile(f"^ci pipeline {new_id}"))
+    ).to_contain_text("revoked")
+    admin.assert_clean()
