@@ -34,6 +34,7 @@ from gateway.replica import AuthReplica, CatalogReplica
 from gateway.routes import RouteTable
 from gateway.spool import Spool
 from gateway.sync import Syncer, authz_feed, catalog_feed, inference_feed
+from gateway.upstream import UpstreamPool
 from gateway.usage import UsageRecorder
 from libs.common.bus import Bus
 from libs.common.clients import AuthzClient, ServiceClient
@@ -74,6 +75,9 @@ class Gateway:
     usage: UsageRecorder
     syncer: Syncer
     http: httpx.AsyncClient
+    upstream: UpstreamPool = field(
+        default_factory=lambda: UpstreamPool(connect_timeout=5.0, read_timeout=300.0)
+    )
     quota: QuotaGate = field(default_factory=AllowAll)
     clients: list[ServiceClient] = field(default_factory=list)
     oidc_http: httpx.AsyncClient | None = None
@@ -125,6 +129,11 @@ class Gateway:
             usage=usage,
             syncer=syncer,
             http=httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=False),
+            upstream=UpstreamPool(
+                connect_timeout=settings.gateway_upstream_connect_timeout_seconds,
+                read_timeout=settings.gateway_upstream_read_timeout_seconds,
+                max_idle_per_origin=settings.gateway_upstream_max_connections,
+            ),
             clients=[authz_client, catalog_client, inference_client],
             oidc_http=oidc_http,
         )
@@ -143,6 +152,7 @@ class Gateway:
         await self.usage.stop()
         await self.bus.close()
         await self.http.aclose()
+        self.upstream.close()
         for client in self.clients:
             await client.aclose()
         if self.oidc_http is not None:

@@ -93,23 +93,32 @@ class Call:
 
 
 async def until_disconnect(work: Awaitable[None], receive: Receive) -> bool:
-    """Run ``work``; if the client goes away first, cancel it. Returns True on disconnect.
+    """Run ``work`` in this task; if the client goes away first, cancel it. True on disconnect.
 
     Cancelling the work closes the upstream response, which closes its connection, so the
-    upstream stops generating tokens nobody will read.
+    upstream stops generating tokens nobody will read. One watcher task per call; the work
+    itself runs in the caller's task (no second task on the hot path).
     """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(wait_disconnect(receive))
+    current = asyncio.current_task()
+    assert current is not None
+    state = {"finished": False, "gone": False}
+
+    def on_disconnect(watcher: asyncio.Task[object]) -> None:
+        if watcher.cancelled() or watcher.exception() is not None or state["finished"]:
+            return
+        state["gone"] = True
+        current.cancel()
+
+    watcher = asyncio.create_task(wait_disconnect(receive))
+    watcher.add_done_callback(on_disconnect)
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await work
     except asyncio.CancelledError:
-        task.cancel()
+        if not state["gone"]:
+            raise
+        current.uncancel()
+        return True
+    finally:
+        state["finished"] = True
         watcher.cancel()
-        raise
-    if task in done:
-        watcher.cancel()
-        task.result()
-        return False
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    return True
+    return False

@@ -25,7 +25,6 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
         b"host",
         b"content-length",
-        b"content-encoding",
     }
 )
 CREDENTIAL_HEADERS = frozenset({b"authorization", b"apikey", b"x-api-key", b"cookie"})
@@ -111,6 +110,21 @@ def upstream_headers(
         out[key.decode("latin-1")] = value.decode("latin-1")
     if extra:
         out.update(extra)
+    return out
+
+
+def upstream_header_list(
+    scope: Scope, extra: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """The client's headers for a model upstream: no hop-by-hop, no credential, no compression
+    (the gateway reads the answer for usage), plus ``extra``."""
+    out = [
+        (key, value)
+        for key, value in scope["headers"]
+        if key not in HOP_BY_HOP and key not in CREDENTIAL_HEADERS and key != b"accept-encoding"
+    ]
+    out.append((b"accept-encoding", b"identity"))
+    out.extend(extra)
     return out
 
 

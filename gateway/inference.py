@@ -12,7 +12,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from starlette.types import Receive, Scope, Send
 
 from gateway.authn import AuthFailure, project_of
@@ -24,11 +23,17 @@ from gateway.http import (
     read_body,
     response_headers,
     send_json,
-    upstream_headers,
+    upstream_header_list,
 )
 from gateway.routes import ModelRoute
 from gateway.sse import StreamRelay
 from gateway.tokens import completion_text, estimate_chars, estimate_prompt, estimate_text
+from gateway.upstream import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 from libs.common.auth import Principal, decide
 from libs.common.events.inference import CredentialError, open_credential
 
@@ -248,10 +253,10 @@ class InferenceProxy:
             request["model"] = route.upstream_model
             modified = True
         content = json.dumps(request, separators=(",", ":")).encode() if modified else body
-        headers = upstream_headers(scope, {"x-request-id": extra[0][1].decode()})
-        headers["accept-encoding"] = "identity"
+        headers = upstream_header_list(scope, [(b"x-request-id", extra[0][1])])
         if route.api_key is not None:
-            headers["authorization"] = "Bearer " + route.api_key.get_secret_value()
+            secret = route.api_key.get_secret_value()
+            headers.append((b"authorization", b"Bearer " + secret.encode()))
         elif route.sealed_api_key is not None:
             try:
                 secret = open_credential(
@@ -262,29 +267,34 @@ class InferenceProxy:
                 raise Refusal(
                     502, "the model's upstream credential is unusable", "upstream_error"
                 ) from None
-            headers["authorization"] = "Bearer " + secret
-        upstream = self.gw.http.build_request(
-            "POST",
-            route.upstream + scope["path"][3:],
-            content=content,
-            headers=headers,
-            timeout=route.timeout_seconds or httpx.USE_CLIENT_DEFAULT,
-        )
+            headers.append((b"authorization", b"Bearer " + secret.encode()))
+        url = route.upstream + scope["path"][3:]
         state = _Progress()
-        work = self._exchange(send, extra, upstream, call, request, strip_usage, state)
+        work = self._exchange(
+            send,
+            extra,
+            url,
+            headers,
+            content,
+            route.timeout_seconds,
+            call,
+            request,
+            strip_usage,
+            state,
+        )
         try:
             disconnected = await until_disconnect(work, receive)
-        except httpx.TimeoutException as exc:
+        except UpstreamTimeout as exc:
             call.fail(504, "timeout")
-            if not isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+            if not isinstance(exc, UpstreamConnectError):
                 _settle_cut_stream(call, state, request, prompt_estimate)
             if not state.started:
                 raise Refusal(504, "the model did not answer in time", "timeout") from None
             await _end_stream_with_error(send, "the model stopped answering", "timeout")
             return
-        except httpx.TransportError as exc:
+        except UpstreamError as exc:
             call.fail(502, "upstream_unavailable")
-            if not isinstance(exc, httpx.ConnectError):
+            if not isinstance(exc, UpstreamConnectError):
                 _settle_cut_stream(call, state, request, prompt_estimate)
             log.warning("upstream unreachable", extra={"route": route.name, "error": str(exc)})
             if not state.started:
@@ -305,40 +315,45 @@ class InferenceProxy:
         self,
         send: Send,
         extra: list[tuple[bytes, bytes]],
-        upstream: httpx.Request,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        content: bytes,
+        read_timeout: float | None,
         call: Call,
         request: dict[str, Any],
         strip_usage: bool,
         state: _Progress,
     ) -> None:
         call.sent_upstream = time.perf_counter()
-        response = await self.gw.http.send(upstream, stream=True)
+        response = await self.gw.upstream.request(
+            "POST", url, headers, content, read_timeout=read_timeout
+        )
         try:
-            call.http_status = response.status_code
-            headers = response_headers(response.headers.raw) + extra
-            content_type = response.headers.get("content-type", "").encode()
-            if call.stream and response.status_code == 200 and content_type.startswith(SSE):
-                await self._relay_stream(send, response, headers, call, request, strip_usage, state)
+            call.http_status = response.status
+            out = response_headers(response.headers) + extra
+            content_type = response.header(b"content-type") or b""
+            if call.stream and response.status == 200 and content_type.startswith(SSE):
+                await self._relay_stream(send, response, out, call, request, strip_usage, state)
             else:
-                payload = await response.aread()
+                payload = await response.read()
                 state.started = True
                 await send(
                     {
                         "type": "http.response.start",
-                        "status": response.status_code,
-                        "headers": [*headers, (b"content-length", str(len(payload)).encode())],
+                        "status": response.status,
+                        "headers": [*out, (b"content-length", str(len(payload)).encode())],
                     }
                 )
                 await send({"type": "http.response.body", "body": payload})
                 state.complete = True
-                _account(call, response.status_code, payload, request)
+                _account(call, response.status, payload, request)
         finally:
-            await response.aclose()
+            response.close()
 
     async def _relay_stream(
         self,
         send: Send,
-        response: httpx.Response,
+        response: UpstreamResponse,
         headers: list[tuple[bytes, bytes]],
         call: Call,
         request: dict[str, Any],
@@ -349,7 +364,7 @@ class InferenceProxy:
         state.relay = relay
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         state.started = True
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.iter_body():
             out = relay.feed(chunk)
             if call.first_token is None and relay.first_content:
                 call.first_token = time.perf_counter()

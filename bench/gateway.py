@@ -1,0 +1,510 @@
+"""The gateway's cost, as ratios against the same upstream called directly in the same run.
+
+Same load three ways — straight to the upstream, through the Steward gateway (key auth, role and
+scope decision, entitlement and approved-version checks, the quota hook, one usage event per call
+to JetStream: all on), and through Debian's nginx (a plain ``proxy_pass`` with upstream
+keepalive: the floor any proxy pays) — for chat completions non-streamed and streamed, with 1 KB
+and 8 KB request and response bodies.
+
+For each: latency at a fixed arrival rate (open loop: measured from the scheduled start, so
+queueing counts) and closed-loop throughput at a fixed concurrency. Printed: the added p50/p99 in
+ms over direct, and throughput as a fraction of direct and of nginx. Everything runs on loopback
+(authz on SQLite, NATS from the wheel, the test upstream, nginx, the gateway with one worker), in
+bounded loops, and stops by itself. Run: ``.venv/bin/python bench/gateway.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from libs.common.migrate import upgrade_async  # noqa: E402
+from libs.common.settings import Settings  # noqa: E402
+
+GOALS = "goals: p50 added <= 1 ms and p99 added <= 5 ms at 200 req/s; throughput >= 20% of nginx"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def wait_port(
+    port: int, process: subprocess.Popen[bytes] | None, seconds: float = 30
+) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+# -- a lean HTTP/1.1 client, so the load generator is not the bottleneck ------------------------
+
+
+class Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int) -> Conn:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader, writer)
+
+    async def call(self, raw: bytes) -> int:
+        """Send one request, read the whole response (Content-Length or chunked); its status."""
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        lower = head.lower()
+        marker = lower.find(b"content-length:")
+        if marker >= 0:
+            end = lower.index(b"\r\n", marker)
+            await self.reader.readexactly(int(lower[marker + 15 : end]))
+            return status
+        while True:  # chunked
+            line = await self.reader.readuntil(b"\r\n")
+            size = int(line.split(b";", 1)[0], 16)
+            if size == 0:
+                await self.reader.readuntil(b"\r\n")
+                return status
+            await self.reader.readexactly(size + 2)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def request_bytes(path: str, key: str | None, body: bytes) -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+    )
+    if key:
+        head += f"Authorization: Bearer {key}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def body_of(size: int, stream: bool) -> bytes:
+    filler = "x" * max(size - 160, 1)
+    body = {
+        "model": "bench",
+        "messages": [{"role": "user", "content": filler}],
+        "stream": stream,
+        "x_reply_bytes": size,
+    }
+    return json.dumps(body).encode()
+
+
+@dataclass
+class Result:
+    p50: float
+    p99: float
+    rps: float
+    errors: int
+
+
+async def fixed_rate(port: int, raw: bytes, rate: float, count: int, pool: int = 16) -> list[float]:
+    """Latencies (s) of ``count`` requests started at ``rate``/s, from their scheduled times."""
+    conns: asyncio.Queue[Conn] = asyncio.Queue()
+    for _ in range(pool):
+        conns.put_nowait(await Conn.open(port))
+    latencies: list[float] = []
+    errors = 0
+
+    async def one(scheduled: float) -> None:
+        nonlocal errors
+        conn = await conns.get()
+        try:
+            status = await conn.call(raw)
+            if status != 200:
+                errors += 1
+            latencies.append(time.perf_counter() - scheduled)
+        finally:
+            conns.put_nowait(conn)
+
+    start = time.perf_counter() + 0.05
+    tasks = []
+    for i in range(count):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(scheduled)))
+    await asyncio.gather(*tasks)
+    while not conns.empty():
+        conns.get_nowait().close()
+    if errors:
+        raise RuntimeError(f"{errors} requests failed on port {port}")
+    return latencies
+
+
+async def closed_loop(port: int, raw: bytes, concurrency: int, seconds: float) -> float:
+    """Requests per second with ``concurrency`` connections busy for ``seconds``."""
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        conn = await Conn.open(port)
+        try:
+            while time.perf_counter() < deadline:
+                if await conn.call(raw) != 200:
+                    raise RuntimeError(f"a request failed on port {port}")
+                done += 1
+        finally:
+            conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done / (time.perf_counter() - started)
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+# -- the stack ----------------------------------------------------------------------------------
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  client_body_buffer_size 64k;
+  client_max_body_size 16m;
+  upstream model {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://model;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+class Stack:
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.ports = {
+            n: free_port() for n in ("nats", "authz", "upstream", "nginx", "proxy", "admin")
+        }
+        self.namespace = "bench" + os.urandom(3).hex()
+        self.key = ""
+
+    def spawn(
+        self, args: list[str], env: dict[str, str] | None = None, log: str = ""
+    ) -> subprocess.Popen[bytes]:
+        out = (self.dir / f"{log or Path(args[0]).name}.log").open("ab")
+        process = subprocess.Popen(  # noqa: S603 - our interpreter, binaries and fixed arguments
+            args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT
+        )
+        self.processes.append(process)
+        return process
+
+    def env(self) -> dict[str, str]:
+        return {
+            "STEWARD_DATA_DIR": str(self.dir / "data"),
+            "STEWARD_NATS_URL": f"nats://127.0.0.1:{self.ports['nats']}",
+            "STEWARD_EVENT_NAMESPACE": self.namespace,
+            "STEWARD_AUTHZ_URL": f"http://127.0.0.1:{self.ports['authz']}",
+            "STEWARD_LOG_LEVEL": "WARNING",
+        }
+
+    async def start(self, catalog_url: str) -> None:
+        nats = str(Path(sys.executable).parent / "nats-server")
+        store = self.dir / "nats"
+        p = self.spawn(
+            [nats, "-js", "-a", "127.0.0.1", "-p", str(self.ports["nats"]), "-sd", str(store)]
+        )
+        await wait_port(self.ports["nats"], p)
+        p = self.spawn(
+            [sys.executable, "-m", "tests.gateway.upstream", str(self.ports["upstream"])],
+            log="upstream",
+        )
+        await wait_port(self.ports["upstream"], p)
+
+        values: dict[str, Any] = {
+            k.removeprefix("STEWARD_").lower(): v for k, v in self.env().items()
+        }
+        settings = Settings(**values)
+        await upgrade_async("authz", settings)
+        from services.authz.app import bootstrap
+
+        admin = await bootstrap(settings)
+        assert admin is not None
+        p = self.spawn(
+            [sys.executable, "-m", "services.authz"],
+            {**self.env(), "STEWARD_PORT": str(self.ports["authz"])},
+            log="authz",
+        )
+        await wait_port(self.ports["authz"], p)
+        self.key, gateway_key = await self._tenant(admin)
+
+        routes = self.dir / "routes.yaml"
+        routes.write_text(
+            json.dumps(
+                {
+                    "models": [
+                        {
+                            "name": "bench",
+                            "upstream": f"http://127.0.0.1:{self.ports['upstream']}/v1",
+                        }
+                    ]
+                }
+            )
+        )
+        profile = os.environ.get("STEWARD_BENCH_PROFILE")  # cProfile output file, for tuning
+        command = (
+            ["-m", "cProfile", "-o", profile, "-m", "gateway"] if profile else ["-m", "gateway"]
+        )
+        p = self.spawn(
+            [sys.executable, *command],
+            {
+                **self.env(),
+                "STEWARD_CATALOG_URL": catalog_url,
+                "STEWARD_INFERENCE_URL": catalog_url,
+                "STEWARD_GATEWAY_API_KEY": gateway_key,
+                "STEWARD_GATEWAY_ROUTES_FILE": str(routes),
+                "STEWARD_GATEWAY_PROXY_PORT": str(self.ports["proxy"]),
+                "STEWARD_GATEWAY_ADMIN_PORT": str(self.ports["admin"]),
+            },
+            log="gateway",
+        )
+        await wait_port(self.ports["admin"], p)
+        async with httpx.AsyncClient() as http:
+            for _ in range(200):
+                ready = (await http.get(f"http://127.0.0.1:{self.ports['admin']}/readyz")).json()
+                if all(v == "ok" for v in ready["checks"].values()):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError(f"gateway not ready: {ready}")
+
+        nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+        if nginx:
+            for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+                (self.dir / sub).mkdir(mode=0o777, exist_ok=True)
+            conf = self.dir / "nginx.conf"
+            conf.write_text(
+                NGINX_CONF.format(
+                    dir=self.dir, upstream=self.ports["upstream"], port=self.ports["nginx"]
+                )
+            )
+            p = self.spawn([nginx, "-p", str(self.dir), "-c", str(conf)], log="nginx")
+            await wait_port(self.ports["nginx"], p)
+        else:
+            self.ports.pop("nginx")
+            print("nginx not installed (apt-get install -y nginx): its column is left out")
+
+    async def _tenant(self, admin: str) -> tuple[str, str]:
+        """A project, a developer's inference key, the entitlement, and the gateway's key."""
+        h = {"Authorization": f"Bearer {admin}"}
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.ports['authz']}", headers=h
+        ) as c:
+            (await c.post("/v1/projects", json={"name": "bench"})).raise_for_status()
+            (
+                await c.put("/v1/projects/bench/members/dev", json={"role": "developer"})
+            ).raise_for_status()
+            dev = await c.post(
+                "/v1/projects/bench/keys",
+                json={"name": "bench", "owner": "dev", "scopes": ["inference:invoke"]},
+            )
+            dev.raise_for_status()
+            (await c.put("/v1/projects/bench/entitlements/model/bench")).raise_for_status()
+            gw = await c.post(
+                "/v1/platform/keys",
+                json={
+                    "name": "gateway",
+                    "scopes": ["keys:manage", "catalog:read", "endpoints:manage"],
+                },
+            )
+            gw.raise_for_status()
+            return str(dev.json()["key"]), str(gw.json()["key"])
+
+    async def usage_published(self) -> int:
+        async with httpx.AsyncClient() as http:
+            status = await http.get(
+                f"http://127.0.0.1:{self.ports['admin']}/readyz",
+            )
+            return int(status.json()["usage"]["published"])
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+@contextlib.asynccontextmanager
+async def catalog_stub() -> AsyncIterator[str]:
+    """The catalog's snapshot with the benched model approved (served in this process)."""
+    version = {
+        "asset_id": "a-bench",
+        "asset_kind": "model",
+        "asset_name": "bench",
+        "version_id": "v-bench",
+        "version": "1.0",
+        "status": "approved",
+    }
+
+    async def snapshot(request: Request) -> JSONResponse:
+        return JSONResponse({"generated_at": datetime.now(UTC).isoformat(), "versions": [version]})
+
+    async def routes(request: Request) -> JSONResponse:
+        return JSONResponse({"generated_at": datetime.now(UTC).isoformat(), "routes": []})
+
+    app = Starlette(routes=[Route("/v1/snapshot", snapshot), Route("/v1/routes", routes)])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))
+    server.capture_signals = contextlib.nullcontext  # type: ignore[assignment,method-assign]
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+async def measure(stack: Stack, args: argparse.Namespace) -> None:
+    targets = {
+        "direct": (stack.ports["upstream"], None),
+        "gateway": (stack.ports["proxy"], stack.key),
+    }
+    if "nginx" in stack.ports:
+        targets["nginx"] = (stack.ports["nginx"], None)
+    print(f"\n{GOALS}")
+    print(
+        f"latency: {args.count} requests at {args.rate:.0f} req/s (open loop); "
+        f"throughput: {args.concurrency} connections for {args.seconds:.0f} s (closed loop)\n"
+    )
+    header = (
+        f"{'case':<16}{'target':<9}{'p50 ms':>8}{'p99 ms':>8}{'+p50':>8}{'+p99':>8}"
+        f"{'req/s':>9}{'/direct':>9}{'/nginx':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for port, key in targets.values():  # first requests import and build lazily: not measured
+        await closed_loop(
+            port, request_bytes("/v1/chat/completions", key, body_of(1024, False)), 8, 1.5
+        )
+        await closed_loop(
+            port, request_bytes("/v1/chat/completions", key, body_of(1024, True)), 8, 1.0
+        )
+    before = await stack.usage_published()
+    for stream in (False, True):
+        for size in (1024, 8192):
+            case = f"{'stream' if stream else 'json'} {size // 1024} KB"
+            body = body_of(size, stream)
+            results: dict[str, Result] = {}
+            for name, (port, key) in targets.items():
+                raw = request_bytes("/v1/chat/completions", key, body)
+                await closed_loop(port, raw, 4, 0.3)  # warm the connection pools
+                latencies = await fixed_rate(port, raw, args.rate, args.count)
+                rps = await closed_loop(port, raw, args.concurrency, args.seconds)
+                results[name] = Result(
+                    quantile(latencies, 0.5) * 1000, quantile(latencies, 0.99) * 1000, rps, 0
+                )
+            direct = results["direct"]
+            for name, r in results.items():
+                added = name != "direct"
+                vs_nginx = (
+                    f"{r.rps / results['nginx'].rps:8.0%}"
+                    if "nginx" in results and name == "gateway"
+                    else f"{'':>8}"
+                )
+                plus50 = r.p50 - direct.p50 if added else 0.0
+                plus99 = r.p99 - direct.p99 if added else 0.0
+                print(
+                    f"{case:<16}{name:<9}{r.p50:8.2f}{r.p99:8.2f}{plus50:+8.2f}{plus99:+8.2f}"
+                    f"{r.rps:9.0f}{r.rps / direct.rps:9.0%}{vs_nginx}"
+                )
+            print()
+    await asyncio.sleep(1.0)
+    published = await stack.usage_published() - before
+    print(f"usage events published by the gateway during the run: {published}")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--quick", action="store_true", help="a short run (smoke)")
+    args = parser.parse_args()
+    if args.quick:
+        args.count, args.seconds = 400, 1.0
+    with tempfile.TemporaryDirectory(prefix="steward-bench-") as tmp:
+        workdir = Path(tmp)
+        os.chmod(workdir, 0o755)  # noqa: S103 - nginx's workers (nobody) read the config
+        stack = Stack(workdir)
+        try:
+            async with catalog_stub() as catalog_url:
+                await stack.start(catalog_url)
+                await measure(stack, args)
+        finally:
+            stack.stop()
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    uvloop.run(main())
