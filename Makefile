@@ -42,6 +42,9 @@ migrate: install
 bench: install
 	scripts/test-services.sh
 	$(BIN)/python bench/authz_verify.py
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { [ "$$(id -u)" = 0 ] && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; } || true
+	$(BIN)/python bench/gateway.py
 
 clean:
 	rm -rf $(VENV) .steward .mypy_cache .ruff_cache .pytest_cache

@@ -14,6 +14,7 @@ import re
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -212,6 +213,11 @@ class ProxyApp:
         self.mcp = McpProxy(gateway)
         self.api = ApiProxy(gateway)
         self.kong = KongProxy(gateway)
+        # The console's static files: configured, else the repository's console/ (embedded mode).
+        bundled = Path(__file__).resolve().parents[1] / "console"
+        self.console_dir = gateway.settings.gateway_console_dir or (
+            bundled if bundled.is_dir() else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -241,7 +247,7 @@ class ProxyApp:
                 await self.api(scope, receive, send_counted, rid)
             elif path == "/console" or path.startswith("/console/"):
                 area = "console"
-                await console(self.gw.settings.gateway_console_dir, scope, send_counted)
+                await console(self.console_dir, scope, send_counted)
             elif await probes(self.gw, path, send_counted):
                 area = "probe"
             else:
