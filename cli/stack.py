@@ -18,7 +18,7 @@ import httpx
 from libs.common.settings import Settings
 
 # Every service that exists, in start order.
-SERVICES: tuple[str, ...] = ("authz", "catalog", "approval", "inference")
+SERVICES: tuple[str, ...] = ("authz", "catalog", "approval", "inference", "metering")
 
 
 def reachable(host: str, port: int, timeout: float = 0.5) -> bool:

@@ -62,6 +62,10 @@ class Consumer:
     # Seconds before JetStream redelivers an unacknowledged message; how many may be in flight.
     ack_wait: float = 30
     max_ack_pending: int = 1000
+    # How long a fetch waits for a first message; when the last fetch began (``clock`` time).
+    fetch_timeout: float = 1
+    fetch_started: datetime | None = None
+    clock: Callable[[], datetime] = staticmethod(utcnow)
 
     async def _subscribe(self) -> object:
         config = ConsumerConfig(
@@ -82,9 +86,11 @@ class Consumer:
                 await self.bus.wait_ready()
                 sub = await self._subscribe()
                 while True:
+                    self.fetch_started = self.clock()
                     try:
-                        msgs = await sub.fetch(self.batch, timeout=1)  # type: ignore[attr-defined]
+                        msgs = await sub.fetch(self.batch, timeout=self.fetch_timeout)  # type: ignore[attr-defined]
                     except TimeoutError:
+                        self.caught_up(self.fetch_started)
                         continue
                     await self.process(msgs)
             except asyncio.CancelledError:
@@ -92,6 +98,9 @@ class Consumer:
             except Exception as exc:
                 log.warning("consumer interrupted; resubscribing", extra={"error": str(exc)})
                 await asyncio.sleep(1)
+
+    def caught_up(self, at: datetime) -> None:
+        """Every message stored before ``at`` has been applied (a fetch found nothing more)."""
 
     async def process(self, msgs: Sequence[Msg]) -> None:
         """One fetched batch: here, one transaction per event."""
@@ -173,6 +182,7 @@ class BatchConsumer(Consumer):
         handlers: Mapping[str, BatchHandler],
         batch: int = 1000,
         ack_wait: float = 30,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         super().__init__(
             bus=bus,
@@ -185,9 +195,15 @@ class BatchConsumer(Consumer):
         self.batch_handlers = dict(handlers)
         self.ack_wait = ack_wait
         self.max_ack_pending = max(self.max_ack_pending, 4 * batch)
-        # When the stream stored the newest message of the last batch applied whole: every
-        # message stored before it has been applied (one replica, in order; best effort).
+        self.fetch_timeout = 0.25
+        self.clock = clock
+        # Every message the stream stored before this instant has been applied: the start of
+        # the last fetch that left nothing pending (one replica; best effort). A reader of the
+        # counts it produced then knows they include everything published before it.
         self.watermark: datetime | None = None
+
+    def caught_up(self, at: datetime) -> None:
+        self.watermark = at if self.watermark is None else max(self.watermark, at)
 
     async def process(self, msgs: Sequence[Msg]) -> None:
         events: list[tuple[Msg, CloudEvent]] = []
@@ -217,8 +233,8 @@ class BatchConsumer(Consumer):
                 await self._one(msg, event)
         else:
             done.extend(m for m, _ in events)
-            if msgs:
-                self.watermark = max(m.metadata.timestamp for m in msgs)
+            if msgs and msgs[-1].metadata.num_pending == 0 and self.fetch_started is not None:
+                self.caught_up(self.fetch_started)
         for msg in done:
             await msg.ack()
 

@@ -1,0 +1,475 @@
+"""Metering HTTP routes: parse, authorise, call the domain or the repository, shape the answer.
+
+Usage and quotas are read with ``usage.read`` (any role in a project; the repository's tenant
+filter narrows every answer to the caller's projects). Quotas and prices are changed with
+``quota.manage`` (platform-admin with ``quotas:manage``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+
+from libs.common.auth import Authorized, Principal, credential_from
+from libs.common.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServiceUnavailable,
+    Unprocessable,
+    problem_responses,
+)
+from libs.common.service import ContextDep, SessionDep, UnitOfWorkDep
+from services.metering import domain
+from services.metering import repository as repo
+from services.metering.domain import Clock
+from services.metering.models import (
+    DURATION_BOUNDS_MS,
+    DURATION_BUCKETS,
+    TTFT_BOUNDS_MS,
+    TTFT_BUCKETS,
+    ModelPrice,
+    Quota,
+)
+from services.metering.schemas import (
+    Latency,
+    PriceRead,
+    PriceSet,
+    QuotaCreate,
+    QuotaRead,
+    QuotaSnapshot,
+    QuotaUpdate,
+    SeriesQuery,
+    TopEntry,
+    TopQuery,
+    TopReport,
+    TotalsQuery,
+    UsageEventRead,
+    UsageEventsQuery,
+    UsageReport,
+    UsageRow,
+)
+
+router = APIRouter(prefix="/v1", responses=problem_responses(Forbidden))
+
+ProjectPath = Annotated[str, Path(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+QuotaIdPath = Annotated[str, Path(pattern=r"^[0-9a-f-]{36}$")]
+ModelPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
+Reader = Annotated[Principal, Authorized("usage.read")]
+Manager = Annotated[Principal, Authorized("quota.manage")]
+
+
+def _clock(request: Request) -> Clock:
+    clock: Clock = request.app.state.clock
+    return clock
+
+
+ClockDep = Annotated[Clock, Depends(_clock)]
+
+
+# -- shaping -----------------------------------------------------------------------------------
+
+
+def _cost(nanos: int) -> float:
+    return float(domain.from_nanos(int(nanos)))
+
+
+def _latency(
+    row: Any, count: int, total_ms: float, columns: list[str], bounds: Sequence[float]
+) -> Latency:
+    counts = [int(getattr(row, c)) for c in columns]
+
+    def quantile(p: float) -> float | None:
+        if not count:
+            return None
+        rank, seen = p * count, 0
+        for bound, n in zip(bounds, counts, strict=True):
+            seen += n
+            if seen >= rank:
+                return None if bound == float("inf") else float(bound)
+        return None
+
+    return Latency(
+        count=count,
+        mean=round(total_ms / count, 3) if count else None,
+        p50=quantile(0.5),
+        p95=quantile(0.95),
+    )
+
+
+def _usage_row(row: Any, group_by: Sequence[str], series: bool) -> UsageRow:
+    prompt, completion = int(row.prompt_tokens), int(row.completion_tokens)
+    return UsageRow(
+        start=row.start if series else None,
+        **{g: getattr(row, g) for g in group_by},
+        requests=int(row.requests),
+        errors=int(row.errors),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        cost=_cost(row.cost_nanos),
+        ttft_ms=_latency(
+            row, int(row.ttft_count), float(row.ttft_sum_ms), TTFT_BUCKETS, TTFT_BOUNDS_MS
+        ),
+        duration_ms=_latency(
+            row, int(row.requests), float(row.duration_sum_ms), DURATION_BUCKETS, DURATION_BOUNDS_MS
+        ),
+    )
+
+
+def _quota_read(quota: Quota, state: Any) -> QuotaRead:
+    return QuotaRead(
+        id=quota.id,
+        project=quota.project,
+        key_id=quota.key_id,
+        model=quota.model,
+        window=state.window,
+        limits=state.limits,
+        soft_threshold=quota.soft_threshold,
+        webhook_url=quota.webhook_url,
+        revision=quota.revision,
+        source=quota.source,
+        created_at=quota.created_at,
+        created_by=quota.created_by,
+        updated_at=quota.updated_at,
+        updated_by=quota.updated_by,
+        window_start=state.window_start,
+        window_end=state.window_end,
+        input_used=state.input_used,
+        output_used=state.output_used,
+        status=state.status,
+    )
+
+
+async def _quota_reads(
+    session: SessionDep, quotas: Sequence[Quota], now: datetime
+) -> list[QuotaRead]:
+    states = await domain.current_states(session, quotas, now, None)
+    return [_quota_read(x, s) for x, s in zip(quotas, states, strict=True)]
+
+
+def _price_read(p: ModelPrice, currency: str) -> PriceRead:
+    return PriceRead(
+        model=p.model,
+        currency=currency,
+        input_per_1k=domain.from_nanos(p.input_per_1k_nanos),
+        output_per_1k=domain.from_nanos(p.output_per_1k_nanos),
+        gpu_hour=None if p.gpu_hour_nanos is None else domain.from_nanos(p.gpu_hour_nanos),
+        updated_at=p.updated_at,
+        updated_by=p.updated_by,
+    )
+
+
+# -- usage -------------------------------------------------------------------------------------
+
+
+@router.get("/usage", tags=["usage"])
+async def usage_totals(
+    query: Annotated[TotalsQuery, Query()],
+    principal: Reader,
+    session: SessionDep,
+    ctx: ContextDep,
+    clock: ClockDep,
+) -> UsageReport:
+    """Totals over ``[start, end)`` per group (``group_by``), or one row for everything."""
+    start, end = query.bounds(clock())
+    rows = await repo.usage(session, principal, query, start, end, query.group_by)
+    return UsageReport(
+        start=start,
+        end=end,
+        group_by=query.group_by,
+        currency=ctx.settings.metering_currency,
+        rows=[_usage_row(r, query.group_by, False) for r in rows],
+    )
+
+
+@router.get("/usage/series", tags=["usage"])
+async def usage_series(
+    query: Annotated[SeriesQuery, Query()],
+    principal: Reader,
+    session: SessionDep,
+    ctx: ContextDep,
+    clock: ClockDep,
+) -> UsageReport:
+    """A time series: one row per ``interval`` (UTC) and group; intervals without usage are
+    left out."""
+    start, end = query.bounds(clock())
+    rows = await repo.usage(session, principal, query, start, end, query.group_by, query.interval)
+    return UsageReport(
+        start=start,
+        end=end,
+        group_by=query.group_by,
+        interval=query.interval,
+        currency=ctx.settings.metering_currency,
+        rows=[_usage_row(r, query.group_by, True) for r in rows],
+    )
+
+
+@router.get("/usage/top", tags=["usage"])
+async def usage_top(
+    query: Annotated[TopQuery, Query()],
+    principal: Reader,
+    session: SessionDep,
+    ctx: ContextDep,
+    clock: ClockDep,
+) -> TopReport:
+    """The biggest consumers (projects, models, credentials or endpoints) by ``metric``."""
+    start, end = query.bounds(clock())
+    rows = await repo.top(
+        session, principal, query, start, end, query.by, query.metric, query.limit
+    )
+    entries = [
+        TopEntry(
+            key=r.key,
+            project=r.project if query.by != "project" else None,
+            value=_cost(r.value) if query.metric == "cost" else float(r.value),
+            requests=int(r.requests),
+            total_tokens=int(r.total_tokens),
+            cost=_cost(r.cost_nanos),
+        )
+        for r in rows
+    ]
+    return TopReport(
+        start=start,
+        end=end,
+        by=query.by,
+        metric=query.metric,
+        currency=ctx.settings.metering_currency,
+        entries=entries,
+    )
+
+
+EXPORT_MAX_ROWS = 200_000
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """Text that a spreadsheet would run as a formula is quoted (CSV injection)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+@router.get(
+    "/usage/export.csv",
+    tags=["usage"],
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}, "description": "The series as CSV"}},
+)
+async def usage_export(
+    query: Annotated[SeriesQuery, Query()],
+    principal: Reader,
+    session: SessionDep,
+    ctx: ContextDep,
+    clock: ClockDep,
+) -> Response:
+    """The series of ``/usage/series`` as CSV, one line per interval and group."""
+    start, end = query.bounds(clock())
+    rows = await repo.usage(
+        session,
+        principal,
+        query,
+        start,
+        end,
+        query.group_by,
+        query.interval,
+        limit=EXPORT_MAX_ROWS + 1,
+    )
+    if len(rows) > EXPORT_MAX_ROWS:
+        raise Unprocessable(
+            f"more than {EXPORT_MAX_ROWS} lines: narrow the range or widen the interval"
+        )
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        [
+            "start",
+            *query.group_by,
+            "requests",
+            "errors",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            f"cost_{ctx.settings.metering_currency.lower()}",
+            "ttft_mean_ms",
+            "duration_mean_ms",
+        ]
+    )
+    for r in rows:
+        row = _usage_row(r, query.group_by, True)
+        assert row.start is not None
+        writer.writerow(
+            [
+                row.start.isoformat().replace("+00:00", "Z"),
+                *(_cell(getattr(row, g)) for g in query.group_by),
+                row.requests,
+                row.errors,
+                row.prompt_tokens,
+                row.completion_tokens,
+                row.total_tokens,
+                format(Decimal(str(row.cost)), "f"),
+                "" if row.ttft_ms.mean is None else row.ttft_ms.mean,
+                "" if row.duration_ms.mean is None else row.duration_ms.mean,
+            ]
+        )
+    return Response(
+        out.getvalue(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": 'attachment; filename="usage.csv"'},
+    )
+
+
+@router.get("/usage/events", tags=["usage"])
+async def usage_events(
+    query: Annotated[UsageEventsQuery, Query()],
+    principal: Reader,
+    session: SessionDep,
+    clock: ClockDep,
+) -> list[UsageEventRead]:
+    """Raw usage events (kept ``metering_raw_retention_days``), newest first."""
+    start, end = query.bounds(clock())
+    rows = await repo.raw_events(session, principal, query, start, end, query.limit)
+    return [UsageEventRead.model_validate(r, from_attributes=True) for r in rows]
+
+
+# -- quotas ------------------------------------------------------------------------------------
+
+
+@router.get("/quotas", tags=["quotas"])
+async def list_quotas(
+    principal: Reader,
+    session: SessionDep,
+    clock: ClockDep,
+    project: Annotated[str | None, Query(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")] = None,
+) -> list[QuotaRead]:
+    """Quotas of the caller's projects (all of them for a platform-admin), with current usage."""
+    quotas = await repo.visible_quotas(session, principal, project)
+    return await _quota_reads(session, quotas, clock())
+
+
+@router.get("/quotas/snapshot", tags=["quotas", "replica"])
+async def quota_snapshot(
+    principal: Reader, session: SessionDep, request: Request, clock: ClockDep
+) -> QuotaSnapshot:
+    """Every visible quota with its limits and current window usage: the gateway loads its
+    ``QuotaLedger`` from this, then follows ``metering.quota.*`` events."""
+    through = request.app.state.metering.usage.watermark  # before reading the counts
+    now = clock()
+    quotas = await repo.visible_quotas(session, principal, None)
+    states = await domain.current_states(session, quotas, now, through)
+    return QuotaSnapshot(generated_at=now, counted_through=through, quotas=states)
+
+
+@router.post(
+    "/projects/{project}/quotas",
+    status_code=201,
+    tags=["quotas"],
+    responses=problem_responses(NotFound, Conflict, ServiceUnavailable),
+)
+async def create_quota(
+    project: ProjectPath,
+    body: QuotaCreate,
+    principal: Manager,
+    request: Request,
+    uow: UnitOfWorkDep,
+    ctx: ContextDep,
+    clock: ClockDep,
+) -> QuotaRead:
+    """A token budget for the project, or for one of its keys, and/or one model."""
+    await domain.verify_target(ctx.authz, credential_from(request), project, body.key_id)
+    now = clock()
+    quota = await domain.create_quota(uow, ctx.settings, project, body, now)
+    [read] = await _quota_reads(uow.session, [quota], now)
+    return read
+
+
+@router.get(
+    "/projects/{project}/quotas/{quota_id}",
+    tags=["quotas"],
+    responses=problem_responses(NotFound),
+)
+async def get_quota(
+    project: ProjectPath,
+    quota_id: QuotaIdPath,
+    principal: Reader,
+    session: SessionDep,
+    clock: ClockDep,
+) -> QuotaRead:
+    quota = await repo.quota_in(session, project, quota_id, lock=False)
+    [read] = await _quota_reads(session, [quota], clock())
+    return read
+
+
+@router.patch(
+    "/projects/{project}/quotas/{quota_id}",
+    tags=["quotas"],
+    responses=problem_responses(NotFound),
+)
+async def update_quota(
+    project: ProjectPath,
+    quota_id: QuotaIdPath,
+    body: QuotaUpdate,
+    principal: Manager,
+    uow: UnitOfWorkDep,
+    ctx: ContextDep,
+    clock: ClockDep,
+) -> QuotaRead:
+    now = clock()
+    quota = await repo.quota_in(uow.session, project, quota_id, lock=True)
+    quota = await domain.update_quota(uow, ctx.settings, quota, body, now)
+    [read] = await _quota_reads(uow.session, [quota], now)
+    return read
+
+
+@router.delete(
+    "/projects/{project}/quotas/{quota_id}",
+    status_code=204,
+    tags=["quotas"],
+    responses=problem_responses(NotFound),
+)
+async def delete_quota(
+    project: ProjectPath, quota_id: QuotaIdPath, principal: Manager, uow: UnitOfWorkDep
+) -> Response:
+    quota = await repo.quota_in(uow.session, project, quota_id, lock=True)
+    await domain.delete_quota(uow, quota)
+    return Response(status_code=204)
+
+
+# -- prices ------------------------------------------------------------------------------------
+
+
+@router.get("/prices", tags=["prices"])
+async def list_prices(principal: Reader, session: SessionDep, ctx: ContextDep) -> list[PriceRead]:
+    currency = ctx.settings.metering_currency
+    return [_price_read(p, currency) for p in await repo.all_prices(session)]
+
+
+@router.put("/prices/{model:path}", tags=["prices"])
+async def set_price(
+    model: ModelPath,
+    body: PriceSet,
+    principal: Manager,
+    uow: UnitOfWorkDep,
+    ctx: ContextDep,
+    clock: ClockDep,
+) -> PriceRead:
+    """Set a model's price; usage ingested from now on is priced with it."""
+    price = await domain.set_price(uow, model, body, clock())
+    return _price_read(price, ctx.settings.metering_currency)
+
+
+@router.delete(
+    "/prices/{model:path}", status_code=204, tags=["prices"], responses=problem_responses(NotFound)
+)
+async def delete_price(model: ModelPath, principal: Manager, uow: UnitOfWorkDep) -> Response:
+    price = await repo.price(uow.session, model)
+    if price is None:
+        raise NotFound(f"model {model!r} has no price")
+    await domain.delete_price(uow, price)
+    return Response(status_code=204)

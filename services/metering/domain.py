@@ -1,0 +1,403 @@
+"""Metering rules and state changes: quotas, their alerts, prices.
+
+Every change emits its events and an audit record in the same transaction, through the unit of
+work. The arithmetic of windows and thresholds is ``libs.common.quota``, shared with the
+gateway, so both sides agree on what "80% of the hour" means.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from libs.common import quota as q
+from libs.common.clients import AuthzClient
+from libs.common.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
+from libs.common.events.approval import QuotaPayload, RequestApproved
+from libs.common.events.metering import (
+    QuotaDeleted,
+    QuotaExceeded,
+    QuotaLimits,
+    QuotaState,
+    QuotaUpdated,
+    QuotaWarning,
+    Window,
+)
+from libs.common.outbox import Outbox
+from libs.common.settings import Settings
+from libs.common.uow import UnitOfWork
+from services.metering import repository as repo
+from services.metering.models import ModelPrice, Quota, WebhookDelivery
+from services.metering.schemas import PriceSet, QuotaCreate, QuotaUpdate
+
+log = logging.getLogger("steward.metering")
+
+Clock = Callable[[], datetime]
+NANOS = Decimal(1_000_000_000)
+
+
+# -- quota state -------------------------------------------------------------------------------
+
+
+def limits_of(quota: Quota) -> QuotaLimits:
+    return QuotaLimits(
+        input_tokens=quota.input_limit,
+        output_tokens=quota.output_limit,
+        total_tokens=quota.total_limit,
+    )
+
+
+def scope_of(project: str, key_id: str | None, model: str | None, window: str) -> str:
+    return f"{project}/{key_id or '*'}/{model or '*'}/{window}"
+
+
+def state_of(
+    quota: Quota,
+    now: datetime,
+    used: tuple[int, int],
+    counted_through: datetime | None,
+    *,
+    model: type[QuotaState] = QuotaState,
+    **extra: Any,
+) -> QuotaState:
+    """The quota and its usage in the window containing ``now``."""
+    window: Window = quota.window  # type: ignore[assignment]
+    start, end = q.window_bounds(window, now)
+    limits = limits_of(quota)
+    return model(
+        quota_id=quota.id,
+        project=quota.project,
+        key_id=quota.key_id,
+        model=quota.model,
+        window=window,
+        limits=limits,
+        soft_threshold=quota.soft_threshold,
+        revision=quota.revision,
+        window_start=start,
+        window_end=end,
+        input_used=used[0],
+        output_used=used[1],
+        status=q.status_of(limits, quota.soft_threshold, used[0], used[1]),
+        as_of=now,
+        counted_through=counted_through,
+        **extra,
+    )
+
+
+async def current_states(
+    session: AsyncSession,
+    quotas: Sequence[Quota],
+    now: datetime,
+    counted_through: datetime | None,
+    *,
+    model: type[QuotaState] = QuotaState,
+) -> list[QuotaState]:
+    keys = [(x.id, q.window_start(x.window, now)) for x in quotas]  # type: ignore[arg-type]
+    used = await repo.counters(session, keys)
+    return [
+        state_of(x, now, used[key], counted_through, model=model)
+        for x, key in zip(quotas, keys, strict=True)
+    ]
+
+
+async def raise_alerts(
+    session: AsyncSession,
+    outbox: Outbox,
+    settings: Settings,
+    quota: Quota,
+    now: datetime,
+    window_start: datetime,
+    used: tuple[int, int],
+    before: tuple[int, int] | None,
+) -> None:
+    """Warn (soft threshold) and flag (hard limit) once per (quota, window, threshold).
+
+    ``before`` is the usage before this transaction added to it: a threshold is checked only
+    when it is crossed now (or, with None, whenever reached: after the quota itself changed).
+    The alert row's primary key makes the event happen once even if two checks race.
+    """
+    limits = limits_of(quota)
+    window: Window = quota.window  # type: ignore[assignment]
+    start, end = q.window_bounds(window, window_start)
+    if end <= now:
+        return  # late usage of a window that is over: nothing left to warn about
+    for threshold, event_type in ((quota.soft_threshold, QuotaWarning), (1.0, QuotaExceeded)):
+        reached = q.dimensions_reached(limits, used[0], used[1], threshold)
+        if not reached:
+            continue
+        if before is not None and q.dimensions_reached(limits, before[0], before[1], threshold):
+            continue
+        pct = round(threshold * 100)
+        level = "exceeded" if threshold >= 1.0 else "warning"
+        if not await repo.claim_alert(session, quota.id, start, pct, level, list(reached), now):
+            continue
+        payload = event_type(
+            **state_of(quota, window_start, used, None).model_dump(exclude={"as_of"}),
+            as_of=now,
+            threshold=threshold,
+            dimensions=reached,
+        )
+        event = await outbox.add(session, payload, entity=quota.id)
+        urls = dict.fromkeys(
+            [u for u in (quota.webhook_url, *settings.metering_quota_webhooks) if u]
+        )
+        for url in urls:
+            session.add(
+                WebhookDelivery(
+                    url=url,
+                    event_id=event.id,
+                    event_type=payload.subject,
+                    body=event.model_dump_json(),
+                    next_attempt_at=now,
+                )
+            )
+        log.info(
+            "quota threshold reached",
+            extra={"quota_id": quota.id, "project": quota.project, "level": level},
+        )
+    await session.flush()
+
+
+async def verify_target(
+    authz: AuthzClient, credential: str | None, project: str, key_id: str | None
+) -> None:
+    """Refuse a quota for a project (or key) authz does not know, before anything is written.
+
+    Asked with the caller's own credential; if it may not read projects or keys, the check is
+    skipped rather than refused (a quota for an unknown project only ever counts nothing).
+    """
+    response = await authz.request("GET", f"/v1/projects/{project}", credential=credential)
+    if response.status_code == 404:
+        raise NotFound(f"project {project!r} does not exist")
+    if response.status_code == 403:
+        return
+    if response.status_code != 200:
+        raise ServiceUnavailable(f"authz answered {response.status_code}; nothing changed")
+    if key_id is None:
+        return
+    response = await authz.request("GET", f"/v1/projects/{project}/keys", credential=credential)
+    if response.status_code == 200 and key_id not in {k["id"] for k in response.json()}:
+        raise Unprocessable(f"key_id: {key_id!r} is not a key of project {project!r}")
+
+
+# -- quota changes -----------------------------------------------------------------------------
+
+
+def _snapshot(quota: Quota) -> dict[str, Any]:
+    """What the audit log records of a quota."""
+    return {
+        "window": quota.window,
+        "key_id": quota.key_id,
+        "model": quota.model,
+        "limits": limits_of(quota).model_dump(),
+        "soft_threshold": quota.soft_threshold,
+        "webhook_url": quota.webhook_url,
+        "revision": quota.revision,
+        "source": quota.source,
+    }
+
+
+async def _announce(
+    uow: UnitOfWork,
+    settings: Settings,
+    quota: Quota,
+    now: datetime,
+    action: str,
+    before: dict[str, Any] | None,
+) -> QuotaState:
+    """After a create or change: publish the new state, audit it, alert if already reached."""
+    await uow.session.flush()
+    [state] = await current_states(uow.session, [quota], now, None, model=QuotaUpdated)
+    await uow.emit(state, entity=quota.id)
+    await uow.audit(
+        action,
+        f"project/{quota.project}/quota/{quota.id}",
+        project=quota.project,
+        before=before,
+        after=_snapshot(quota),
+    )
+    await raise_alerts(
+        uow.session,
+        uow.outbox,
+        settings,
+        quota,
+        now,
+        state.window_start,
+        (state.input_used, state.output_used),
+        None,
+    )
+    return state
+
+
+async def create_quota(
+    uow: UnitOfWork, settings: Settings, project: str, body: QuotaCreate, now: datetime
+) -> Quota:
+    scope = scope_of(project, body.key_id, body.model, body.window)
+    if await repo.quota_by_scope(uow.session, scope, lock=False) is not None:
+        raise Conflict(
+            f"project {project!r} already has a {body.window} quota for this key and model;"
+            " change that one"
+        )
+    quota = Quota(
+        scope=scope,
+        project=project,
+        key_id=body.key_id,
+        model=body.model,
+        window=body.window,
+        input_limit=body.limits.input_tokens,
+        output_limit=body.limits.output_tokens,
+        total_limit=body.limits.total_tokens,
+        soft_threshold=body.soft_threshold or settings.metering_soft_threshold,
+        webhook_url=str(body.webhook_url) if body.webhook_url else None,
+        revision=1,
+        source="api",
+        created_at=now,
+        created_by=uow.actor,
+        updated_at=now,
+        updated_by=uow.actor,
+    )
+    uow.session.add(quota)
+    await _announce(uow, settings, quota, now, "quota.create", None)
+    return quota
+
+
+async def update_quota(
+    uow: UnitOfWork, settings: Settings, quota: Quota, body: QuotaUpdate, now: datetime
+) -> Quota:
+    before = _snapshot(quota)
+    if body.limits is not None:
+        given = body.limits.model_fields_set
+        limits = {
+            "input_limit": body.limits.input_tokens
+            if "input_tokens" in given
+            else quota.input_limit,
+            "output_limit": body.limits.output_tokens
+            if "output_tokens" in given
+            else quota.output_limit,
+            "total_limit": body.limits.total_tokens
+            if "total_tokens" in given
+            else quota.total_limit,
+        }
+        if not any(limits.values()):
+            raise Unprocessable("limits: a quota keeps at least one limit; delete it instead")
+        for name, value in limits.items():
+            setattr(quota, name, value)
+    if "soft_threshold" in body.model_fields_set and body.soft_threshold is not None:
+        quota.soft_threshold = body.soft_threshold
+    if "webhook_url" in body.model_fields_set:
+        quota.webhook_url = str(body.webhook_url) if body.webhook_url else None
+    if _snapshot(quota) == before:
+        return quota  # nothing changed: no new revision, no event
+    quota.revision += 1
+    quota.source = "api"
+    quota.updated_at = now
+    quota.updated_by = uow.actor
+    await _announce(uow, settings, quota, now, "quota.update", before)
+    return quota
+
+
+async def delete_quota(uow: UnitOfWork, quota: Quota) -> None:
+    before = _snapshot(quota)
+    await uow.session.delete(quota)
+    await uow.session.flush()
+    await uow.emit(QuotaDeleted(quota_id=quota.id, project=quota.project), entity=quota.id)
+    await uow.audit(
+        "quota.delete",
+        f"project/{quota.project}/quota/{quota.id}",
+        project=quota.project,
+        before=before,
+    )
+
+
+async def apply_approved_quota(
+    uow: UnitOfWork, settings: Settings, approved: RequestApproved, now: datetime
+) -> Quota:
+    """An approved ``quota`` request sets the total token limit of the project's (or the key's)
+    quota for that window to the approved figure, creating the quota if there is none."""
+    asked = QuotaPayload.model_validate(approved.payload)
+    scope = scope_of(approved.project, asked.key_id, None, asked.window)
+    quota = await repo.quota_by_scope(uow.session, scope, lock=True)
+    if quota is None:
+        quota = Quota(
+            scope=scope,
+            project=approved.project,
+            key_id=asked.key_id,
+            model=None,
+            window=asked.window,
+            total_limit=asked.token_limit,
+            soft_threshold=settings.metering_soft_threshold,
+            revision=1,
+            source=f"approval:{approved.request_id}",
+            created_at=now,
+            created_by=uow.actor,
+            updated_at=now,
+            updated_by=uow.actor,
+        )
+        uow.session.add(quota)
+        await _announce(uow, settings, quota, now, "quota.create", None)
+        return quota
+    before = _snapshot(quota)
+    quota.total_limit = asked.token_limit
+    quota.revision += 1
+    quota.source = f"approval:{approved.request_id}"
+    quota.updated_at = now
+    quota.updated_by = uow.actor
+    await _announce(uow, settings, quota, now, "quota.update", before)
+    return quota
+
+
+# -- prices ------------------------------------------------------------------------------------
+
+
+def to_nanos(value: Decimal) -> int:
+    return int(value * NANOS)
+
+
+def from_nanos(value: int) -> Decimal:
+    return (Decimal(value) / NANOS).normalize()
+
+
+def cost_nanos(price: ModelPrice | None, prompt_tokens: int, completion_tokens: int) -> int:
+    """The cost of one call at the model's current price (0 when the model has none)."""
+    if price is None:
+        return 0
+    per_1k = (
+        prompt_tokens * price.input_per_1k_nanos + completion_tokens * price.output_per_1k_nanos
+    )
+    return (per_1k + 500) // 1000
+
+
+def _price_dict(p: ModelPrice) -> dict[str, Any]:
+    return {
+        "input_per_1k": str(from_nanos(p.input_per_1k_nanos)),
+        "output_per_1k": str(from_nanos(p.output_per_1k_nanos)),
+        "gpu_hour": None if p.gpu_hour_nanos is None else str(from_nanos(p.gpu_hour_nanos)),
+    }
+
+
+async def set_price(uow: UnitOfWork, model: str, body: PriceSet, now: datetime) -> ModelPrice:
+    price = await repo.price(uow.session, model)
+    before = _price_dict(price) if price else None
+    if price is None:
+        price = ModelPrice(model=model)
+        uow.session.add(price)
+    price.input_per_1k_nanos = to_nanos(body.input_per_1k)
+    price.output_per_1k_nanos = to_nanos(body.output_per_1k)
+    price.gpu_hour_nanos = None if body.gpu_hour is None else to_nanos(body.gpu_hour)
+    price.updated_at = now
+    price.updated_by = uow.actor
+    await uow.session.flush()
+    await uow.audit("price.set", f"price/{model}", before=before, after=_price_dict(price))
+    return price
+
+
+async def delete_price(uow: UnitOfWork, price: ModelPrice) -> None:
+    before = _price_dict(price)
+    await uow.session.delete(price)
+    await uow.session.flush()
+    await uow.audit("price.delete", f"price/{price.model}", before=before)

@@ -1,0 +1,474 @@
+"""All SQL of the metering service.
+
+Tenant filtering lives in one helper, ``tenant``: every query that reads usage or quotas goes
+through it with the caller's principal, so a project member sees only their projects and a
+platform-admin sees all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    delete,
+    func,
+    literal_column,
+    select,
+    text,
+    true,
+    type_coerce,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from libs.common.auth import Principal, decide
+from libs.common.db import UTCDateTime
+from libs.common.errors import Forbidden, NotFound
+from services.metering.models import (
+    DIMENSIONS,
+    DURATION_BUCKETS,
+    MINUTE_SUMS,
+    TTFT_BUCKETS,
+    ModelPrice,
+    Quota,
+    QuotaAlert,
+    QuotaCounter,
+    WebhookDelivery,
+    bus_tables,
+    usage_events,
+    usage_minutes,
+)
+from services.metering.schemas import UsageFilter
+
+# -- tenant filtering: the one place -----------------------------------------------------------
+
+
+def visible_projects(principal: Principal, project: str | None) -> list[str] | None:
+    """Projects whose usage the caller may read (None: all of them, for a platform-admin).
+
+    Asking for a project the caller may not read is refused rather than answered empty, so a
+    typo is not mistaken for "no usage".
+    """
+    if project is not None:
+        decision = decide(principal, "usage.read", project)
+        if not decision.allowed:
+            raise Forbidden(decision.reason)
+        return [project]
+    if principal.platform_admin:
+        return None
+    return sorted(p for p in principal.project_roles if decide(principal, "usage.read", p).allowed)
+
+
+def tenant(column: Any, principal: Principal, project: str | None) -> ColumnElement[bool]:
+    projects = visible_projects(principal, project)
+    if projects is None:
+        return true()
+    return column.in_(projects)  # type: ignore[no-any-return]
+
+
+def is_postgres(session: AsyncSession) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _insert(session: AsyncSession, table: Any) -> Any:
+    """The dialect's INSERT, which knows ``ON CONFLICT``."""
+    return pg_insert(table) if is_postgres(session) else sqlite_insert(table)
+
+
+# -- ingest ------------------------------------------------------------------------------------
+
+# Raw event columns written by the ingest, with their PostgreSQL array types (see insert_events).
+EVENT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("event_id", "text"),
+    ("time", "timestamptz"),
+    ("project", "text"),
+    ("credential_id", "text"),
+    ("subject_id", "text"),
+    ("model", "text"),
+    ("endpoint", "text"),
+    ("kind", "text"),
+    ("prompt_tokens", "int8"),
+    ("completion_tokens", "int8"),
+    ("ttft_ms", "float8"),
+    ("duration_ms", "float8"),
+    ("http_status", "int4"),
+    ("status", "text"),
+    ("error_type", "text"),
+    ("usage_source", "text"),
+    ("stream", "bool"),
+    ("cost_nanos", "int8"),
+)
+
+_names = ", ".join(c for c, _ in EVENT_COLUMNS)
+# Column names and types are the constants above; every value is a bound parameter.
+_INSERT_EVENTS_PG = text(
+    f"INSERT INTO usage_events ({_names}, received_at) "  # noqa: S608
+    f"SELECT u.*, CAST(:received_at AS timestamptz) FROM unnest("
+    + ", ".join(f"CAST(:{c} AS {t}[])" for c, t in EVENT_COLUMNS)
+    + f") AS u({_names}) ON CONFLICT DO NOTHING"
+)
+
+
+async def insert_events(
+    session: AsyncSession, rows: Sequence[Mapping[str, Any]], received_at: datetime
+) -> None:
+    """Keep the raw events. On PostgreSQL one statement whatever the batch size (columns travel
+    as arrays); elsewhere an executemany."""
+    if not rows:
+        return
+    if is_postgres(session):
+        params: dict[str, Any] = {c: [r[c] for r in rows] for c, _ in EVENT_COLUMNS}
+        params["received_at"] = received_at
+        await session.execute(_INSERT_EVENTS_PG, params)
+        return
+    statement = _insert(session, usage_events).on_conflict_do_nothing()
+    await session.execute(statement, [{**r, "received_at": received_at} for r in rows])
+
+
+_MINUTE_KEY = ("minute", "project", "model", "credential_id", "endpoint")
+
+
+async def add_minutes(session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Add per-minute aggregates; rows go in key order so two replicas never deadlock."""
+    if not rows:
+        return
+    ins = _insert(session, usage_minutes)
+    statement = ins.on_conflict_do_update(
+        index_elements=list(_MINUTE_KEY),
+        set_={c: usage_minutes.c[c] + ins.excluded[c] for c in MINUTE_SUMS},
+    )
+    ordered = sorted(rows, key=lambda r: tuple(r[k] for k in _MINUTE_KEY))
+    await session.execute(statement, ordered)
+
+
+async def prices_for(session: AsyncSession, models: Sequence[str]) -> dict[str, ModelPrice]:
+    if not models:
+        return {}
+    found = await session.scalars(select(ModelPrice).where(ModelPrice.model.in_(models)))
+    return {p.model: p for p in found}
+
+
+async def quotas_of_projects(session: AsyncSession, projects: Sequence[str]) -> Sequence[Quota]:
+    if not projects:
+        return []
+    query = select(Quota).where(Quota.project.in_(projects)).order_by(Quota.id)
+    return (await session.scalars(query)).all()
+
+
+async def add_to_counter(
+    session: AsyncSession,
+    quota_id: str,
+    window_start: datetime,
+    input_tokens: int,
+    output_tokens: int,
+    requests: int,
+    now: datetime,
+) -> tuple[int, int]:
+    """Add to a quota's window counter; returns the new (input, output) totals."""
+    table = QuotaCounter.__table__
+    ins = _insert(session, table).values(
+        quota_id=quota_id,
+        window_start=window_start,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        requests=requests,
+        updated_at=now,
+    )
+    statement = ins.on_conflict_do_update(
+        index_elements=["quota_id", "window_start"],
+        set_={
+            "input_tokens": table.c.input_tokens + ins.excluded.input_tokens,
+            "output_tokens": table.c.output_tokens + ins.excluded.output_tokens,
+            "requests": table.c.requests + ins.excluded.requests,
+            "updated_at": ins.excluded.updated_at,
+        },
+    ).returning(table.c.input_tokens, table.c.output_tokens)
+    row = (await session.execute(statement)).one()
+    return int(row[0]), int(row[1])
+
+
+async def claim_alert(
+    session: AsyncSession,
+    quota_id: str,
+    window_start: datetime,
+    threshold_pct: int,
+    level: str,
+    dimensions: list[str],
+    now: datetime,
+) -> bool:
+    """Record that a threshold was reached in a window; False if it already was."""
+    table = QuotaAlert.__table__
+    statement = (
+        _insert(session, table)
+        .values(
+            quota_id=quota_id,
+            window_start=window_start,
+            threshold_pct=threshold_pct,
+            level=level,
+            dimensions=dimensions,
+            created_at=now,
+        )
+        .on_conflict_do_nothing()
+        .returning(table.c.quota_id)
+    )
+    return (await session.execute(statement)).first() is not None
+
+
+# -- quotas ------------------------------------------------------------------------------------
+
+
+async def counters(
+    session: AsyncSession, keys: Sequence[tuple[str, datetime]]
+) -> dict[tuple[str, datetime], tuple[int, int]]:
+    """(input, output) counted for each (quota id, window start) asked; absent ones are 0."""
+    if not keys:
+        return {}
+    c = QuotaCounter
+    found: dict[tuple[str, datetime], tuple[int, int]] = {}
+    for start in range(0, len(keys), 400):
+        chunk = keys[start : start + 400]
+        query = select(c.quota_id, c.window_start, c.input_tokens, c.output_tokens).where(
+            c.quota_id.in_({k[0] for k in chunk}),
+            c.window_start.in_({k[1] for k in chunk}),
+        )
+        for row in await session.execute(query):
+            found[(row.quota_id, row.window_start)] = (row.input_tokens, row.output_tokens)
+    return {k: found.get(k, (0, 0)) for k in keys}
+
+
+async def visible_quotas(
+    session: AsyncSession, principal: Principal, project: str | None
+) -> Sequence[Quota]:
+    query = (
+        select(Quota)
+        .where(tenant(Quota.project, principal, project))
+        .order_by(Quota.project, Quota.window, Quota.id)
+    )
+    return (await session.scalars(query)).all()
+
+
+async def quota_in(session: AsyncSession, project: str, quota_id: str, *, lock: bool) -> Quota:
+    query = select(Quota).where(Quota.id == quota_id, Quota.project == project)
+    if lock:
+        query = query.with_for_update()
+    quota = await session.scalar(query)
+    if quota is None:
+        raise NotFound(f"project {project!r} has no quota {quota_id!r}")
+    return quota
+
+
+async def quota_by_scope(session: AsyncSession, scope: str, *, lock: bool) -> Quota | None:
+    query = select(Quota).where(Quota.scope == scope)
+    if lock:
+        query = query.with_for_update()
+    return await session.scalar(query)
+
+
+async def quotas_by_id(session: AsyncSession, ids: Sequence[str]) -> Sequence[Quota]:
+    if not ids:
+        return []
+    return (await session.scalars(select(Quota).where(Quota.id.in_(ids)))).all()
+
+
+# -- prices ------------------------------------------------------------------------------------
+
+
+async def price(session: AsyncSession, model: str) -> ModelPrice | None:
+    return await session.get(ModelPrice, model)
+
+
+async def all_prices(session: AsyncSession) -> Sequence[ModelPrice]:
+    return (await session.scalars(select(ModelPrice).order_by(ModelPrice.model))).all()
+
+
+# -- usage reports -----------------------------------------------------------------------------
+
+SUM_COLUMNS: tuple[str, ...] = (
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_nanos",
+    "ttft_count",
+    "ttft_sum_ms",
+    "duration_sum_ms",
+    *TTFT_BUCKETS,
+    *DURATION_BUCKETS,
+)
+
+
+def _bucket(session: AsyncSession, interval: str, column: Any) -> Any:
+    """The start of the interval holding ``column`` (UTC). ``interval`` is a validated literal:
+    inlined so that SELECT and GROUP BY are the same expression."""
+    if interval == "minute":
+        return column
+    if is_postgres(session):
+        expression = func.date_trunc(
+            literal_column(f"'{interval}'"), column, literal_column("'UTC'")
+        )
+    else:
+        formats = {
+            "hour": "%Y-%m-%d %H:00:00.000000",
+            "day": "%Y-%m-%d 00:00:00.000000",
+            "month": "%Y-%m-01 00:00:00.000000",
+        }
+        expression = func.strftime(literal_column(f"'{formats[interval]}'"), column)
+    return type_coerce(expression, UTCDateTime)
+
+
+def _filters(
+    principal: Principal, f: UsageFilter, start: datetime, end: datetime
+) -> list[ColumnElement[bool]]:
+    m = usage_minutes.c
+    where = [tenant(m.project, principal, f.project), m.minute >= start, m.minute < end]
+    for name, value in (("model", f.model), ("credential", f.credential), ("endpoint", f.endpoint)):
+        if value is not None:
+            where.append(m[DIMENSIONS[name]] == value)
+    return where
+
+
+async def usage(
+    session: AsyncSession,
+    principal: Principal,
+    f: UsageFilter,
+    start: datetime,
+    end: datetime,
+    group_by: Sequence[str],
+    interval: str | None = None,
+    limit: int | None = None,
+) -> Sequence[Any]:
+    """Summed aggregates per group (and per interval for a series), ordered by the keys."""
+    m = usage_minutes.c
+    keys = [m[DIMENSIONS[g]].label(g) for g in group_by]
+    if interval is not None:
+        keys.insert(0, _bucket(session, interval, m.minute).label("start"))
+    sums = [func.coalesce(func.sum(m[c]), 0).label(c) for c in SUM_COLUMNS]
+    query: Select[Any] = select(*keys, *sums).where(*_filters(principal, f, start, end))
+    if keys:
+        query = query.group_by(*keys).order_by(*keys)
+    if limit is not None:
+        query = query.limit(limit)
+    return list((await session.execute(query)).all())
+
+
+TOP_METRICS: dict[str, Any] = {
+    "total_tokens": usage_minutes.c.prompt_tokens + usage_minutes.c.completion_tokens,
+    "prompt_tokens": usage_minutes.c.prompt_tokens,
+    "completion_tokens": usage_minutes.c.completion_tokens,
+    "requests": usage_minutes.c.requests,
+    "errors": usage_minutes.c.errors,
+    "cost": usage_minutes.c.cost_nanos,
+}
+
+
+async def top(
+    session: AsyncSession,
+    principal: Principal,
+    f: UsageFilter,
+    start: datetime,
+    end: datetime,
+    by: str,
+    metric: str,
+    limit: int,
+) -> Sequence[Any]:
+    m = usage_minutes.c
+    key = m[DIMENSIONS[by]]
+    value = func.sum(TOP_METRICS[metric])
+    query = (
+        select(
+            key.label("key"),
+            func.min(m.project).label("project"),
+            value.label("value"),
+            func.sum(m.requests).label("requests"),
+            func.sum(m.prompt_tokens + m.completion_tokens).label("total_tokens"),
+            func.sum(m.cost_nanos).label("cost_nanos"),
+        )
+        .where(*_filters(principal, f, start, end))
+        .group_by(key)
+        .order_by(value.desc(), key)
+        .limit(limit)
+    )
+    return list((await session.execute(query)).all())
+
+
+async def raw_events(
+    session: AsyncSession,
+    principal: Principal,
+    f: UsageFilter,
+    start: datetime,
+    end: datetime,
+    limit: int,
+) -> Sequence[Any]:
+    """Raw events (kept for the retention period), newest first."""
+    e = usage_events.c
+    where = [tenant(e.project, principal, f.project), e.time >= start, e.time < end]
+    for name, value in (("model", f.model), ("credential", f.credential), ("endpoint", f.endpoint)):
+        if value is not None:
+            where.append(e[DIMENSIONS[name]] == value)
+    query = select(usage_events).where(*where).order_by(e.time.desc(), e.event_id).limit(limit)
+    return list((await session.execute(query)).all())
+
+
+# -- retention and webhooks --------------------------------------------------------------------
+
+
+async def delete_older(
+    session: AsyncSession,
+    table: Any,
+    key: str,
+    column: str,
+    cutoff: datetime,
+    *,
+    chunk: int,
+    where: ColumnElement[bool] | None = None,
+) -> int:
+    """Delete up to ``chunk`` rows older than ``cutoff`` (small transactions, no long locks)."""
+    condition = table.c[column] < cutoff
+    if where is not None:
+        condition = condition & where
+    victims = select(table.c[key]).where(condition).limit(chunk)
+    statement = delete(table).where(table.c[key].in_(victims))
+    if where is not None:
+        statement = statement.where(where)
+    result = await session.execute(statement)
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+INBOX = bus_tables.inbox
+
+
+@dataclass(frozen=True)
+class Due:
+    id: str
+    url: str
+    event_type: str
+    event_id: str
+    body: str
+    attempts: int
+
+
+async def claim_deliveries(
+    session: AsyncSession, now: datetime, lease_until: datetime, limit: int
+) -> list[Due]:
+    """Webhook deliveries due now, leased to this process until ``lease_until``."""
+    w = WebhookDelivery
+    query = (
+        select(w)
+        .where(w.delivered_at.is_(None), w.failed_at.is_(None), w.next_attempt_at <= now)
+        .order_by(w.next_attempt_at, w.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    due = []
+    for d in await session.scalars(query):
+        d.attempts += 1
+        d.next_attempt_at = lease_until
+        due.append(Due(d.id, d.url, d.event_type, d.event_id, d.body, d.attempts))
+    await session.flush()
+    return due

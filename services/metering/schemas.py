@@ -1,0 +1,321 @@
+"""Bodies and query parameters of the metering API. Inputs forbid unknown fields."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Annotated, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from libs.common.db import utcnow
+from libs.common.events.metering import QuotaLimits, QuotaState, QuotaStatus, Window
+
+ProjectName = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
+KeyId = Annotated[str, Field(pattern=r"^[0-9A-Za-z]{8}$", description="An API key id")]
+Credential = Annotated[str, Field(min_length=1, max_length=64)]
+Endpoint = Annotated[str, Field(min_length=1, max_length=255)]
+TokenLimit = Annotated[int, Field(gt=0, le=10**13)]
+Threshold = Annotated[float, Field(gt=0, lt=1, description="Fraction of a limit, e.g. 0.8")]
+# Prices per 1K tokens (or per GPU-hour), up to nine decimals: stored as integer nano-units.
+Price = Annotated[Decimal, Field(ge=0, le=1_000_000, max_digits=16, decimal_places=9)]
+
+
+def _https_or_http(url: AnyHttpUrl) -> AnyHttpUrl:
+    if len(str(url)) > 2000:
+        raise ValueError("is longer than 2000 characters")
+    return url
+
+
+WebhookUrl = Annotated[AnyHttpUrl, AfterValidator(_https_or_http)]
+
+GroupBy = Literal["project", "model", "credential", "endpoint"]
+Interval = Literal["minute", "hour", "day", "month"]
+Metric = Literal["total_tokens", "prompt_tokens", "completion_tokens", "requests", "errors", "cost"]
+
+INTERVAL_SECONDS: dict[str, int] = {"minute": 60, "hour": 3600, "day": 86400, "month": 2678400}
+MAX_POINTS = 20_000
+MAX_RANGE = timedelta(days=400)
+
+
+class Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- usage queries -----------------------------------------------------------------------------
+
+
+def _zoned(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        raise ValueError("needs a time zone, e.g. 2027-01-01T00:00:00Z")
+    return value
+
+
+class UsageFilter(Input):
+    """Which usage: a time range (default the last 24 hours) and optional equality filters."""
+
+    start: Annotated[datetime | None, AfterValidator(_zoned)] = Field(
+        default=None, description="Inclusive, rounded down to the minute"
+    )
+    end: Annotated[datetime | None, AfterValidator(_zoned)] = Field(
+        default=None, description="Exclusive, rounded up to the minute; default now"
+    )
+    project: ProjectName | None = None
+    model: ModelName | None = None
+    credential: Credential | None = None
+    endpoint: Endpoint | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> Self:
+        end = self.end or utcnow()
+        start = self.start or end - timedelta(days=1)
+        if start >= end:
+            raise ValueError("start must be before end")
+        if end - start > MAX_RANGE:
+            raise ValueError(f"the range may span at most {MAX_RANGE.days} days")
+        return self
+
+    def bounds(self, now: datetime) -> tuple[datetime, datetime]:
+        """``[start, end)`` aligned to whole minutes (aggregates are per minute)."""
+        end = self.end or now
+        start = self.start or end - timedelta(days=1)
+        start = start.replace(second=0, microsecond=0)
+        if end.second or end.microsecond:
+            end = end.replace(second=0, microsecond=0) + timedelta(minutes=1)
+        return start, end
+
+
+def _group_by(value: list[str] | str | None) -> list[str]:
+    """``group_by=project,model`` or ``group_by=project&group_by=model``; no repeats."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
+    allowed = ("project", "model", "credential", "endpoint")
+    unknown = [p for p in parts if p not in allowed]
+    if unknown:
+        raise ValueError(f"unknown group_by {unknown}; use any of {list(allowed)}")
+    if len(set(parts)) != len(parts):
+        raise ValueError("group_by repeats a dimension")
+    return parts
+
+
+class TotalsQuery(UsageFilter):
+    group_by: list[str] = Field(
+        default=[], description="Any of project, model, credential, endpoint (comma-separated)"
+    )
+
+    @field_validator("group_by", mode="before")
+    @classmethod
+    def _parse_group_by(cls, value: list[str] | str | None) -> list[str]:
+        return _group_by(value)
+
+
+class SeriesQuery(TotalsQuery):
+    interval: Interval = "hour"
+
+    @model_validator(mode="after")
+    def _points(self) -> Self:
+        start, end = self.bounds(utcnow())
+        points = (end - start).total_seconds() / INTERVAL_SECONDS[self.interval]
+        if points > MAX_POINTS:
+            raise ValueError(
+                f"{int(points)} {self.interval} points asked; at most {MAX_POINTS}: "
+                "narrow the range or widen the interval"
+            )
+        return self
+
+
+class TopQuery(UsageFilter):
+    by: GroupBy = Field(default="project", description="Whom to rank")
+    metric: Metric = "total_tokens"
+    limit: int = Field(default=10, ge=1, le=1000)
+
+
+class UsageEventsQuery(UsageFilter):
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+# -- usage answers -----------------------------------------------------------------------------
+
+
+class Latency(BaseModel):
+    """Milliseconds; percentiles are the upper bound of the histogram bucket holding them."""
+
+    count: int
+    mean: float | None
+    p50: float | None
+    p95: float | None
+
+
+class UsageRow(BaseModel):
+    """Usage of one group (the keys named in ``group_by``) over the range or one interval."""
+
+    start: datetime | None = Field(default=None, description="The interval (series only)")
+    project: str | None = None
+    model: str | None = None
+    credential: str | None = None
+    endpoint: str | None = None
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost: float
+    ttft_ms: Latency
+    duration_ms: Latency
+
+
+class UsageReport(BaseModel):
+    start: datetime
+    end: datetime
+    group_by: list[str]
+    interval: Interval | None = None
+    currency: str
+    rows: list[UsageRow]
+
+
+class UsageEventRead(BaseModel):
+    event_id: str
+    time: datetime
+    received_at: datetime
+    project: str
+    credential_id: str
+    subject_id: str
+    model: str
+    endpoint: str
+    kind: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None
+    duration_ms: float
+    http_status: int
+    status: str
+    error_type: str | None
+    usage_source: str
+    stream: bool
+    cost_nanos: int
+
+
+class TopEntry(BaseModel):
+    key: str
+    project: str | None = Field(default=None, description="The project of a credential")
+    value: float
+    requests: int
+    total_tokens: int
+    cost: float
+
+
+class TopReport(BaseModel):
+    start: datetime
+    end: datetime
+    by: GroupBy
+    metric: Metric
+    currency: str
+    entries: list[TopEntry]
+
+
+# -- quotas ------------------------------------------------------------------------------------
+
+
+class QuotaLimitsIn(Input):
+    input_tokens: TokenLimit | None = None
+    output_tokens: TokenLimit | None = None
+    total_tokens: TokenLimit | None = None
+
+
+class QuotaCreate(Input):
+    window: Window
+    limits: QuotaLimitsIn
+    key_id: KeyId | None = Field(default=None, description="Only this key's calls count")
+    model: ModelName | None = Field(default=None, description="Only calls to this model count")
+    soft_threshold: Threshold | None = Field(
+        default=None, description="Warn at this fraction (default metering_soft_threshold)"
+    )
+    webhook_url: WebhookUrl | None = Field(
+        default=None, description="POSTed the warning and exceeded events (CloudEvents JSON)"
+    )
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> Self:
+        if not any(self.limits.model_dump().values()):
+            raise ValueError(
+                "limits: set at least one of input_tokens, output_tokens, total_tokens"
+            )
+        return self
+
+
+class QuotaUpdate(Input):
+    """Fields left out keep their value; ``null`` removes a limit or the webhook."""
+
+    limits: QuotaLimitsIn | None = None
+    soft_threshold: Threshold | None = None
+    webhook_url: WebhookUrl | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if not self.model_fields_set:
+            raise ValueError("nothing to change: give limits, soft_threshold or webhook_url")
+        if "soft_threshold" in self.model_fields_set and self.soft_threshold is None:
+            raise ValueError("soft_threshold cannot be null")
+        if "limits" in self.model_fields_set and self.limits is None:
+            raise ValueError("limits cannot be null; remove the quota instead")
+        return self
+
+
+class QuotaRead(BaseModel):
+    id: str
+    project: str
+    key_id: str | None
+    model: str | None
+    window: Window
+    limits: QuotaLimits
+    soft_threshold: float
+    webhook_url: str | None
+    revision: int
+    source: str
+    created_at: datetime
+    created_by: str
+    updated_at: datetime
+    updated_by: str
+    window_start: datetime
+    window_end: datetime
+    input_used: int
+    output_used: int
+    status: QuotaStatus
+
+
+class QuotaSnapshot(BaseModel):
+    """Every visible quota and its current window, for the gateway's ledger."""
+
+    generated_at: datetime
+    counted_through: datetime | None
+    quotas: list[QuotaState]
+
+
+# -- prices ------------------------------------------------------------------------------------
+
+
+class PriceSet(Input):
+    input_per_1k: Price = Field(description="Per 1,000 prompt tokens")
+    output_per_1k: Price = Field(description="Per 1,000 completion tokens")
+    gpu_hour: Price | None = Field(default=None, description="Per GPU-hour (dedicated endpoints)")
+
+
+class PriceRead(BaseModel):
+    model: str
+    currency: str
+    input_per_1k: Decimal
+    output_per_1k: Decimal
+    gpu_hour: Decimal | None
+    updated_at: datetime
+    updated_by: str

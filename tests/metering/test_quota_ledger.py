@@ -1,0 +1,214 @@
+"""The gateway's local quota arithmetic (libs.common.quota): pure functions, no I/O."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from libs.common import quota as q
+from libs.common.events.metering import QuotaLimits, QuotaState, Window
+
+T0 = datetime(2027, 3, 14, 12, 30, 15, tzinfo=UTC)
+
+
+def state(
+    *,
+    window: Window = "minute",
+    total: int | None = 1000,
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
+    used: tuple[int, int] = (0, 0),
+    at: datetime = T0,
+    revision: int = 1,
+    key_id: str | None = None,
+    model: str | None = None,
+    quota_id: str = "q1",
+    counted_through: datetime | None = None,
+) -> QuotaState:
+    start, end = q.window_bounds(window, at)
+    limits = QuotaLimits(input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=total)
+    return QuotaState(
+        quota_id=quota_id,
+        project="p",
+        key_id=key_id,
+        model=model,
+        window=window,
+        limits=limits,
+        soft_threshold=0.8,
+        revision=revision,
+        window_start=start,
+        window_end=end,
+        input_used=used[0],
+        output_used=used[1],
+        status=q.status_of(limits, 0.8, *used),
+        as_of=at,
+        counted_through=counted_through,
+    )
+
+
+@pytest.mark.parametrize(
+    ("window", "at", "start", "end"),
+    [
+        ("minute", T0, "2027-03-14T12:30:00", "2027-03-14T12:31:00"),
+        ("hour", T0, "2027-03-14T12:00:00", "2027-03-14T13:00:00"),
+        ("day", T0, "2027-03-14T00:00:00", "2027-03-15T00:00:00"),
+        ("month", T0, "2027-03-01T00:00:00", "2027-04-01T00:00:00"),
+        (
+            "month",
+            datetime(2027, 12, 31, 23, 59, tzinfo=UTC),
+            "2027-12-01T00:00:00",
+            "2028-01-01T00:00:00",
+        ),
+        (
+            "month",
+            datetime(2028, 2, 29, 12, tzinfo=UTC),
+            "2028-02-01T00:00:00",
+            "2028-03-01T00:00:00",
+        ),
+    ],
+)
+def test_windows_are_aligned_utc_calendar_windows(
+    window: Window, at: datetime, start: str, end: str
+) -> None:
+    got = q.window_bounds(window, at)
+    assert got == (datetime.fromisoformat(start + "+00:00"), datetime.fromisoformat(end + "+00:00"))
+
+
+def test_a_window_is_computed_in_utc_whatever_the_input_zone() -> None:
+    paris = datetime(2027, 3, 15, 0, 30, tzinfo=UTC).astimezone(
+        __import__("zoneinfo").ZoneInfo("Europe/Paris")
+    )
+    assert q.window_start("day", paris) == datetime(2027, 3, 15, tzinfo=UTC)
+    with pytest.raises(ValueError, match="aware"):
+        q.window_bounds("day", datetime(2027, 1, 1))
+
+
+def test_thresholds_round_up_to_whole_tokens() -> None:
+    limits = QuotaLimits(total_tokens=7)
+    assert q.dimensions_reached(limits, 3, 2, 0.8) == []
+    assert q.dimensions_reached(limits, 3, 3, 0.8) == ["total"]  # 80% of 7 is reached at 6
+    assert q.status_of(limits, 0.8, 4, 3) == "exceeded"
+
+
+def test_separate_input_output_and_total_limits() -> None:
+    limits = QuotaLimits(input_tokens=100, output_tokens=10, total_tokens=1000)
+    assert q.dimensions_reached(limits, 50, 10, 1.0) == ["output"]
+    assert q.dimensions_reached(limits, 100, 10, 1.0) == ["input", "output"]
+    assert q.status_of(limits, 0.8, 80, 0) == "warning"
+
+
+def test_reserve_refuses_a_call_that_would_pass_the_limit_with_headers_from_the_window() -> None:
+    ledger = q.QuotaLedger()
+    ledger.apply(state(total=1000, used=(600, 300)))
+    now = T0  # 45 s before the minute ends
+    ok = ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=50, output_tokens=50, now=now
+    )
+    assert ok.allowed
+    assert ok.headers["RateLimit-Limit"] == "1000"
+    assert ok.headers["RateLimit-Remaining"] == "100"
+    assert ok.headers["RateLimit-Reset"] == "45"
+    assert ok.warning is not None and "90%" in ok.warning
+    refused = ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=1, output_tokens=0, now=now
+    )
+    assert not refused.allowed
+    assert refused.retry_after_seconds == 45
+    assert refused.headers["Retry-After"] == "45"
+    assert refused.headers["RateLimit-Remaining"] == "0"
+    assert "total token quota of 1000 per minute reached for project p" in refused.reason
+
+
+def test_settling_replaces_the_estimate_with_the_real_usage() -> None:
+    ledger = q.QuotaLedger()
+    ledger.apply(state(total=1000))
+    r = ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=100, output_tokens=800, now=T0
+    )
+    assert ledger.usage("q1", T0) == (100, 800)
+    ledger.settle(r, input_tokens=90, output_tokens=10, at=T0)
+    assert ledger.usage("q1", T0) == (90, 10)
+
+
+def test_local_usage_is_dropped_once_metering_has_counted_it() -> None:
+    ledger = q.QuotaLedger(confirm_margin_seconds=1.0)
+    ledger.apply(state(total=1000))
+    r = ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=10, output_tokens=10, now=T0
+    )
+    ledger.settle(r, input_tokens=10, output_tokens=10, at=T0)
+    # Metering counted it but its watermark is not past the call yet: counted twice (refuse-side).
+    ledger.apply(state(used=(10, 10), counted_through=T0))
+    assert ledger.usage("q1", T0) == (20, 20)
+    ledger.apply(state(used=(10, 10), counted_through=T0 + timedelta(seconds=2)))
+    assert ledger.usage("q1", T0) == (10, 10)
+
+
+def test_states_merge_monotonically_whatever_the_order() -> None:
+    ledger = q.QuotaLedger()
+    ledger.apply(state(used=(500, 0)))
+    ledger.apply(state(used=(200, 0)))  # an older count arriving late changes nothing
+    assert ledger.usage("q1", T0) == (500, 0)
+    ledger.apply(state(used=(0, 0), total=2000, revision=2))  # a new definition keeps the count
+    assert ledger.states()[0].limits.total_tokens == 2000
+    assert ledger.usage("q1", T0) == (500, 0)
+    ledger.apply(state(total=10, revision=1))  # an older definition is ignored
+    assert ledger.states()[0].limits.total_tokens == 2000
+
+
+def test_a_new_window_starts_from_zero_without_waiting_for_metering() -> None:
+    ledger = q.QuotaLedger()
+    ledger.apply(state(total=100, used=(100, 0)))
+    assert not ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=1, output_tokens=0, now=T0
+    ).allowed
+    later = T0 + timedelta(seconds=45)  # 12:31:00, the next minute
+    again = ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=1, output_tokens=0, now=later
+    )
+    assert again.allowed
+    assert again.headers["RateLimit-Remaining"] == "100"
+
+
+def test_key_and_model_quotas_apply_only_to_their_calls_and_the_longest_window_says_when() -> None:
+    ledger = q.QuotaLedger()
+    ledger.apply(state(quota_id="key", key_id="k1", total=10, used=(10, 0)))
+    ledger.apply(state(quota_id="model", model="big", window="day", total=5, used=(5, 0)))
+    other_key = ledger.reserve(
+        project="p", credential_id="k2", model="small", input_tokens=1, output_tokens=0, now=T0
+    )
+    assert other_key.allowed
+    both = ledger.reserve(
+        project="p", credential_id="k1", model="big", input_tokens=1, output_tokens=0, now=T0
+    )
+    assert not both.allowed
+    # Blocked by the minute and the day: only the day's end lets the call through.
+    assert both.retry_after_seconds == int((datetime(2027, 3, 15, tzinfo=UTC) - T0).total_seconds())
+    assert ledger.reserve(
+        project="other", credential_id="k1", model="big", input_tokens=1, output_tokens=0, now=T0
+    ).allowed
+
+
+def test_a_request_larger_than_the_whole_budget_says_so() -> None:
+    ledger = q.QuotaLedger()
+    ledger.apply(state(output_tokens=100, total=None))
+    r = ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=5, output_tokens=4096, now=T0
+    )
+    assert not r.allowed
+    assert "this request alone may use 4096 tokens" in r.reason
+
+
+def test_a_snapshot_removes_quotas_that_are_gone_and_keeps_local_usage_of_the_others() -> None:
+    ledger = q.QuotaLedger()
+    ledger.apply(state(quota_id="a"))
+    ledger.apply(state(quota_id="b"))
+    r = ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=7, output_tokens=0, now=T0
+    )
+    ledger.replace([state(quota_id="a")])
+    assert len(ledger) == 1
+    assert ledger.usage("a", T0) == (7, 0)
+    ledger.settle(r, input_tokens=7, output_tokens=0, at=T0)  # the hold on "b" is just dropped
+    assert ledger.usage("a", T0) == (7, 0)
