@@ -81,6 +81,7 @@ class _Connection(asyncio.Protocol):
         self.error: BaseException | None = None
         self.received_any = False
         self.keep_alive = False
+        self.until_close = False
         self.paused = False
         self.idle_since = 0.0
 
@@ -101,8 +102,13 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.complete:
-            self._fail(UpstreamError("the upstream closed the connection"))
+        if self.complete:
+            return
+        if self.until_close and self.headers_done.is_set() and exc is None:
+            self.complete = True  # a body delimited by the end of the connection (HTTP/1.0 style)
+            self.readable.set()
+            return
+        self._fail(UpstreamError("the upstream closed the connection"))
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -119,6 +125,8 @@ class _Connection(asyncio.Protocol):
         self.status = self.parser.get_status_code()
         # Only meaningful now: after the message the parser has moved on.
         self.keep_alive = self.parser.should_keep_alive()
+        names = {name for name, _ in self.headers}
+        self.until_close = b"content-length" not in names and b"transfer-encoding" not in names
         self.headers_done.set()
 
     def on_body(self, body: bytes) -> None:
