@@ -104,3 +104,28 @@ async def test_the_status_page_shows_replicas_routes_and_usage(
     assert "echo" in status["routes"]["models"] and "tools" in status["routes"]["mcp_servers"]
     assert "steward_gateway_calls_total" in metrics
     await eventually(lambda: status["usage"]["published"] >= 0)
+
+
+async def test_the_cli_writes_the_export_to_a_file(
+    gw: RunningGateway, admin_key: str, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    target = tmp_path / "kong.yml"
+    env = {"STEWARD_GATEWAY_ADMIN_URL": gw.admin_url, "STEWARD_API_KEY": admin_key}
+    result = await asyncio.to_thread(
+        CliRunner().invoke,
+        app,
+        ["gateway", "export", "--format", "kong", "-o", str(target)],
+        env=env,
+    )
+    assert result.exit_code == 0, result.output
+    assert parse(yaml.safe_load(target.read_text())).find("services", "model-echo") is not None
+    refused = await asyncio.to_thread(
+        CliRunner().invoke, app, ["gateway", "export"], env={**env, "STEWARD_API_KEY": "stw_x"}
+    )
+    assert refused.exit_code == 1
