@@ -14,6 +14,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+_REPO_CONSOLE = Path(__file__).resolve().parents[2] / "console"
+
 SERVICE_PORTS: dict[str, int] = {
     "authz": 8101,
     "catalog": 8102,
@@ -89,8 +91,9 @@ class Settings(BaseSettings):
     gateway_upstream_max_connections: int = 512
     # Re-read the snapshots this often as a safety net behind the events.
     gateway_resync_seconds: float = 300.0
-    # The web console's static files, served at /console/: the repository's console/ unless set.
-    gateway_console_dir: Path | None = Path(__file__).resolve().parents[2] / "console"
+    # The web console's static files, served at /console/: the repository's console/ unless set
+    # (None when this is an installed copy without it: the gateway then looks beside itself).
+    gateway_console_dir: Path | None = _REPO_CONSOLE if _REPO_CONSOLE.is_dir() else None
 
     # -- metering (services/metering): usage ingest, retention, quotas, webhooks, prices.
     # Usage events applied per transaction (one JetStream fetch).
