@@ -124,6 +124,22 @@ class KongProxy:
             if not allowed:
                 raise KongError(int(config.error_code), config.error_message, rate_headers)
             client_headers += [(k.lower().encode(), v.encode()) for k, v in rate_headers.items()]
+        quota = runtime.plugin("steward-quota", route_id, service_id, consumer_id)
+        if quota is not None:
+            consumer = identity.consumer or {}
+            reservation = self.gw.quota.reserve(
+                project=str(
+                    quota["config"].get("project") or consumer.get("username") or "anonymous"
+                ),
+                credential_id=identity.credential_id or "",
+                model=str(match.service.get("name") or service_id),
+                estimated_tokens=0,
+            )
+            if not reservation.allowed:
+                retry = reservation.retry_after_seconds
+                raise KongError(
+                    429, "Token quota exceeded", {"Retry-After": str(retry)} if retry else None
+                )
         try:
             body = await read_body(scope, receive, self.gw.settings.gateway_max_request_bytes)
         except BodyTooLarge:
