@@ -1,10 +1,22 @@
+# One image runs every Steward process: python -m services.<name>, python -m gateway, steward …
 FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    STEWARD_DATA_DIR=/tmp/steward \
+    STEWARD_GATEWAY_CONSOLE_DIR=/app/console
+
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY libs libs
 COPY services services
+COPY gateway gateway
 COPY cli cli
-RUN pip install --no-cache-dir . && useradd --system --uid 10001 steward
+RUN pip install --no-cache-dir . \
+    && useradd --system --uid 10001 --no-create-home steward
+COPY console console
+
+# Runs as a non-root user with a read-only root file system (writes only under /tmp).
 USER 10001
-EXPOSE 8101
-CMD ["python", "-m", "services.authz"]
+EXPOSE 8000 8001 8101 8102 8103 8104 8105
+CMD ["python", "-m", "gateway"]
