@@ -48,6 +48,16 @@ async def _endpoint(
 EndpointDep = Annotated[Endpoint, Depends(_endpoint)]
 
 
+async def _endpoint_for_update(
+    project: ProjectPath, endpoint_id: EndpointIdPath, session: SessionDep
+) -> Endpoint:
+    return await repo.endpoint_in(session, project, endpoint_id, for_update=True)
+
+
+# For the routes that change an endpoint: its row stays locked until the change commits.
+LockedEndpointDep = Annotated[Endpoint, Depends(_endpoint_for_update)]
+
+
 def _field_error(field: str, message: str) -> Unprocessable:
     return Unprocessable(
         f"{field}: {message}", errors=[{"field": field, "message": message, "type": "value_error"}]
@@ -180,7 +190,7 @@ async def get_endpoint(
 async def scale_endpoint(
     body: Scale,
     principal: Annotated[Principal, Authorized("endpoint.manage")],
-    endpoint: EndpointDep,
+    endpoint: LockedEndpointDep,
     uow: UnitOfWorkDep,
     plane: PlaneDep,
 ) -> EndpointRead:
@@ -197,7 +207,7 @@ async def scale_endpoint(
 )
 async def stop_endpoint(
     principal: Annotated[Principal, Authorized("endpoint.manage")],
-    endpoint: EndpointDep,
+    endpoint: LockedEndpointDep,
     uow: UnitOfWorkDep,
     plane: PlaneDep,
 ) -> EndpointRead:
@@ -215,7 +225,7 @@ async def stop_endpoint(
 )
 async def delete_endpoint(
     principal: Annotated[Principal, Authorized("endpoint.manage")],
-    endpoint: EndpointDep,
+    endpoint: LockedEndpointDep,
     uow: UnitOfWorkDep,
     plane: PlaneDep,
 ) -> EndpointRead:

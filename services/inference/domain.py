@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy.orm.attributes import flag_modified
+
 from libs.common.db import new_id, utcnow
 from libs.common.errors import Conflict, Unprocessable
 from libs.common.events.approval import EndpointPayload, RequestApproved
@@ -221,6 +223,7 @@ async def _set_status(
         endpoint.ready_at = now
     if status == "provisioning":
         endpoint.released = False
+        flag_modified(endpoint, "released")  # written even if this session read it False
     if status == "deleted":
         endpoint.deleted_at = now
         endpoint.released = True

@@ -77,6 +77,7 @@ class Reconciler:
         self.workers: dict[str, Worker] = {}
         self.cleaning: dict[str, asyncio.Task[None]] = {}
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._reports: set[asyncio.Future[None]] = set()
         self._wake = asyncio.Event()
         self._closed = False
 
@@ -201,16 +202,18 @@ class Reconciler:
                 await asyncio.sleep(delay)
 
     async def _scale(self, worker: Worker, replicas: int) -> None:
+        """Apply a new replica count; the endpoint keeps serving at the old one meanwhile."""
         try:
             await worker.runtime.scale(worker.spec, replicas)
         except RuntimeFailure as failure:
             await self._report(worker.spec.endpoint_id, RuntimeStatus("failed", failure.reason))
         except Exception as exc:
-            log.warning("scaling failed", extra={"endpoint_id": worker.spec.endpoint_id})
-            worker.replicas = -1  # try again on the next pass
-            await self._report(
-                worker.spec.endpoint_id, RuntimeStatus("pending", reason=f"scaling: {exc!r}")
+            log.warning(
+                "scaling failed; will retry",
+                extra={"endpoint_id": worker.spec.endpoint_id, "error": repr(exc)},
             )
+            await asyncio.sleep(5.0)
+            worker.replicas = -1  # differs from the table: the next pass tries again
 
     async def _clean(self, runtime: Runtime, spec: EndpointSpec, worker: Worker | None) -> None:
         if worker is not None:
@@ -239,6 +242,15 @@ class Reconciler:
         return UnitOfWork(session=session, outbox=self.outbox, actor=domain.SYSTEM)
 
     async def _report(self, endpoint_id: str, status: RuntimeStatus) -> None:
+        """Record what a runtime reported. Shielded: a worker cancelled mid-transaction (its
+        endpoint was just deleted) must not leave a row lock behind in a half-closed connection;
+        the domain ignores a report that no longer applies."""
+        task = asyncio.ensure_future(self._apply(endpoint_id, status))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+        await asyncio.shield(task)
+
+    async def _apply(self, endpoint_id: str, status: RuntimeStatus) -> None:
         async with self.sessionmaker() as session, session.begin():
             endpoint = await repo.endpoint_for_update(session, endpoint_id)
             if endpoint is None:
@@ -261,3 +273,5 @@ class Reconciler:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Reports in flight are short transactions: let them finish before the engine goes.
+        await asyncio.gather(*self._reports, return_exceptions=True)

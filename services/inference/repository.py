@@ -12,16 +12,21 @@ from libs.common.auth import Principal
 from libs.common.errors import NotFound
 from services.inference.models import LIVE, Endpoint, RevokedVersion
 
-# Statuses the reconciler acts on: running ones, and the ones whose runtime is still to clean.
-_ACTIVE = ("provisioning", "ready")
-_TO_RELEASE = ("failed", "stopped", "deleting")
+# Statuses the reconciler acts on: running ones, deleting ones, and failed or stopped ones
+# whose runtime is still to clean.
+_ACTIVE = ("provisioning", "ready", "deleting")
+_TO_RELEASE = ("failed", "stopped")
 
 
-async def endpoint_in(session: AsyncSession, project: str, endpoint_id: str) -> Endpoint:
-    """An endpoint of this project; another project's reads as absent (no hint it exists)."""
-    found = await session.scalar(
-        select(Endpoint).where(Endpoint.id == endpoint_id, Endpoint.project == project)
-    )
+async def endpoint_in(
+    session: AsyncSession, project: str, endpoint_id: str, *, for_update: bool = False
+) -> Endpoint:
+    """An endpoint of this project; another project's reads as absent (no hint it exists).
+
+    ``for_update`` locks the row (PostgreSQL) so a change does not overwrite what the
+    reconciler committed meanwhile."""
+    query = select(Endpoint).where(Endpoint.id == endpoint_id, Endpoint.project == project)
+    found = await session.scalar(query.with_for_update() if for_update else query)
     if found is None:
         raise NotFound(f"project {project!r} has no endpoint {endpoint_id!r}")
     return found
@@ -65,7 +70,7 @@ async def live_of_version(
         query = query.where(Endpoint.version == version)
     if project is not None:
         query = query.where(Endpoint.project == project)
-    return (await session.scalars(query.order_by(Endpoint.id))).all()
+    return (await session.scalars(query.order_by(Endpoint.id).with_for_update())).all()
 
 
 async def routes(session: AsyncSession) -> Sequence[Endpoint]:

@@ -300,9 +300,17 @@ class KubeDouble:
                     }
                 )
             content_type = request.headers.get("content-type", "")
+            patch = await request.json()
+            if content_type.startswith("application/json-patch+json"):
+                if not isinstance(patch, list):  # as the API server answers an object here
+                    return _status(
+                        400,
+                        "BadRequest",
+                        "json: cannot unmarshal object into Go value of type jsonpatch.Patch",
+                    )
+                return _status(415, "UnsupportedMediaType", "the double speaks merge patch only")
             if not content_type.startswith("application/merge-patch+json"):
                 return _status(415, "UnsupportedMediaType", f"unsupported {content_type}")
-            patch = await request.json()
             status = obj.get("status")
             patched = merge_patch(obj, patch)
             patched["status"] = status  # the main resource ignores status changes

@@ -286,8 +286,16 @@ class KubernetesRuntime:
         else:
             patch = {"spec": {"predictor": {"minReplicas": replicas, "maxReplicas": replicas}}}
         objects = await self._objects()
+        # A dict body must be sent as a merge patch: the client's default for custom objects is
+        # JSON Patch (RFC 6902), which the API server refuses for an object.
         await objects.patch_namespaced_custom_object(
-            GROUP, self.version, self.namespace(spec), self.plural, spec.runtime_name, patch
+            GROUP,
+            self.version,
+            self.namespace(spec),
+            self.plural,
+            spec.runtime_name,
+            patch,
+            _content_type="application/merge-patch+json",  # type: ignore[call-arg]
         )
 
     async def delete(self, spec: EndpointSpec) -> None:
