@@ -127,7 +127,9 @@ class Gateway:
             auth=auth,
             catalog=catalog,
             routes=routes,
-            authn=Authenticator(auth, verifier_from_settings(settings, oidc_http)),
+            authn=Authenticator(
+                auth, verifier_from_settings(settings, oidc_http), whoami=authz_client.whoami
+            ),
             usage=usage,
             syncer=syncer,
             http=httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=False),

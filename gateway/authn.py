@@ -6,8 +6,11 @@ time it is seen and a dictionary lookup afterwards (until it expires).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from starlette.types import Scope
@@ -22,6 +25,9 @@ KEY_HEADERS = (b"apikey", b"x-api-key")
 PROJECT_HEADERS = (b"x-steward-project", b"openai-project")
 TOKEN_CACHE_SIZE = 10_000
 TOKEN_CACHE_SECONDS = 300.0
+WHOAMI_SECONDS = 1.0
+
+log = logging.getLogger("steward.gateway.authn")
 
 
 class AuthFailure(Exception):
@@ -56,10 +62,20 @@ class Caller:
     project: str | None  # the project the call is made for (billing, entitlements)
 
 
+Whoami = Callable[[str], Awaitable[Principal]]
+
+
 class Authenticator:
-    def __init__(self, replica: AuthReplica, verifier: OIDCVerifier | None) -> None:
+    """``whoami`` (authz's ``GET /v1/whoami``) is asked once per new token, to add the project
+    roles authz's member table gives the token's subject; while authz is unreachable the roles
+    the token itself carries (``groups``) are used."""
+
+    def __init__(
+        self, replica: AuthReplica, verifier: OIDCVerifier | None, whoami: Whoami | None = None
+    ) -> None:
         self.replica = replica
         self.verifier = verifier
+        self.whoami = whoami
         self._tokens: dict[bytes, tuple[float, Principal]] = {}
 
     async def principal(self, scope: Scope) -> Principal:
@@ -97,6 +113,14 @@ class Authenticator:
             platform_admin=identity.platform_admin,
             project_roles=identity.project_roles,
         )
+        if self.whoami is not None:
+            try:
+                async with asyncio.timeout(WHOAMI_SECONDS):
+                    remote = await self.whoami(token)
+                if remote.subject == principal.subject:
+                    principal = remote
+            except Exception as exc:  # authz down or refusing: the token's own roles stand
+                log.info("whoami unavailable; using the token's roles", extra={"error": str(exc)})
         if len(self._tokens) >= TOKEN_CACHE_SIZE:
             self._tokens.clear()  # crude but bounded; a re-verify is cheap next to a leak
         expires = float(claims.get("exp", now))

@@ -17,7 +17,7 @@ from libs.common.settings import Settings
 from tests.authz.oidc_issuer import Issuer, new_key
 from tests.gateway.conftest import RunningGateway, running_gateway, tenant
 from tests.gateway.support import ROOT, eventually, port_open
-from tests.helpers import bearer, free_port, serve
+from tests.helpers import bearer, free_port, ok, serve
 
 CHAT = {"model": "echo", "messages": [{"role": "user", "content": "token"}]}
 
@@ -34,16 +34,23 @@ async def issuer() -> AsyncIterator[Issuer]:
 async def oidc_gw(
     issuer: Issuer, gateway_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningGateway]:
-    settings = gateway_settings.model_copy(
-        update={
-            "oidc_issuer": issuer.issuer,
-            "oidc_audience": "steward",
-            "data_dir": tmp_path_factory.mktemp("oidc-gw"),
-        }
-    )
-    async with running_gateway(settings) as running:
-        await running.gateway.wait_loaded(10)
-        yield running
+    """A gateway, and an authz it asks ``whoami``, both trusting the test identity provider."""
+    from services.authz.app import create_app
+    from tests.conftest import running
+
+    trusting = {"oidc_issuer": issuer.issuer, "oidc_audience": "steward"}
+    async for authz_app in running(create_app(gateway_settings.model_copy(update=trusting))):
+        async with serve(authz_app) as authz_url:
+            settings = gateway_settings.model_copy(
+                update={
+                    **trusting,
+                    "authz_url": authz_url,
+                    "data_dir": tmp_path_factory.mktemp("oidc-gw"),
+                }
+            )
+            async with running_gateway(settings) as gateway:
+                await gateway.gateway.wait_loaded(10)
+                yield gateway
 
 
 async def test_an_oidc_token_with_a_project_group_and_the_scope_may_call(
@@ -55,7 +62,7 @@ async def test_an_oidc_token_with_a_project_group_and_the_scope_may_call(
 ) -> None:
     t = await tenant(authz, admin_key, gw, ["echo"])
     await eventually(lambda: oidc_gw.gateway.auth.entitled(t.project, "model", "echo"))
-    key = issuer.add(new_key("gw-rsa"))
+    key = issuer.keys.get("gw-rsa") or issuer.add(new_key("gw-rsa"))
     good = issuer.token(
         key, scope="openid inference:invoke", groups=[f"/steward/{t.project}/developer"]
     )
@@ -86,6 +93,30 @@ async def test_an_oidc_token_with_a_project_group_and_the_scope_may_call(
         other_audience = issuer.token(key, audience="someone-else", scope="inference:invoke")
         wrong = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(other_audience))
         assert wrong.status_code == 401
+
+
+async def test_a_project_role_from_authz_members_counts_for_a_token_without_groups(
+    oidc_gw: RunningGateway,
+    gw: RunningGateway,
+    issuer: Issuer,
+    authz: httpx.AsyncClient,
+    admin_key: str,
+) -> None:
+    t = await tenant(authz, admin_key, gw, ["echo"])
+    await eventually(lambda: oidc_gw.gateway.auth.entitled(t.project, "model", "echo"))
+    subject = f"member-{t.project}"
+    await ok(
+        await authz.put(
+            f"/v1/projects/{t.project}/members/{subject}",
+            json={"role": "developer"},
+            headers=bearer(admin_key),
+        )
+    )
+    key = issuer.keys.get("gw-rsa") or issuer.add(new_key("gw-rsa"))  # JWKS is cached
+    token = issuer.token(key, sub=subject, scope="openid inference:invoke")
+    async with httpx.AsyncClient(base_url=oidc_gw.url) as client:
+        answer = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(token))
+    assert answer.status_code == 200, answer.text
 
 
 async def test_python_dash_m_gateway_serves_both_ports_and_stops_on_sigterm(
