@@ -6,6 +6,8 @@ so ``steward up`` needs no configuration; production sets the same names from He
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import secrets
 from functools import cached_property
@@ -122,9 +124,9 @@ class Settings(BaseSettings):
     # -- inference (services/inference) and what it shares with the gateway.
     # The GPU pool endpoints are provisioned from, by type: STEWARD_GPU_POOL='{"nvidia-a100": 8}'.
     gpu_pool: dict[str, int] = {"gpu": 8}
-    # Fernet key (urlsafe base64 of 32 bytes) sealing external endpoints' upstream credentials
-    # at rest and on the bus; the gateway opens them with the same key. Unset in the embedded
-    # mode: one is created once under data_dir with mode 0600.
+    # The secret (any long random string) whose SHA-256 is the Fernet key sealing external
+    # endpoints' upstream credentials at rest and on the bus; the gateway opens them with the
+    # same key. Unset in the embedded mode: one is created once under data_dir (mode 0600).
     upstream_credential_key: SecretStr | None = None
     # A platform API key holding catalog:read: inference reads an approved version's source
     # URI with it when it provisions from an approval event (there is no caller to ask for).
@@ -173,15 +175,17 @@ class Settings(BaseSettings):
 
     @cached_property
     def upstream_credential_fernet_key(self) -> bytes:
-        """The key sealing upstream credentials: configured, or created once (embedded mode)."""
+        """The Fernet key sealing upstream credentials, derived from the configured secret (any
+        long random string: base64url(SHA-256(secret))), or from one created once under
+        data_dir in the embedded mode. Inference seals with it; the gateway opens with it."""
         if self.upstream_credential_key is not None:
-            return self.upstream_credential_key.get_secret_value().encode()
-        path = self.data_dir / "upstream-credential.key"
-        if not path.exists():
-            from cryptography.fernet import Fernet
-
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(Fernet.generate_key())
-        return path.read_bytes().strip()
+            secret = self.upstream_credential_key.get_secret_value().encode()
+        else:
+            path = self.data_dir / "upstream-credential.key"
+            if not path.exists():
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(48))
+            secret = path.read_text().strip().encode()
+        return base64.urlsafe_b64encode(hashlib.sha256(secret).digest())

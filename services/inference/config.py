@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The built-in simulator: an OpenAI-compatible server that is not a model (see simulator.py).
@@ -96,6 +96,11 @@ class InferenceConfig(BaseSettings):
     # GPUs one project may hold at once (all types); unset: as many as the pool has free.
     project_gpu_limit: int | None = Field(default=None, ge=0)
     project_gpu_limits: dict[str, int] = {}
+
+    @field_validator("kubeconfig", "kube_context", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _default_profile_exists(self) -> InferenceConfig:

@@ -49,6 +49,9 @@ async def test_approved_request_becomes_a_ready_kserve_inference_service(
         found = await endpoint_of_request(inference, who.dev, who.project, decided["id"])
         ready = await wait_status(inference, who.dev, who.project, found["id"], "ready")
 
+        assert 0 < ready["lead_time_seconds"] < 30
+        print(f"\nrequest-to-ready on the kubernetes runtime: {ready['lead_time_seconds']:.2f}s")
+
         # One InferenceService, in the project's namespace, saying who and why.
         namespace = f"steward-{who.project}"
         assert namespace in double.namespaces

@@ -8,9 +8,10 @@ endpoint are published in order; ``GET /v1/routes`` on the inference service is 
 start from.
 
 An ``external`` endpoint's upstream credential never travels or rests in plaintext: it is a
-Fernet token (``cryptography.fernet``) under the key in ``STEWARD_UPSTREAM_CREDENTIAL_KEY``
-(``Settings.upstream_credential_fernet_key``), which the inference service and the gateway share.
-The gateway calls :func:`open_credential` just before it sends ``Authorization: Bearer`` upstream.
+Fernet token (``cryptography.fernet``) under ``Settings().upstream_credential_fernet_key``,
+derived from the secret in ``STEWARD_UPSTREAM_CREDENTIAL_KEY`` that the inference service and
+the gateway share. The gateway calls ``open_credential(settings.upstream_credential_fernet_key,
+event.upstream_credential)`` just before it sends ``Authorization: Bearer`` upstream.
 """
 
 from __future__ import annotations
