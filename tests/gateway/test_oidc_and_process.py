@@ -63,8 +63,10 @@ async def test_an_oidc_token_with_a_project_group_and_the_scope_may_call(
     t = await tenant(authz, admin_key, gw, ["echo"])
     await eventually(lambda: oidc_gw.gateway.auth.entitled(t.project, "model", "echo"))
     key = issuer.keys.get("gw-rsa") or issuer.add(new_key("gw-rsa"))
+    # A subject of its own: authz's members for a shared one ("user-1") vary with other tests.
+    sub = f"user-{t.project}"
     good = issuer.token(
-        key, scope="openid inference:invoke", groups=[f"/steward/{t.project}/developer"]
+        key, sub=sub, scope="openid inference:invoke", groups=[f"/steward/{t.project}/developer"]
     )
     async with httpx.AsyncClient(base_url=oidc_gw.url) as client:
         ok = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(good))
@@ -72,11 +74,13 @@ async def test_an_oidc_token_with_a_project_group_and_the_scope_may_call(
         listed = await client.get("/v1/models", headers=bearer(good))
         assert [m["id"] for m in listed.json()["data"]] == ["echo"]
 
-        no_scope = issuer.token(key, scope="openid", groups=[f"/steward/{t.project}/developer"])
+        no_scope = issuer.token(
+            key, sub=sub, scope="openid", groups=[f"/steward/{t.project}/developer"]
+        )
         refused = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(no_scope))
         assert refused.status_code == 403
 
-        no_role = issuer.token(key, scope="openid inference:invoke")
+        no_role = issuer.token(key, sub=sub, scope="openid inference:invoke")
         unbound = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(no_role))
         assert unbound.status_code == 400  # no project to count the call against
         named = {**bearer(no_role), "X-Steward-Project": t.project}
@@ -84,13 +88,19 @@ async def test_an_oidc_token_with_a_project_group_and_the_scope_may_call(
         assert outsider.status_code == 403
 
         expired = issuer.token(
-            key, lifetime=-120, scope="inference:invoke", groups=[f"/steward/{t.project}/developer"]
+            key,
+            sub=sub,
+            lifetime=-120,
+            scope="inference:invoke",
+            groups=[f"/steward/{t.project}/developer"],
         )
         late = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(expired))
         assert late.status_code == 401
         assert "expired" in late.json()["error"]["message"]
 
-        other_audience = issuer.token(key, audience="someone-else", scope="inference:invoke")
+        other_audience = issuer.token(
+            key, sub=sub, audience="someone-else", scope="inference:invoke"
+        )
         wrong = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(other_audience))
         assert wrong.status_code == 401
 
