@@ -1,0 +1,135 @@
+"""The issue's "done when", through the real gateway: a developer files an endpoint request, Pat
+approves it, and within seconds the endpoint is ready and answers a streaming chat completion
+through the gateway with the project's key; deleting it removes the route."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from libs.common.settings import Settings
+from tests.approval.support import approve, eventually, file_request
+from tests.helpers import bearer, issue_key, ok, serve
+from tests.inference.support import (
+    approved_model,
+    endpoint_of_request,
+    request_endpoint,
+    team,
+    wait_status,
+)
+
+
+@pytest.fixture(scope="module")
+async def gateway_url(
+    authz_app: FastAPI,
+    catalog_app: FastAPI,
+    approval_app: FastAPI,
+    inference_app: FastAPI,
+    authz: httpx.AsyncClient,
+    admin_key: str,
+    inference_settings: Settings,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[str]:
+    from gateway.app import Gateway, ProxyApp
+
+    key = await ok(
+        await authz.post(
+            "/v1/platform/keys",
+            json={
+                "name": "inference-test-gateway",
+                "scopes": ["keys:manage", "catalog:read", "endpoints:manage"],
+            },
+            headers=bearer(admin_key),
+        ),
+        201,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        urls = {}
+        for name, app in (
+            ("authz", authz_app),
+            ("catalog", catalog_app),
+            ("approval", approval_app),
+            ("inference", inference_app),
+        ):
+            urls[name] = await stack.enter_async_context(serve(app))
+        gateway_settings = inference_settings.model_copy(
+            update={
+                "data_dir": tmp_path_factory.mktemp("inference-gateway"),
+                **{f"{name}_url": url for name, url in urls.items()},
+                "gateway_api_key": SecretStr(key["key"]),
+            }
+        )
+        gateway = await Gateway.start(gateway_settings)
+        stack.push_async_callback(gateway.stop)
+        await gateway.wait_loaded(10)
+        yield await stack.enter_async_context(serve(ProxyApp(gateway)))
+
+
+async def test_approval_to_a_streamed_answer_through_the_gateway_and_back_to_nothing(
+    authz: httpx.AsyncClient,
+    catalog: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    inference: httpx.AsyncClient,
+    admin_key: str,
+    gateway_url: str,
+) -> None:
+    who = await team(authz, admin_key)
+    name = await approved_model(authz, catalog, approval, admin_key, who)
+    # The project may use the model (the gateway checks the entitlement on every call).
+    access = await file_request(
+        approval, who.dev, who.project, "access", {"asset_kind": "model", "asset_name": name}
+    )
+    await approve(approval, admin_key, access["id"])
+    app_key = (await issue_key(authz, admin_key, who.project, ["inference:invoke"]))["key"]
+
+    started = time.monotonic()
+    decided = await request_endpoint(approval, admin_key, who, name, "local", gpus=0)
+    found = await endpoint_of_request(inference, who.dev, who.project, decided["id"])
+    ready = await wait_status(inference, who.dev, who.project, found["id"], "ready")
+    client = openai.AsyncOpenAI(base_url=gateway_url + "/v1", api_key=app_key, max_retries=0)
+
+    async def answered() -> str | None:
+        try:
+            stream = await client.chat.completions.create(
+                model=ready["route_name"],
+                messages=[{"role": "user", "content": "hello through the gateway"}],
+                stream=True,
+                max_tokens=4,
+            )
+        except openai.NotFoundError:
+            return None  # the route has not reached the gateway yet
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    text = await eventually(answered, within=15, what="an answer through the gateway")
+    elapsed = time.monotonic() - started
+    print(f"\napproval to a streamed answer through the gateway: {elapsed:.2f}s")
+    assert len(text.split()) == 4
+    models = [m.id for m in (await client.models.list()).data]
+    assert ready["route_name"] in models
+
+    await ok(
+        await inference.delete(
+            f"/v1/projects/{who.project}/endpoints/{found['id']}", headers=bearer(who.admin)
+        ),
+        202,
+    )
+
+    async def route_gone() -> bool:
+        try:
+            await client.chat.completions.create(
+                model=ready["route_name"], messages=[{"role": "user", "content": "still there?"}]
+            )
+        except openai.NotFoundError as exc:
+            return exc.code == "model_not_found"
+        return False
+
+    await eventually(route_gone, within=10, what="the route to leave the gateway")
+    await wait_status(inference, who.dev, who.project, found["id"], "deleted")
+    await client.close()
