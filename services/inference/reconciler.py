@@ -33,6 +33,9 @@ from services.inference.runtimes.base import EndpointSpec, Runtime, RuntimeFailu
 
 log = logging.getLogger("steward.inference.reconciler")
 
+RESTARTED = "the inference service restarted; starting the local server again"
+STOPPED = "the inference service stopped, and its local servers with it"
+
 
 def spec_of(endpoint: Endpoint) -> EndpointSpec:
     return EndpointSpec(
@@ -144,7 +147,12 @@ class Reconciler:
             if cleaning is not None and not cleaning.done():
                 return  # started again while its old resources are still going: next pass
             spec = spec_of(endpoint)
-            task = asyncio.create_task(self._drive(runtime, spec), name=f"endpoint-{endpoint.id}")
+            # A local endpoint that is "ready" without a worker ran under an earlier process of
+            # this service: its server went with it, so its route must go until it is back.
+            stale = endpoint.status == "ready" and runtime.name == "local"
+            task = asyncio.create_task(
+                self._drive(runtime, spec, stale=stale), name=f"endpoint-{endpoint.id}"
+            )
             self.workers[endpoint.id] = Worker(runtime, spec, endpoint.replicas, task)
         elif worker.replicas != endpoint.replicas:
             worker.replicas = endpoint.replicas
@@ -168,8 +176,10 @@ class Reconciler:
 
     # -- per endpoint ------------------------------------------------------------------------
 
-    async def _drive(self, runtime: Runtime, spec: EndpointSpec) -> None:
+    async def _drive(self, runtime: Runtime, spec: EndpointSpec, *, stale: bool = False) -> None:
         """Provision and follow one endpoint until it fails or the worker is cancelled."""
+        if stale:
+            await self._report(spec.endpoint_id, RuntimeStatus("pending", reason=RESTARTED))
         attempt = 0
         while True:
             try:
@@ -267,6 +277,7 @@ class Reconciler:
     async def close(self) -> None:
         """Stop every worker (a local server stops with its worker) and pending clean-up."""
         self._closed = True
+        local = [i for i, w in self.workers.items() if w.runtime.name == "local"]
         tasks = [w.task for w in self.workers.values()]
         tasks += [*self.cleaning.values(), *self._side_tasks]
         self.workers.clear()
@@ -275,3 +286,7 @@ class Reconciler:
         await asyncio.gather(*tasks, return_exceptions=True)
         # Reports in flight are short transactions: let them finish before the engine goes.
         await asyncio.gather(*self._reports, return_exceptions=True)
+        # Local servers stop with this process: their routes go now, not at the next start.
+        for endpoint_id in local:
+            with contextlib.suppress(Exception):
+                await self._apply(endpoint_id, RuntimeStatus("pending", reason=STOPPED))
