@@ -245,3 +245,23 @@ async def test_a_projects_gpu_allowance_is_enforced(
     assert refused.json()["detail"].startswith(
         f"project '{who.project}' may hold 2 GPUs and holds 2; this needs 1"
     )
+
+
+async def test_approved_requests_the_runtime_cannot_run_fail_with_a_reason(
+    authz: httpx.AsyncClient,
+    catalog: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    inference: httpx.AsyncClient,
+    admin_key: str,
+) -> None:
+    who, name = await _setup(authz, catalog, approval, admin_key)
+    external = await request_endpoint(approval, admin_key, who, name, "external", gpus=0)
+    local = await request_endpoint(approval, admin_key, who, name, "local", gpus=0, replicas=2)
+    expected = {
+        external["id"]: "an external endpoint needs its base URL",
+        local["id"]: "the local runtime serves one replica per endpoint on this host",
+    }
+    for request_id, reason in expected.items():
+        found = await endpoint_of_request(inference, who.dev, who.project, request_id)
+        failed = await wait_status(inference, who.dev, who.project, found["id"], "failed")
+        assert failed["reason"].startswith(reason)
