@@ -15,6 +15,7 @@ from services.inference import domain
 from services.inference import repository as repo
 from services.inference.models import Endpoint
 from services.inference.plane import Plane
+from services.inference.runtimes.external import denied_address
 from services.inference.schemas import (
     EndpointCreate,
     EndpointRead,
@@ -133,6 +134,10 @@ async def create_endpoint(
         if profile not in plane.config.local_profiles:
             known = sorted(plane.config.local_profiles)
             raise _field_error("profile", f"no local runtime profile {profile!r}; known: {known}")
+    if body.upstream_url is not None:
+        denied = await denied_address(body.upstream_url, plane.config.external_denied_networks)
+        if denied is not None:
+            raise _field_error("upstream_url", f"{denied} is in a network upstreams may not use")
     found = await plane.catalog_version(
         credential_from(request) or "", body.model_name, body.version
     )

@@ -6,10 +6,11 @@ The GPU pool and the credential key live in the shared ``Settings`` (``STEWARD_G
 
 from __future__ import annotations
 
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, IPvAnyNetwork, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The built-in simulator: an OpenAI-compatible server that is not a model (see simulator.py).
@@ -88,6 +89,14 @@ class InferenceConfig(BaseSettings):
     # -- external runtime
     probe_interval_seconds: float = Field(default=15.0, gt=0)
     probe_timeout_seconds: float = Field(default=5.0, gt=0)
+    # External upstreams may not live here: cloud metadata endpoints and link-local addresses
+    # (the probe and the gateway would otherwise fetch them on a project-admin's say-so).
+    external_denied_networks: list[IPvAnyNetwork] = [
+        IPv4Network("169.254.0.0/16"),
+        IPv4Network("100.100.100.200/32"),
+        IPv6Network("fe80::/10"),
+        IPv6Network("fd00:ec2::254/128"),
+    ]
 
     # -- provisioning in general
     reconcile_seconds: float = Field(default=1.0, gt=0)

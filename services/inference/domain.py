@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from prometheus_client import Counter, Histogram
+from sqlalchemy import event as sa_event
 from sqlalchemy.orm.attributes import flag_modified
 
 from libs.common.db import new_id, utcnow
@@ -31,6 +33,18 @@ from services.inference.models import Endpoint
 log = logging.getLogger("steward.inference")
 
 SYSTEM = "steward-inference"
+
+TRANSITIONS_TOTAL = Counter(
+    "steward_inference_endpoint_transitions_total",
+    "Endpoint status changes, by runtime and new status",
+    ["runtime", "status"],
+)
+REQUEST_TO_READY = Histogram(
+    "steward_inference_request_to_ready_seconds",
+    "Lead time of endpoints from request filed to first ready",
+    ["runtime"],
+    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400, 30 * 86400),
+)
 
 # status → the statuses it may move to.
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -219,7 +233,8 @@ async def _set_status(
     endpoint.status = status
     endpoint.reason = reason[:2000]
     endpoint.status_changed_at = now
-    if status == "ready" and endpoint.ready_at is None:
+    first_ready = status == "ready" and endpoint.ready_at is None
+    if first_ready:
         endpoint.ready_at = now
     if status == "provisioning":
         endpoint.released = False
@@ -228,6 +243,7 @@ async def _set_status(
         endpoint.deleted_at = now
         endpoint.released = True
     await uow.session.flush()
+    _count_after_commit(uow, endpoint, first_ready)
     await uow.emit(EVENTS_BY_STATUS[status](**event_state(endpoint)), entity=endpoint.id)
     await uow.audit(
         action or f"endpoint.{status}",
@@ -236,6 +252,21 @@ async def _set_status(
         before=before,
         after=_summary(endpoint),
     )
+
+
+def _count_after_commit(uow: UnitOfWork, endpoint: Endpoint, first_ready: bool) -> None:
+    """Metrics count what committed, not what a rolled-back transaction tried."""
+    runtime, status = endpoint.runtime, endpoint.status
+    lead = None
+    if first_ready and endpoint.ready_at is not None:
+        lead = (endpoint.ready_at - endpoint.requested_at).total_seconds()
+
+    def observe(_session: object) -> None:
+        TRANSITIONS_TOTAL.labels(runtime, status).inc()
+        if lead is not None:
+            REQUEST_TO_READY.labels(runtime).observe(lead)
+
+    sa_event.listen(uow.session.sync_session, "after_commit", observe, once=True)
 
 
 def _default_names(new: NewEndpoint) -> tuple[str, list[str]]:

@@ -154,7 +154,15 @@ class Heard:
     events: list[dict[str, Any]]
 
     def about(self, endpoint_id: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["data"]["endpoint_id"] == endpoint_id]
+        """Events about one endpoint, once each: a core subscriber also sees a re-sent event
+        that JetStream itself de-duplicates (same id), as after a relay cut short."""
+        seen: set[str] = set()
+        out = []
+        for e in self.events:
+            if e["data"]["endpoint_id"] == endpoint_id and e["id"] not in seen:
+                seen.add(e["id"])
+                out.append(e)
+        return out
 
     def statuses(self, endpoint_id: str) -> list[str]:
         return [e["data"]["status"] for e in self.about(endpoint_id)]

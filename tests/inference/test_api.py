@@ -132,6 +132,12 @@ async def test_bola_every_endpoint_route_keeps_projects_apart(
             "must not carry a credential",
         ),
         ({"runtime": "external", "upstream_url": "ftp://example.com"}, 422, "http:// or https://"),
+        (
+            {"runtime": "external", "upstream_url": "http://169.254.169.254/latest"},
+            422,
+            "169.254.169.254 is in a network upstreams may not use",
+        ),
+        ({"runtime": "external", "upstream_url": "http://[fe80::1]:80/v1"}, 422, "fe80::1 is in"),
         ({"runtime": "kubernetes", "upstream_api_key": "x"}, 422, "for external endpoints only"),
         ({"runtime": "local", "replicas": 2}, 422, "the local runtime serves one replica"),
         ({"runtime": "kubernetes", "profile": "simulator"}, 422, "profile is for local"),
@@ -435,3 +441,35 @@ async def test_lead_time_statistics_report_median_and_p90(
         ),
         202,
     )
+
+
+async def test_metrics_count_transitions_and_lead_time(
+    inference: httpx.AsyncClient, two_teams: tuple[Team, Team, str]
+) -> None:
+    a, _, name = two_teams
+    created = await ok(
+        await _create(
+            inference,
+            a,
+            {
+                "model_name": name,
+                "version": "1.0.0",
+                "runtime": "kubernetes",
+                "route_name": f"{a.project}/metered",
+            },
+        ),
+        201,
+    )
+    await wait_status(inference, a.dev, a.project, created["id"], "ready")
+    text = (await inference.get("/metrics")).text
+    assert (
+        'steward_inference_endpoint_transitions_total{runtime="kubernetes",status="ready"}' in text
+    )
+    assert 'steward_inference_request_to_ready_seconds_count{runtime="kubernetes"}' in text
+    await ok(
+        await inference.delete(
+            f"/v1/projects/{a.project}/endpoints/{created['id']}", headers=bearer(a.admin)
+        ),
+        202,
+    )
+    await wait_status(inference, a.dev, a.project, created["id"], "deleted")
