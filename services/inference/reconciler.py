@@ -139,6 +139,8 @@ class Reconciler:
                 self._release(endpoint, runtime)
         for endpoint_id in [i for i in self.workers if i not in listed]:
             self.workers.pop(endpoint_id).task.cancel()
+        for endpoint_id in [i for i, t in self.cleaning.items() if t.done() and i not in listed]:
+            del self.cleaning[endpoint_id]
 
     def _keep_running(self, endpoint: Endpoint, runtime: Runtime) -> None:
         worker = self.workers.get(endpoint.id)
@@ -205,9 +207,12 @@ class Reconciler:
                     "runtime error; retrying",
                     extra={"endpoint_id": spec.endpoint_id, "error": repr(exc)},
                 )
+                # The runtime's API failed, not (as far as anyone knows) the server: a ready
+                # endpoint keeps its route; a provisioning one says why it is waiting.
                 await self._report(
                     spec.endpoint_id,
                     RuntimeStatus("pending", reason=f"{runtime.name} runtime error: {exc!r}"[:500]),
+                    note_only=True,
                 )
                 await asyncio.sleep(delay)
 
@@ -251,22 +256,29 @@ class Reconciler:
     def _uow(self, session: AsyncSession) -> UnitOfWork:
         return UnitOfWork(session=session, outbox=self.outbox, actor=domain.SYSTEM)
 
-    async def _report(self, endpoint_id: str, status: RuntimeStatus) -> None:
+    async def _report(
+        self, endpoint_id: str, status: RuntimeStatus, *, note_only: bool = False
+    ) -> None:
         """Record what a runtime reported. Shielded: a worker cancelled mid-transaction (its
         endpoint was just deleted) must not leave a row lock behind in a half-closed connection;
         the domain ignores a report that no longer applies."""
-        task = asyncio.ensure_future(self._apply(endpoint_id, status))
+        task = asyncio.ensure_future(self._apply(endpoint_id, status, note_only=note_only))
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
         await asyncio.shield(task)
 
-    async def _apply(self, endpoint_id: str, status: RuntimeStatus) -> None:
+    async def _apply(
+        self, endpoint_id: str, status: RuntimeStatus, *, note_only: bool = False
+    ) -> None:
         async with self.sessionmaker() as session, session.begin():
             endpoint = await repo.endpoint_for_update(session, endpoint_id)
             if endpoint is None:
                 return
             uow = self._uow(session)
-            if status.state == "ready":
+            if note_only:
+                if endpoint.status == "provisioning":
+                    await domain.runtime_pending(uow, endpoint, status.reason)
+            elif status.state == "ready":
                 await domain.runtime_ready(uow, endpoint, status.url)
             elif status.state == "failed":
                 await domain.runtime_failed(uow, endpoint, status.reason)

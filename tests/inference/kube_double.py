@@ -87,6 +87,9 @@ class KubeDouble:
     objects: dict[tuple[str, str, str, str, str], dict[str, Any]] = field(default_factory=dict)
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    # While down, every request is a 503 and open watches end (an API server restarting).
+    down: bool = False
+    watches: int = 0  # watch streams opened
     _rv: int = 0
     _log: list[tuple[int, tuple[str, str, str, str], str, dict[str, Any]]] = field(
         default_factory=list
@@ -107,6 +110,11 @@ class KubeDouble:
             obj = self._deleted[key]
         assert obj is not None
         self._log.append((self._rv, key[:4], kind, copy.deepcopy(obj)))
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def set_down(self, down: bool) -> None:
+        self.down = down
         async with self._changed:
             self._changed.notify_all()
 
@@ -206,6 +214,8 @@ class KubeDouble:
     def app(self) -> Starlette:
         async def guard(request: Request) -> Response | None:
             self.requests.append((request.method, request.url.path))
+            if self.down:
+                return _status(503, "ServiceUnavailable", "the API server is restarting")
             if request.headers.get("authorization") != f"Bearer {TOKEN}":
                 return _status(401, "Unauthorized", "Unauthorized")
             return None
@@ -248,6 +258,7 @@ class KubeDouble:
             selector = request.query_params.get("fieldSelector", "")
             name = selector.removeprefix("metadata.name=") if selector else None
             if request.query_params.get("watch") in ("true", "1", "True"):
+                self.watches += 1
                 since = int(request.query_params.get("resourceVersion") or 0)
                 timeout = float(request.query_params.get("timeoutSeconds") or 1800)
                 return StreamingResponse(
@@ -379,7 +390,7 @@ class KubeDouble:
                     continue
                 yield (json.dumps({"type": kind, "object": obj}) + "\n").encode()
             remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
+            if remaining <= 0 or self.down:
                 return
             async with self._changed:
                 with contextlib.suppress(TimeoutError):

@@ -287,3 +287,53 @@ def test_kserve_status_is_read_as_kserve_writes_it() -> None:
         "/openai/v1",
     )
     assert (ready.state, ready.url) == ("ready", "http://m.team-a.example.com/openai/v1")
+
+
+async def test_an_api_server_outage_does_not_take_a_ready_route_away(
+    authz: httpx.AsyncClient,
+    catalog: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    inference: httpx.AsyncClient,
+    admin_key: str,
+    kube: tuple[KubeDouble, str],
+    settings: Settings,
+) -> None:
+    double, _ = kube
+    who = await team(authz, admin_key)
+    name = await approved_model(authz, catalog, approval, admin_key, who)
+    body = {"model_name": name, "version": "1.0.0", "runtime": "kubernetes"}
+    created = await ok(
+        await inference.post(
+            f"/v1/projects/{who.project}/endpoints", json=body, headers=bearer(who.admin)
+        ),
+        201,
+    )
+    await wait_status(inference, who.dev, who.project, created["id"], "ready")
+    async with listening(settings.event_namespace) as heard:
+        before = len(double.requests)
+        await double.set_down(True)
+        try:
+
+            async def retried() -> bool:
+                return len(double.requests) >= before + 2  # the watch ended; reads got 503s
+
+            await eventually(retried, what="the runtime to meet the outage")
+            still = await wait_status(inference, who.dev, who.project, created["id"], "ready")
+            assert still["status"] == "ready"
+        finally:
+            await double.set_down(False)
+        opened = double.watches
+
+        async def watching_again() -> bool:
+            return double.watches > opened
+
+        # Back: the watch resumes; nothing changed, so nothing is published.
+        await eventually(watching_again, what="the watch to be re-established")
+    assert heard.statuses(created["id"]) == []
+    await ok(
+        await inference.delete(
+            f"/v1/projects/{who.project}/endpoints/{created['id']}", headers=bearer(who.admin)
+        ),
+        202,
+    )
+    await wait_status(inference, who.dev, who.project, created["id"], "deleted")
