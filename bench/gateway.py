@@ -173,6 +173,23 @@ async def fixed_rate(port: int, raw: bytes, rate: float, count: int, pool: int =
     return latencies
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes (and their children threads), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
 async def closed_loop(port: int, raw: bytes, concurrency: int, seconds: float) -> float:
     """Requests per second with ``concurrency`` connections busy for ``seconds``."""
     done = 0
@@ -191,6 +208,7 @@ async def closed_loop(port: int, raw: bytes, concurrency: int, seconds: float) -
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+    closed_loop.last_count = done  # type: ignore[attr-defined]
     return done / (time.perf_counter() - started)
 
 
@@ -239,6 +257,7 @@ class Stack:
             n: free_port() for n in ("nats", "authz", "upstream", "nginx", "proxy", "admin")
         }
         self.namespace = "bench" + os.urandom(3).hex()
+        self.pids: dict[str, list[int]] = {}
         self.key = ""
 
     def spawn(
@@ -321,6 +340,7 @@ class Stack:
             log="gateway",
         )
         await wait_port(self.ports["admin"], p)
+        self.pids["gateway"] = [p.pid]
         async with httpx.AsyncClient() as http:
             for _ in range(200):
                 ready = (await http.get(f"http://127.0.0.1:{self.ports['admin']}/readyz")).json()
@@ -342,6 +362,7 @@ class Stack:
             )
             p = self.spawn([nginx, "-p", str(self.dir), "-c", str(conf)], log="nginx")
             await wait_port(self.ports["nginx"], p)
+            self.pids["nginx"] = [p.pid, *children(p.pid)]
         else:
             self.ports.pop("nginx")
             print("nginx not installed (apt-get install -y nginx): its column is left out")
@@ -468,9 +489,15 @@ async def measure(stack: Stack, args: argparse.Namespace) -> None:
                     latencies = await fixed_rate(port, raw, args.rate, args.count // args.rounds)
                     p50s[name].append(quantile(latencies, 0.5) * 1000)
                     p99s[name].append(quantile(latencies, 0.99) * 1000)
+            cpu: dict[str, float] = {}
             for name, (port, key) in targets.items():
                 raw = request_bytes("/v1/chat/completions", key, body)
+                pids = stack.pids.get(name, [])
+                before_cpu = cpu_seconds(pids)
                 rps = await closed_loop(port, raw, args.concurrency, args.seconds)
+                count = closed_loop.last_count  # type: ignore[attr-defined]
+                if pids and count:
+                    cpu[name] = (cpu_seconds(pids) - before_cpu) / count * 1e6
                 results[name] = Result(median(p50s[name]), median(p99s[name]), rps, 0)
             direct = results["direct"]
             for name, r in results.items():
@@ -486,6 +513,10 @@ async def measure(stack: Stack, args: argparse.Namespace) -> None:
                     f"{case:<16}{name:<9}{r.p50:8.2f}{r.p99:8.2f}{plus50:+8.2f}{plus99:+8.2f}"
                     f"{r.rps:9.0f}{r.rps / direct.rps:9.0%}{vs_nginx}"
                 )
+            if cpu:
+                # Robust to noisy neighbours: the proxy's own CPU time per request.
+                spent = ", ".join(f"{n} {v:.0f} us" for n, v in cpu.items())
+                print(f"{'':<16}proxy CPU per request: {spent}")
             print()
     await asyncio.sleep(1.0)
     published = await stack.usage_published() - before
