@@ -10,6 +10,7 @@ permitted transition (a stale report changes nothing).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import secrets
@@ -275,7 +276,15 @@ def _default_names(new: NewEndpoint) -> tuple[str, list[str]]:
     if new.route_name:
         return served, [new.route_name]
     base = f"{new.project}/{new.asset_name}"
-    return served, [base, f"{base}@{new.version}", f"{base}@{new.version}-{secrets.token_hex(3)}"]
+    names = [base, f"{base}@{new.version}", f"{base}@{new.version}-{secrets.token_hex(3)}"]
+    return served, [_fit(name) for name in names]
+
+
+def _fit(name: str, limit: int = 255) -> str:
+    """Route names are at most 255 characters (the gateway's and the table's limit)."""
+    if len(name) <= limit:
+        return name
+    return name[: limit - 7] + "-" + hashlib.sha256(name.encode()).hexdigest()[:6]
 
 
 async def _route_name(uow: UnitOfWork, candidates: list[str], explicit: bool) -> str:

@@ -473,3 +473,29 @@ async def test_metrics_count_transitions_and_lead_time(
         202,
     )
     await wait_status(inference, a.dev, a.project, created["id"], "deleted")
+
+
+async def test_long_project_and_model_names_still_make_a_valid_route_name(
+    authz: httpx.AsyncClient,
+    catalog: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    inference: httpx.AsyncClient,
+    admin_key: str,
+) -> None:
+    project = uname("long").ljust(63, "x")
+    who = await team(authz, admin_key, project)
+    name = await approved_model(authz, catalog, approval, admin_key, who, prefix="m" * 190)
+    body = {"model_name": name, "version": "1.0.0", "runtime": "kubernetes"}
+    created = await ok(await _create(inference, who, body), 201)
+    assert len(f"{project}/{name}") > 255
+    assert len(created["route_name"]) == 255
+    assert created["route_name"].startswith(f"{project}/mmm")
+    assert created["served_model_name"] == name
+    await wait_status(inference, who.dev, who.project, created["id"], "ready")
+    await ok(
+        await inference.delete(
+            f"/v1/projects/{who.project}/endpoints/{created['id']}", headers=bearer(who.admin)
+        ),
+        202,
+    )
+    await wait_status(inference, who.dev, who.project, created["id"], "deleted")
