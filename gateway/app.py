@@ -137,6 +137,7 @@ class Gateway:
                 connect_timeout=settings.gateway_upstream_connect_timeout_seconds,
                 read_timeout=settings.gateway_upstream_read_timeout_seconds,
                 max_idle_per_origin=settings.gateway_upstream_max_connections,
+                max_active_per_origin=settings.gateway_upstream_max_connections,
             ),
             clients=[authz_client, catalog_client, inference_client],
             oidc_http=oidc_http,

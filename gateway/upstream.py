@@ -179,6 +179,7 @@ class UpstreamResponse:
         self.status = conn.status
         self.headers = conn.headers
         self._released = False
+        self.slot: asyncio.Semaphore | None = None
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -214,6 +215,8 @@ class UpstreamResponse:
         if self._released:
             return
         self._released = True
+        if self.slot is not None:
+            self.slot.release()
         conn = self._conn
         if conn.complete and conn.usable and conn.keep_alive:
             self._pool.release(conn)
@@ -230,13 +233,18 @@ class UpstreamPool:
         connect_timeout: float,
         read_timeout: float,
         max_idle_per_origin: int = 256,
+        max_active_per_origin: int = 1024,
         keepalive_expiry: float = 30.0,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle_per_origin
+        self.max_active = max_active_per_origin
         self.keepalive_expiry = keepalive_expiry
         self._idle: dict[Origin, list[_Connection]] = {}
+        # Connections in use per origin, capped: a flood of callers waits here (back-pressure)
+        # instead of opening unbounded connections to a model server.
+        self._slots: dict[Origin, asyncio.Semaphore] = {}
         self._ssl: ssl.SSLContext | None = None
 
     def release(self, conn: _Connection) -> None:
@@ -305,6 +313,25 @@ class UpstreamPool:
             head += name + b": " + value + b"\r\n"
         head += b"\r\n"
         payload = bytes(head) + body
+        slots = self._slots.get(origin)
+        if slots is None:
+            slots = self._slots[origin] = asyncio.Semaphore(self.max_active)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await slots.acquire()
+        except TimeoutError:
+            raise UpstreamConnectTimeout(
+                f"all {self.max_active} connections to {origin.host}:{origin.port} are busy"
+            ) from None
+        try:
+            response = await self._send(origin, payload, timeout)
+        except BaseException:
+            slots.release()
+            raise
+        response.slot = slots
+        return response
+
+    async def _send(self, origin: Origin, payload: bytes, wait: float) -> UpstreamResponse:
         for attempt in (0, 1):
             conn = self._reuse(origin)
             reused = conn is not None
@@ -313,7 +340,7 @@ class UpstreamPool:
             assert conn.transport is not None
             conn.transport.write(payload)
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(wait):
                     await conn.headers_done.wait()
             except TimeoutError:
                 conn.transport.close()
@@ -327,7 +354,7 @@ class UpstreamPool:
                 if reused and not conn.received_any and attempt == 0:
                     continue
                 raise conn.error
-            return UpstreamResponse(self, conn, timeout)
+            return UpstreamResponse(self, conn, wait)
         raise AssertionError("unreachable")
 
     def close(self) -> None:

@@ -113,3 +113,37 @@ async def test_broken_silent_and_absent_upstreams_raise_upstream_errors() -> Non
         upstream.close()
     with pytest.raises(UpstreamError, match="cannot connect"):
         await pool().request("POST", url + "/gone", [], b"")
+
+
+async def test_connections_per_origin_are_capped_and_callers_wait_for_a_free_one() -> None:
+    open_now = peak = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now, peak
+        open_now += 1
+        peak = max(peak, open_now)
+        try:
+            while True:
+                await read_request(reader)
+                await asyncio.sleep(0.02)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            open_now -= 1
+            writer.close()
+
+    async with raw_server(handler) as url:
+        upstream = UpstreamPool(connect_timeout=5.0, read_timeout=5.0, max_active_per_origin=2)
+
+        async def call() -> bytes:
+            response = await upstream.request("POST", url + "/x", [], b"")
+            try:
+                return await response.read()
+            finally:
+                response.close()
+
+        assert await asyncio.gather(*(call() for _ in range(8))) == [b"ok"] * 8
+        upstream.close()
+    assert peak <= 2
