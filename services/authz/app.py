@@ -53,24 +53,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def bootstrap(settings: Settings) -> str | None:
-    """First start only: create the platform admin and its key; returns a newly minted key.
+    """First start: the platform admin and its key; every start: the configured service keys.
 
-    Runs before the service starts (``steward up``/``steward bootstrap``); its events wait in
-    the outbox until the service relays them.
+    Returns a newly minted admin key (to show once), or None. Runs before the services start
+    (``steward up``/``steward bootstrap``); its events wait in the outbox until authz relays them.
     """
     from libs.common.db import make_engine, make_sessionmaker, transaction
     from libs.common.outbox import Outbox
     from libs.common.uow import UnitOfWork
     from services.authz.domain import bootstrap as bootstrap_admin
+    from services.authz.domain import install_service_key
 
     engine = make_engine(settings.database_url_for("authz"), schema="authz")
     configured = settings.bootstrap_api_key
+    service_keys = {
+        "gateway": settings.gateway_api_key,
+        "inference": settings.inference_api_key,
+    }
     try:
         async for session in transaction(make_sessionmaker(engine)):
             uow = UnitOfWork(session, Outbox(bus_tables.outbox, "authz"), actor="steward-bootstrap")
             issued = await bootstrap_admin(
                 uow, settings.pepper, configured.get_secret_value() if configured else None
             )
+            for service, key in service_keys.items():
+                if key is not None:
+                    await install_service_key(uow, settings.pepper, service, key.get_secret_value())
     finally:
         await engine.dispose()
     return issued.secret if issued is not None and configured is None else None

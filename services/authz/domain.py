@@ -378,6 +378,43 @@ async def revoke_entitlement(uow: UnitOfWork, project: Project, kind: str, name:
 
 # -- bootstrap --------------------------------------------------------------------------------
 
+# The platform keys Steward's own processes use, and the least they need. The operator provides
+# each key (Helm/compose Secrets); bootstrap installs it once.
+SERVICE_KEY_SCOPES: dict[str, tuple[str, ...]] = {
+    # snapshots of keys, catalog versions and routes for the gateway's replicas
+    "gateway": ("catalog:read", "endpoints:manage", "keys:manage"),
+    # the catalog version's source when an approval provisions an endpoint
+    "inference": ("catalog:read",),
+}
+
+
+async def install_service_key(uow: UnitOfWork, pepper: bytes, service: str, full_key: str) -> bool:
+    """Install a configured service key as a platform key; True when it was new.
+
+    Idempotent: the same key twice changes nothing. A different key under the same id is refused
+    (two operators' secrets collided, or the key was edited).
+    """
+    key_id = apikeys.key_id_of(full_key)
+    if key_id is None:
+        raise Unprocessable(f"the {service} key is not of the form stw_<8>_<32> (base62)")
+    found = await repo.key_with_project(uow.session, key_id)
+    if found is not None:
+        if not apikeys.matches(pepper, full_key, found[0].digest):
+            raise Conflict(f"another key already has the id of the configured {service} key")
+        return False
+    await _issue(
+        uow,
+        pepper,
+        project=None,
+        name=service,
+        owner=f"steward-{service}",
+        role=Role.PLATFORM_ADMIN,
+        scopes=SERVICE_KEY_SCOPES[service],
+        expires_at=None,
+        full_key=full_key,
+    )
+    return True
+
 
 async def bootstrap(uow: UnitOfWork, pepper: bytes, configured_key: str | None) -> IssuedKey | None:
     """On the very first start: the platform admin and a platform key with every scope.

@@ -1,0 +1,42 @@
+"""Bootstrap: the first platform admin once, and the configured service keys on every start."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from libs.common import apikeys
+from libs.common.errors import Conflict
+from libs.common.settings import Settings
+from services.authz.app import bootstrap
+from tests.helpers import bearer, ok
+
+
+async def test_configured_service_keys_are_installed_once_with_least_scopes(
+    authz: httpx.AsyncClient, admin_key: str, settings: Settings
+) -> None:
+    _, gateway = apikeys.generate()
+    _, inference = apikeys.generate()
+    configured = settings.model_copy(
+        update={"gateway_api_key": SecretStr(gateway), "inference_api_key": SecretStr(inference)}
+    )
+    assert await bootstrap(configured) is None  # the admin exists: no new admin key
+    assert await bootstrap(configured) is None  # a second start changes nothing
+
+    me = await ok(await authz.get("/v1/whoami", headers=bearer(gateway)))
+    assert me["subject"] == "steward-gateway" and me["platform_admin"] is True
+    assert me["scopes"] == ["catalog:read", "endpoints:manage", "keys:manage"]
+    me = await ok(await authz.get("/v1/whoami", headers=bearer(inference)))
+    assert me["scopes"] == ["catalog:read"]
+    keys = await ok(await authz.get("/v1/platform/keys", headers=bearer(admin_key)))
+    names = [k["name"] for k in keys if k["id"] in (gateway[4:12], inference[4:12])]
+    assert sorted(names) == ["gateway", "inference"]
+
+
+async def test_a_different_key_under_an_installed_id_is_refused(settings: Settings) -> None:
+    _, key = apikeys.generate()
+    await bootstrap(settings.model_copy(update={"gateway_api_key": SecretStr(key)}))
+    forged = key[:13] + ("A" if key[13] != "A" else "B") + key[14:]
+    with pytest.raises(Conflict):
+        await bootstrap(settings.model_copy(update={"gateway_api_key": SecretStr(forged)}))
