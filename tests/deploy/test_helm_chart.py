@@ -130,6 +130,24 @@ def test_only_the_inference_service_may_manage_kserve_resources() -> None:
     assert [name for name, mounted in tokens.items() if mounted] == ["rel-steward-inference"]
 
 
+def test_inference_runs_alone_with_its_service_key() -> None:
+    inference = of_kind(render(), "Deployment")["rel-steward-inference"]
+    assert inference["spec"]["replicas"] == 1
+    assert inference["spec"]["strategy"]["type"] == "Recreate"
+    env = {e["name"] for e in inference["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert {"STEWARD_INFERENCE_API_KEY", "STEWARD_UPSTREAM_CREDENTIAL_KEY"} <= env
+
+
+def test_the_migration_job_installs_the_service_keys() -> None:
+    (job,) = of_kind(render(), "Job").values()
+    env = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert {
+        "STEWARD_BOOTSTRAP_API_KEY",
+        "STEWARD_GATEWAY_API_KEY",
+        "STEWARD_INFERENCE_API_KEY",
+    } <= env
+
+
 def test_the_gateway_scales_with_an_hpa() -> None:
     (hpa,) = of_kind(render(), "HorizontalPodAutoscaler").values()
     assert hpa["spec"]["scaleTargetRef"]["name"] == "rel-steward-gateway"
@@ -143,6 +161,7 @@ def test_the_gateway_scales_with_an_hpa() -> None:
         (["--set", "database.url=mysql://x"], "database.url"),
         (["--set", "secrets.bootstrapApiKey=not-a-key"], "secrets.bootstrapApiKey"),
         (["--set", "unknownTopLevel=1"], "unknownTopLevel"),
+        (["--set", "services.inference.replicas=2"], "services.inference.replicas"),
     ],
 )
 def test_bad_values_are_refused_by_the_schema(values: list[str], message: str) -> None:

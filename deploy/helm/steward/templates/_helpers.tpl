@@ -56,12 +56,11 @@ env:
       secretKeyRef:
         name: {{ include "steward.secretName" . }}
         key: api-key-pepper
-  - name: STEWARD_SECRETS_KEY
+  - name: STEWARD_UPSTREAM_CREDENTIAL_KEY
     valueFrom:
       secretKeyRef:
         name: {{ include "steward.secretName" . }}
-        key: secrets-key
-        optional: true
+        key: upstream-credential-key
 {{- end -}}
 
 {{- define "steward.probes" -}}
