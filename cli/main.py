@@ -11,11 +11,13 @@ from typing import Annotated
 
 import httpx
 import typer
+from pydantic import SecretStr
 
 from cli import commands, gitops
 from cli.client import CliError, describe_problem, load_key
 from cli.output import errors
 from cli.stack import SERVICES, Stack
+from libs.common import apikeys
 from libs.common.migrate import upgrade
 from libs.common.settings import Settings
 
@@ -48,53 +50,27 @@ def _bootstrap(settings: Settings) -> None:
         typer.secho(line, fg="yellow")
 
 
-async def _mint_gateway_key(settings: Settings) -> str:
-    """A platform key for the gateway's snapshots, issued straight into authz like bootstrap."""
-    from libs.common.auth import SCOPES, Principal
-    from libs.common.db import make_engine, make_sessionmaker, transaction
-    from libs.common.outbox import Outbox
-    from libs.common.uow import UnitOfWork
-    from services.authz.domain import BOOTSTRAP_ADMIN, create_platform_key
-    from services.authz.models import bus_tables
-
-    engine = make_engine(settings.database_url_for("authz"), schema="authz")
-    admin = Principal(
-        subject=BOOTSTRAP_ADMIN,
-        credential="api_key",
-        credential_id="steward-up",
-        scopes=SCOPES,
-        platform_admin=True,
-    )
-    secret = ""
-    try:
-        async for session in transaction(make_sessionmaker(engine)):
-            uow = UnitOfWork(session, Outbox(bus_tables.outbox, "authz"), actor="steward-up")
-            issued = await create_platform_key(
-                uow,
-                settings.pepper,
-                admin,
-                name="gateway",
-                scopes=["catalog:read", "endpoints:manage", "keys:manage"],
-                expires_at=None,
-            )
-            secret = issued.secret
-    finally:
-        await engine.dispose()
-    return secret
+def _with_service_keys(settings: Settings) -> Settings:
+    """The gateway's and inference's own platform keys: configured, or (embedded mode) made once
+    and kept under data_dir (0600). ``bootstrap`` installs them with their least scopes."""
+    keys: dict[str, SecretStr] = {}
+    for service in ("gateway", "inference"):
+        configured = getattr(settings, f"{service}_api_key")
+        if configured is not None:
+            continue
+        path = settings.data_dir / f"{service}.key"
+        if not path.exists():
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(apikeys.generate()[1])
+        keys[f"{service}_api_key"] = SecretStr(path.read_text().strip())
+    return settings.model_copy(update=keys)
 
 
-def _gateway_key(settings: Settings) -> str:
-    """STEWARD_GATEWAY_API_KEY, or (embedded mode) a key minted once and kept under data_dir."""
-    if settings.gateway_api_key is not None:
-        return settings.gateway_api_key.get_secret_value()
-    path = settings.data_dir / "gateway.key"
-    if path.exists():
-        return path.read_text().strip()
-    key = asyncio.run(_mint_gateway_key(settings))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key)
-    return key
+def _secret(value: SecretStr | None) -> str:
+    assert value is not None
+    return value.get_secret_value()
 
 
 @app.command()
@@ -120,7 +96,7 @@ def _interrupt(_signum: int, _frame: object) -> None:
 @app.command()
 def up() -> None:
     """Start NATS and every service on the embedded default; Ctrl-C stops everything."""
-    settings = Settings()
+    settings = _with_service_keys(Settings())
     stack = Stack(settings)
     signal.signal(signal.SIGTERM, _interrupt)
     typer.secho("Steward — starting on the embedded default", bold=True)
@@ -129,9 +105,12 @@ def up() -> None:
         _migrate(settings, SERVICES)
         _bootstrap(settings)
         for name in SERVICES:
-            url = stack.start_service(name)
+            env = {}
+            if name == "inference":
+                env["STEWARD_INFERENCE_API_KEY"] = _secret(settings.inference_api_key)
+            url = stack.start_service(name, env)
             typer.echo(f"  {name:<10} {url}   (API docs: {url}/docs)")
-        proxy, admin = stack.start_gateway(_gateway_key(settings))
+        proxy, admin = stack.start_gateway(_secret(settings.gateway_api_key))
         typer.echo(f"  {'gateway':<10} {proxy}   (OpenAI base_url: {proxy}/v1, admin: {admin})")
         typer.secho(f"\nLogs in {stack.logs}. Press Ctrl-C to stop.", fg="cyan")
         died = stack.watch()

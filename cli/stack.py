@@ -68,48 +68,35 @@ class Stack:
         self._wait(lambda: reachable(host, port), "nats", 15)
         return f"started NATS (JetStream) at {self.settings.nats_url}, data in {store}"
 
-    def start_service(self, name: str) -> str:
-        env = {**os.environ, "STEWARD_DATA_DIR": str(self.settings.data_dir)}
+    def _spawn(self, name: str, module: str, env: dict[str, str], probe: str) -> None:
+        """Start ``python -m module`` with its log file, and wait until ``probe`` answers 200."""
         log = (self.logs / f"{name}.log").open("ab")
         self.processes[name] = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", f"services.{name}"],
-            env=env,
+            [sys.executable, "-m", module],
+            env={**os.environ, "STEWARD_DATA_DIR": str(self.settings.data_dir), **env},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        url = f"http://{self.settings.host}:{self.settings.port_for(name)}"
 
         def ready() -> bool:
             try:
-                return httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200
+                return httpx.get(probe, timeout=0.5).status_code == 200
             except httpx.HTTPError:
                 return False
 
         self._wait(ready, name, 30)
+
+    def start_service(self, name: str, env: dict[str, str] | None = None) -> str:
+        url = f"http://{self.settings.host}:{self.settings.port_for(name)}"
+        self._spawn(name, f"services.{name}", env or {}, f"{url}/healthz")
         return url
 
     def start_gateway(self, api_key: str) -> tuple[str, str]:
         """The gateway, last (it loads its replicas from the services); returns its two URLs."""
-        env = {
-            **os.environ,
-            "STEWARD_DATA_DIR": str(self.settings.data_dir),
-            "STEWARD_GATEWAY_API_KEY": api_key,
-        }
-        log = (self.logs / "gateway.log").open("ab")
-        self.processes["gateway"] = subprocess.Popen(
-            [sys.executable, "-m", "gateway"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
         host = self.settings.host
         proxy = f"http://{host}:{self.settings.gateway_proxy_port}"
         admin = f"http://{host}:{self.settings.gateway_admin_port}"
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{admin}/readyz", timeout=0.5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        self._wait(ready, "gateway", 30)
+        self._spawn("gateway", "gateway", {"STEWARD_GATEWAY_API_KEY": api_key}, f"{admin}/readyz")
         return proxy, admin
 
     def _wait(self, check: object, name: str, timeout: float) -> None:
