@@ -39,6 +39,7 @@ class Metering:
 async def setup(ctx: ServiceContext, app: FastAPI) -> AsyncIterator[None]:
     settings = ctx.settings
     clock: Clock = getattr(app.state, "clock", utcnow)
+    app.state.clock = clock  # the API reads it too (``python -m`` builds the app from SPEC)
     ingest = Ingest(ctx.outbox, settings, clock)
     usage = BatchConsumer(
         bus=ctx.bus,
