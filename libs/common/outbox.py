@@ -139,6 +139,11 @@ class Outbox:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), backoff)
+            # Python 3.11's wait_for loses a cancellation that coincides with its timeout or
+            # with the wake-up; going round again would hang the service's shutdown.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             self._wake.clear()
             if not bus.connected:
                 continue

@@ -31,6 +31,14 @@ log = logging.getLogger("steward.metering")
 USAGE_DURABLE = "metering-usage"
 
 
+def stop_if_cancelled() -> None:
+    """Raise the cancellation a library's ``wait_for`` may have swallowed (Python 3.11), so a
+    loop that keeps going round still stops at shutdown."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class QuotaPublisher:
     """Tells the gateways how much of each quota is used, every ``every`` seconds at most, for
     the quotas whose usage changed, and again for ``TRAIL_SECONDS`` after their last change
@@ -104,6 +112,7 @@ class QuotaPublisher:
 
     async def run(self) -> None:
         while True:
+            stop_if_cancelled()
             await asyncio.sleep(self.every)
             try:
                 await self.publish_once()
@@ -189,6 +198,7 @@ class Retention:
 
     async def run(self) -> None:
         while True:
+            stop_if_cancelled()
             try:
                 deleted = await self.run_once()
                 if any(deleted.values()):

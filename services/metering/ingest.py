@@ -103,9 +103,11 @@ class Ingest:
         usages = [u for _, u in accepted]
         prices = await repo.prices_for(session, sorted({u.model for u in usages}))
         rows: list[dict[str, Any]] = []
-        minutes: dict[tuple[Any, ...], dict[str, Any]] = {}
+        costs: dict[str, int] = {}
         for event_id, u in accepted:
-            cost = domain.cost_nanos(prices.get(u.model), u.prompt_tokens, u.completion_tokens)
+            price = prices.get(u.model)
+            cost = domain.cost_nanos(price, u.prompt_tokens, u.completion_tokens) if price else 0
+            costs[event_id] = cost
             rows.append(
                 {
                     "event_id": event_id,
@@ -128,23 +130,15 @@ class Ingest:
                     "cost_nanos": cost,
                 }
             )
-            minute = u.time.replace(second=0, microsecond=0)
-            key = (minute, u.project, u.model, u.credential_id, u.endpoint)
-            agg = minutes.get(key)
-            if agg is None:
-                agg = minutes[key] = _zero_minute(key)
-            agg["requests"] += 1
-            agg["errors"] += u.status != "ok"
-            agg["prompt_tokens"] += u.prompt_tokens
-            agg["completion_tokens"] += u.completion_tokens
-            agg["cost_nanos"] += cost
-            agg["duration_sum_ms"] += u.duration_ms
-            agg[DURATION_BUCKETS[bisect.bisect_left(DURATION_BOUNDS_MS, u.duration_ms)]] += 1
-            if u.ttft_ms is not None:
-                agg["ttft_count"] += 1
-                agg["ttft_sum_ms"] += u.ttft_ms
-                agg[TTFT_BUCKETS[bisect.bisect_left(TTFT_BOUNDS_MS, u.ttft_ms)]] += 1
-        await repo.insert_events(session, rows, now)
+        kept = await repo.insert_events(session, rows, now)
+        if len(kept) < len(rows):
+            # Replayed after the inbox forgot them, but still among the raw events: counted once.
+            metrics.EVENTS.labels("duplicate").inc(len(rows) - len(kept))
+            accepted = [(event_id, u) for event_id, u in accepted if event_id in kept]
+            if not accepted:
+                return
+            usages = [u for _, u in accepted]
+        minutes = self.minutes(accepted, costs)
         await repo.add_minutes(session, list(minutes.values()))
         touched = await self.count_quotas(session, usages, now)
         newest = max(u.time for u in usages)
@@ -157,6 +151,32 @@ class Ingest:
 
         sa_event.listen(session.sync_session, "after_commit", committed, once=True)
 
+    @staticmethod
+    def minutes(
+        accepted: Sequence[tuple[str, UsageRecorded]], costs: dict[str, int]
+    ) -> dict[tuple[Any, ...], dict[str, Any]]:
+        """Per-minute aggregate rows of a batch, keyed by (minute, project, model, key,
+        endpoint)."""
+        minutes: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for event_id, u in accepted:
+            minute = u.time.replace(second=0, microsecond=0)
+            key = (minute, u.project, u.model, u.credential_id, u.endpoint)
+            agg = minutes.get(key)
+            if agg is None:
+                agg = minutes[key] = _zero_minute(key)
+            agg["requests"] += 1
+            agg["errors"] += u.status != "ok"
+            agg["prompt_tokens"] += u.prompt_tokens
+            agg["completion_tokens"] += u.completion_tokens
+            agg["cost_nanos"] += costs[event_id]
+            agg["duration_sum_ms"] += u.duration_ms
+            agg[DURATION_BUCKETS[bisect.bisect_left(DURATION_BOUNDS_MS, u.duration_ms)]] += 1
+            if u.ttft_ms is not None:
+                agg["ttft_count"] += 1
+                agg["ttft_sum_ms"] += u.ttft_ms
+                agg[TTFT_BUCKETS[bisect.bisect_left(TTFT_BOUNDS_MS, u.ttft_ms)]] += 1
+        return minutes
+
     async def count_quotas(
         self, session: AsyncSession, usages: Sequence[UsageRecorded], now: datetime
     ) -> set[str]:
@@ -164,26 +184,37 @@ class Ingest:
         quotas = await repo.quotas_of_projects(session, sorted({u.project for u in usages}))
         if not quotas:
             return set()
-        by_project: dict[str, list[Any]] = {}
+        # Plain tuples and a window-start cache: this loop runs for every event of every batch.
+        scopes: dict[str, list[tuple[str, Any, str | None, str | None]]] = {}
         for quota in quotas:
-            by_project.setdefault(quota.project, []).append(quota)
+            scopes.setdefault(quota.project, []).append(
+                (quota.id, quota.window, quota.key_id, quota.model)
+            )
+        starts: dict[tuple[str, datetime], datetime] = {}
         sums: dict[tuple[str, datetime], list[int]] = {}
         for u in usages:
-            for quota in by_project.get(u.project, ()):
-                if quota.key_id is not None and quota.key_id != u.credential_id:
+            mine = scopes.get(u.project)
+            if not mine:
+                continue
+            minute = u.time.replace(second=0, microsecond=0)
+            for quota_id, window, key_id, model in mine:
+                if key_id is not None and key_id != u.credential_id:
                     continue
-                if quota.model is not None and quota.model != u.model:
+                if model is not None and model != u.model:
                     continue
-                key = (quota.id, q.window_start(quota.window, u.time))
-                amount = sums.setdefault(key, [0, 0, 0])
+                start = starts.get((window, minute))
+                if start is None:
+                    start = starts[(window, minute)] = q.window_start(window, minute)
+                amount = sums.setdefault((quota_id, start), [0, 0, 0])
                 amount[0] += u.prompt_tokens
                 amount[1] += u.completion_tokens
                 amount[2] += 1
         by_id = {quota.id: quota for quota in quotas}
-        for (quota_id, start), (tokens_in, tokens_out, requests) in sorted(sums.items()):
-            used = await repo.add_to_counter(
-                session, quota_id, start, tokens_in, tokens_out, requests, now
-            )
+        totals = await repo.add_to_counters(
+            session, {k: (v[0], v[1], v[2]) for k, v in sums.items()}, now
+        )
+        for (quota_id, start), used in sorted(totals.items()):
+            tokens_in, tokens_out, _ = sums[(quota_id, start)]
             before = (used[0] - tokens_in, used[1] - tokens_out)
             await domain.raise_alerts(
                 session, self.outbox, self.settings, by_id[quota_id], now, start, used, before

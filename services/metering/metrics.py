@@ -135,6 +135,7 @@ class _Children:
                 TOKEN_USAGE.labels(project, model, operation, "output"),
                 TIME_TO_FIRST_TOKEN.labels(project, model, operation),
                 TIME_PER_OUTPUT_TOKEN.labels(project, model, operation),
+                REQUEST_DURATION.labels(project, model, operation, ""),
             )
             self._cache[key] = found
         return found
@@ -147,11 +148,16 @@ def observe(events: Iterable[UsageRecorded]) -> None:
     """Record committed usage events."""
     for e in events:
         operation = OPERATIONS.get(e.kind, e.kind)
-        tokens_in, tokens_out, ttft, tpot = _children.get(e.project, e.model, operation)
+        tokens_in, tokens_out, ttft, tpot, ok = _children.get(e.project, e.model, operation)
         tokens_in.observe(e.prompt_tokens)
         tokens_out.observe(e.completion_tokens)
-        error = "" if e.status == "ok" else (e.error_type or e.status)
-        REQUEST_DURATION.labels(e.project, e.model, operation, error).observe(e.duration_ms / 1000)
+        if e.status == "ok":
+            duration = ok
+        else:
+            duration = REQUEST_DURATION.labels(
+                e.project, e.model, operation, e.error_type or e.status
+            )
+        duration.observe(e.duration_ms / 1000)
         if e.ttft_ms is not None:
             ttft.observe(e.ttft_ms / 1000)
             if e.completion_tokens > 1 and e.duration_ms > e.ttft_ms:

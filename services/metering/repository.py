@@ -111,39 +111,69 @@ _INSERT_EVENTS_PG = text(
     f"INSERT INTO usage_events ({_names}, received_at) "  # noqa: S608
     f"SELECT u.*, CAST(:received_at AS timestamptz) FROM unnest("
     + ", ".join(f"CAST(:{c} AS {t}[])" for c, t in EVENT_COLUMNS)
-    + f") AS u({_names}) ON CONFLICT DO NOTHING"
+    + f") AS u({_names}) ON CONFLICT DO NOTHING RETURNING event_id"
 )
 
 
 async def insert_events(
     session: AsyncSession, rows: Sequence[Mapping[str, Any]], received_at: datetime
-) -> None:
-    """Keep the raw events. On PostgreSQL one statement whatever the batch size (columns travel
-    as arrays); elsewhere an executemany."""
+) -> set[str]:
+    """Keep the raw events; returns the ids that were not kept already.
+
+    The inbox has let these through, but it forgets ids sooner than raw events are kept: an
+    event replayed after that (a gateway spool days late) is still found here and not counted
+    again. On PostgreSQL one statement whatever the batch size (columns travel as arrays).
+    """
     if not rows:
-        return
+        return set()
     if is_postgres(session):
         params: dict[str, Any] = {c: [r[c] for r in rows] for c, _ in EVENT_COLUMNS}
         params["received_at"] = received_at
-        await session.execute(_INSERT_EVENTS_PG, params)
-        return
-    statement = _insert(session, usage_events).on_conflict_do_nothing()
-    await session.execute(statement, [{**r, "received_at": received_at} for r in rows])
+        return {row[0] for row in await session.execute(_INSERT_EVENTS_PG, params)}
+    statement = (
+        _insert(session, usage_events).on_conflict_do_nothing().returning(usage_events.c.event_id)
+    )
+    kept: set[str] = set()
+    for start in range(0, len(rows), 40):  # 20 columns each, under SQLite's parameter limit
+        chunk = [{**r, "received_at": received_at} for r in rows[start : start + 40]]
+        kept.update(row[0] for row in await session.execute(statement.values(chunk)))
+    return kept
 
 
 _MINUTE_KEY = ("minute", "project", "model", "credential_id", "endpoint")
+_MINUTE_TYPES = {
+    "minute": "timestamptz",
+    "ttft_sum_ms": "float8",
+    "duration_sum_ms": "float8",
+    **{k: "text" for k in _MINUTE_KEY[1:]},
+}
+_MINUTE_COLUMNS = (*_MINUTE_KEY, *MINUTE_SUMS)
+_minute_names = ", ".join(_MINUTE_COLUMNS)
+# One statement text whatever the number of rows (arrays, as for the raw events): prepared once
+# per connection, where a multi-row VALUES would be parsed and planned again for every batch.
+_ADD_MINUTES_PG = text(
+    f"INSERT INTO usage_minutes ({_minute_names}) SELECT * FROM unnest("  # noqa: S608
+    + ", ".join(f"CAST(:{c} AS {_MINUTE_TYPES.get(c, 'int8')}[])" for c in _MINUTE_COLUMNS)
+    + ") ON CONFLICT (minute, project, model, credential_id, endpoint) DO UPDATE SET "
+    + ", ".join(f"{c} = usage_minutes.{c} + EXCLUDED.{c}" for c in MINUTE_SUMS)
+)
 
 
 async def add_minutes(session: AsyncSession, rows: Sequence[Mapping[str, Any]]) -> None:
     """Add per-minute aggregates; rows go in key order so two replicas never deadlock."""
     if not rows:
         return
+    ordered = sorted(rows, key=lambda r: tuple(r[k] for k in _MINUTE_KEY))
+    if is_postgres(session):
+        await session.execute(
+            _ADD_MINUTES_PG, {c: [r[c] for r in ordered] for c in _MINUTE_COLUMNS}
+        )
+        return
     ins = _insert(session, usage_minutes)
     statement = ins.on_conflict_do_update(
         index_elements=list(_MINUTE_KEY),
         set_={c: usage_minutes.c[c] + ins.excluded[c] for c in MINUTE_SUMS},
     )
-    ordered = sorted(rows, key=lambda r: tuple(r[k] for k in _MINUTE_KEY))
     await session.execute(statement, ordered)
 
 
@@ -161,25 +191,57 @@ async def quotas_of_projects(session: AsyncSession, projects: Sequence[str]) -> 
     return (await session.scalars(query)).all()
 
 
-async def add_to_counter(
+_COUNTER_COLUMNS = (
+    "quota_id",
+    "window_start",
+    "input_tokens",
+    "output_tokens",
+    "requests",
+    "updated_at",
+)
+_ADD_COUNTERS_PG = text(
+    "INSERT INTO quota_counters (quota_id, window_start, input_tokens, output_tokens, requests,"
+    " updated_at) SELECT * FROM unnest(CAST(:quota_id AS text[]),"
+    " CAST(:window_start AS timestamptz[]), CAST(:input_tokens AS int8[]),"
+    " CAST(:output_tokens AS int8[]), CAST(:requests AS int8[]),"
+    " CAST(:updated_at AS timestamptz[]))"
+    " ON CONFLICT (quota_id, window_start) DO UPDATE SET"
+    " input_tokens = quota_counters.input_tokens + EXCLUDED.input_tokens,"
+    " output_tokens = quota_counters.output_tokens + EXCLUDED.output_tokens,"
+    " requests = quota_counters.requests + EXCLUDED.requests,"
+    " updated_at = EXCLUDED.updated_at"
+    " RETURNING quota_id, window_start, input_tokens, output_tokens"
+)
+
+
+async def add_to_counters(
     session: AsyncSession,
-    quota_id: str,
-    window_start: datetime,
-    input_tokens: int,
-    output_tokens: int,
-    requests: int,
+    amounts: Mapping[tuple[str, datetime], tuple[int, int, int]],
     now: datetime,
-) -> tuple[int, int]:
-    """Add to a quota's window counter; returns the new (input, output) totals."""
+) -> dict[tuple[str, datetime], tuple[int, int]]:
+    """Add (input, output, requests) to each (quota, window) counter in one statement, in key
+    order (two replicas never deadlock); returns the new (input, output) totals."""
+    if not amounts:
+        return {}
     table = QuotaCounter.__table__
-    ins = _insert(session, table).values(
-        quota_id=quota_id,
-        window_start=window_start,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        requests=requests,
-        updated_at=now,
-    )
+    values = [
+        {
+            "quota_id": quota_id,
+            "window_start": start,
+            "input_tokens": i,
+            "output_tokens": o,
+            "requests": n,
+            "updated_at": now,
+        }
+        for (quota_id, start), (i, o, n) in sorted(amounts.items())
+    ]
+    totals: dict[tuple[str, datetime], tuple[int, int]] = {}
+    if is_postgres(session):
+        params = {c: [v[c] for v in values] for c in _COUNTER_COLUMNS}
+        for row in await session.execute(_ADD_COUNTERS_PG, params):
+            totals[(row[0], row[1])] = (int(row[2]), int(row[3]))
+        return totals
+    ins = _insert(session, table)
     statement = ins.on_conflict_do_update(
         index_elements=["quota_id", "window_start"],
         set_={
@@ -188,9 +250,11 @@ async def add_to_counter(
             "requests": table.c.requests + ins.excluded.requests,
             "updated_at": ins.excluded.updated_at,
         },
-    ).returning(table.c.input_tokens, table.c.output_tokens)
-    row = (await session.execute(statement)).one()
-    return int(row[0]), int(row[1])
+    ).returning(table.c.quota_id, table.c.window_start, table.c.input_tokens, table.c.output_tokens)
+    for start in range(0, len(values), 100):  # 6 parameters each: within SQLite's limit
+        for row in await session.execute(statement.values(values[start : start + 100])):
+            totals[(row[0], row[1])] = (int(row[2]), int(row[3]))
+    return totals
 
 
 async def claim_alert(

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from libs.common.settings import Settings
 from services.metering import metrics
 from services.metering import repository as repo
+from services.metering.background import stop_if_cancelled
 from services.metering.domain import Clock
 from services.metering.models import WebhookDelivery
 
@@ -106,6 +107,7 @@ class WebhookSender:
 
     async def run(self, poll_seconds: float = 0.25) -> None:
         while True:
+            stop_if_cancelled()
             try:
                 while await self.deliver_due():
                     pass

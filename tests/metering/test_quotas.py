@@ -357,7 +357,8 @@ async def test_the_soft_warning_fires_once_per_window_and_its_webhook_is_retried
     [warning] = quota_events.of("metering.quota.warning", quota["id"])
     assert warning.data["threshold"] == 0.8
     assert warning.data["dimensions"] == ["total"]
-    assert warning.data["input_used"] + warning.data["output_used"] == 800
+    # The counts when the batch that crossed 80% was applied (later calls may share the batch).
+    assert 800 <= warning.data["input_used"] + warning.data["output_used"] <= 950
     assert quota_events.of("metering.quota.exceeded", quota["id"]) == []
     assert len(hook.calls) == 3  # two 503s, then accepted; never again
     bodies = {json.loads(body)["id"] for _, body in hook.calls}
