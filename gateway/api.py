@@ -79,6 +79,18 @@ class ApiProxy:
         )
 
 
+# The console's page carries its own script/style policy in a <meta>; framing and sniffing can
+# only be forbidden by headers (clickjacking, MIME confusion), and the key must not leak in a
+# Referer.
+CONSOLE_HEADERS: Headers = [
+    (b"content-security-policy", b"frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-cache"),
+]
+
+
 async def console(directory: Path | None, scope: Scope, send: Send) -> None:
     """Static files of the web console, if one is installed (``STEWARD_GATEWAY_CONSOLE_DIR``)."""
     rel = scope["path"][len("/console") :].lstrip("/") or "index.html"
@@ -87,7 +99,7 @@ async def console(directory: Path | None, scope: Scope, send: Send) -> None:
         await send_bytes(send, 404, b'{"message":"Not found"}', b"application/json")
         return
     body, kind = found
-    await send_bytes(send, 200, body, kind.encode())
+    await send_bytes(send, 200, body, kind.encode(), CONSOLE_HEADERS)
 
 
 def _static(directory: Path, rel: str) -> tuple[bytes, str] | None:
