@@ -84,6 +84,12 @@ def migrate(
 
 
 @app.command()
+def keygen() -> None:
+    """Print a fresh API key (stw_<8>_<32>) for STEWARD_*_API_KEY settings and Secrets."""
+    typer.echo(apikeys.generate()[1])
+
+
+@app.command()
 def bootstrap() -> None:
     """Create the first platform-admin key (does nothing once an admin exists)."""
     _bootstrap(Settings())

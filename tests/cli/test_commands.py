@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 
 from tests.cli.test_gitops import service_urls, steward  # noqa: F401 - the fixture is shared
+from libs.common import apikeys
 from tests.helpers import bearer, new_project, unique
 
 
@@ -73,3 +74,11 @@ async def test_an_imported_model_is_listed_as_draft_and_absent_from_the_dropdown
         env, "catalog", "list", "--status", "approved", "-q", name, "-o", "json"
     )
     assert json.loads(dropdown.output) == []
+
+
+async def test_keygen_prints_a_well_formed_key_each_time_new() -> None:
+    first, second = (
+        (await steward({}, "keygen")).output.strip(),
+        (await steward({}, "keygen")).output.strip(),
+    )
+    assert apikeys.key_id_of(first) and apikeys.key_id_of(second) and first != second
