@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.cli.test_gitops import service_urls, steward  # noqa: F401 - the fixture is shared
 from libs.common import apikeys
+from tests.cli.test_gitops import service_urls, steward  # noqa: F401 - the fixture is shared
 from tests.helpers import bearer, new_project, unique
 
 
