@@ -25,8 +25,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from libs.common.events.inference import EndpointState
+from libs.common.names import ASSET_PATTERN
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$"
+NAME_PATTERN = ASSET_PATTERN
 
 
 class _Route(BaseModel):

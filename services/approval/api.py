@@ -17,6 +17,7 @@ from libs.common.auth import (
 from libs.common.db import utcnow
 from libs.common.errors import Conflict, Forbidden, NotFound, problem_responses
 from libs.common.events.approval import RequestKind, RequestStatus
+from libs.common.names import ProjectPath
 from libs.common.service import SessionDep, UnitOfWorkDep, context
 from services.approval import audit, domain
 from services.approval import repository as repo
@@ -134,7 +135,7 @@ async def _detail(session: SessionDep, row: RequestRow) -> RequestDetail:
     tags=["requests"],
 )
 async def file_request(
-    project: Annotated[str, Path(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")],
+    project: ProjectPath,
     body: RequestCreate,
     principal: Annotated[Principal, Authorized("request.write")],
     uow: UnitOfWorkDep,

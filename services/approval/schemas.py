@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common.events.approval import (
     AssetKind,
-    AssetName,
     CostSecurityPlan,
     EndpointPayload,
     QuotaPayload,
@@ -18,6 +17,7 @@ from libs.common.events.approval import (
     RequestStatus,
     VersionName,
 )
+from libs.common.names import AssetName
 from services.approval.policies import Rule
 
 

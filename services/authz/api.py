@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from libs.common.auth import Authorized, Principal, PrincipalDep, Role, decide
 from libs.common.db import utcnow
 from libs.common.errors import Forbidden, NotFound, problem_responses
 from libs.common.events.authz import EntitlementState, KeyState
+from libs.common.names import AssetPath, KeyIdPath, SubjectPath
 from libs.common.service import SessionDep, UnitOfWorkDep, context
 from services.authz import domain
 from services.authz import repository as repo
@@ -35,10 +36,6 @@ from services.authz.schemas import (
 )
 
 router = APIRouter(prefix="/v1", tags=["authz"], responses=problem_responses())
-
-SubjectPath = Annotated[str, Path(pattern=r"^[^\s/\x00-\x1f\x7f]{1,255}$")]
-KeyIdPath = Annotated[str, Path(pattern=r"^[0-9A-Za-z]{8}$")]
-AssetNamePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
 
 
 def _pepper(request: Request) -> bytes:
@@ -314,7 +311,7 @@ async def list_entitlements(
 )
 async def grant_entitlement(
     asset_kind: AssetKind,
-    asset_name: AssetNamePath,
+    asset_name: AssetPath,
     principal: Annotated[Principal, Authorized("entitlement.write")],
     project: ProjectDep,
     uow: UnitOfWorkDep,
@@ -335,7 +332,7 @@ async def grant_entitlement(
 )
 async def revoke_entitlement(
     asset_kind: AssetKind,
-    asset_name: AssetNamePath,
+    asset_name: AssetPath,
     principal: Annotated[Principal, Authorized("entitlement.write")],
     project: ProjectDep,
     uow: UnitOfWorkDep,

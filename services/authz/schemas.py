@@ -10,26 +10,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from libs.common.auth import ACTIONS, SCOPES
 from libs.common.db import utcnow
 from libs.common.events.authz import EntitlementState, KeyState
+from libs.common.names import ProjectName, Subject
 
-ProjectName = Annotated[
-    str,
-    Field(
-        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
-        description="A DNS label, like a Kubernetes namespace",
-        examples=["fraud-detection"],
-    ),
-]
-Subject = Annotated[
-    str,
-    Field(
-        pattern=r"^[^\s/\x00-\x1f\x7f]{1,255}$",
-        description="An OIDC subject or a local user name",
-        examples=["alice"],
-    ),
-]
 ProjectRole = Literal["viewer", "developer", "project-admin"]
 AssetKind = Literal["model", "mcp_server"]
-AssetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
 
 
 def _known_scopes(scopes: list[str]) -> list[str]:

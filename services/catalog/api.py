@@ -11,6 +11,7 @@ from libs.common.auth import Authorized, Principal
 from libs.common.db import utcnow
 from libs.common.errors import BadRequest, Conflict, NotFound, Problem, problem_responses
 from libs.common.events.catalog import ToolRef, VersionState
+from libs.common.names import AssetPath
 from libs.common.service import SessionDep, UnitOfWorkDep
 from services.catalog import domain
 from services.catalog import repository as repo
@@ -32,7 +33,6 @@ from services.catalog.schemas import (
 router = APIRouter(prefix="/v1", tags=["catalog"], responses=problem_responses())
 
 MAX_IMPORT_BYTES = 10 * 1024 * 1024
-AssetNamePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
 VersionIdPath = Annotated[str, Path(pattern=r"^[0-9a-f-]{36}$")]
 
 
@@ -219,7 +219,7 @@ async def revoke_version(
 @router.get("/assets/{kind}/{name:path}", responses=problem_responses(NotFound))
 async def get_asset(
     kind: AssetKind,
-    name: AssetNamePath,
+    name: AssetPath,
     principal: Annotated[Principal, Authorized("catalog.read")],
     session: SessionDep,
 ) -> AssetRead:

@@ -35,13 +35,13 @@ from pydantic import (
 
 from libs.common.errors import Unprocessable
 from libs.common.events.catalog import ToolRef
+from libs.common.names import AssetName
 
 ALLOWED_SCHEMES = ("oci", "hf", "s3", "pvc")
 PUBLISHER_META = "io.modelcontextprotocol.registry/publisher-provided"
 SHA256 = re.compile(r"^sha256:[a-f0-9]{64}$")
 _OCI_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
 
-AssetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
 Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
 ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_./-]{0,127}$")]
 Access = Literal["read_only", "read_write", "execute"]

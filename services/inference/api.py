@@ -10,6 +10,7 @@ from libs.common.auth import Authorized, Principal, credential_from, decide
 from libs.common.db import utcnow
 from libs.common.errors import Conflict, Forbidden, NotFound, Unprocessable, problem_responses
 from libs.common.events.inference import EndpointState, seal_credential
+from libs.common.names import ProjectPath
 from libs.common.service import SessionDep, UnitOfWorkDep
 from services.inference import domain
 from services.inference import repository as repo
@@ -28,7 +29,6 @@ from services.inference.schemas import (
 
 router = APIRouter(prefix="/v1", tags=["inference"], responses=problem_responses())
 
-ProjectPath = Annotated[str, Path(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
 EndpointIdPath = Annotated[str, Path(pattern=r"^[0-9a-f-]{36}$")]
 
 

@@ -9,10 +9,11 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from libs.common.events.approval import AssetName, VersionName
+from libs.common.events.approval import VersionName
 from libs.common.events.inference import EndpointState
+from libs.common.names import AssetName
 
-RouteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
+RouteName = AssetName  # route names share the catalog names' shape
 Runtime = Literal["kubernetes", "local", "external"]
 Status = Literal["provisioning", "ready", "failed", "stopped", "deleting", "deleted"]
 

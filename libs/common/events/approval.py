@@ -22,11 +22,11 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from libs.common.events.envelope import EventPayload
+from libs.common.names import AssetName, KeyId
 
 RequestKind = Literal["asset", "access", "endpoint", "quota"]
 RequestStatus = Literal["pending", "approved", "rejected", "withdrawn", "expired"]
 AssetKind = Literal["model", "mcp_server"]
-AssetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
 VersionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+:-]{0,99}$")]
 
 
@@ -94,7 +94,7 @@ class QuotaPayload(RequestPayload):
 
     window: Literal["minute", "hour", "day", "month"]
     token_limit: int = Field(gt=0, le=10**13)
-    key_id: str | None = Field(default=None, pattern=r"^[0-9A-Za-z]{8}$")
+    key_id: KeyId | None = None
     justification: str = Field(default="", max_length=2000)
 
 
