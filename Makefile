@@ -42,6 +42,7 @@ migrate: install
 bench: install
 	scripts/test-services.sh
 	$(BIN)/python bench/authz_verify.py
+	$(BIN)/python bench/metering.py
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { [ "$$(id -u)" = 0 ] && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; } || true
 	$(BIN)/python bench/gateway.py

@@ -245,7 +245,7 @@ class BatchConsumer(Consumer):
         self._buffer, self._request_open = [], False
         # Batches applied at once: one prepares while another waits for the database.
         slots = asyncio.Semaphore(self.concurrency)
-        in_flight: collections.deque[tuple[asyncio.Task[bool], datetime | None]] = (
+        in_flight: collections.deque[tuple[asyncio.Task[bool] | None, datetime | None]] = (
             collections.deque()
         )
         try:
@@ -261,6 +261,11 @@ class BatchConsumer(Consumer):
                     self._requested_at = self.clock()
                     await nc.publish(next_subject, request, reply=inbox)
                 if not self._buffer:
+                    if self._drained_at is not None:
+                        # Nothing more arrived: the mark passes once the batches before it do.
+                        in_flight.append((None, self._drained_at))
+                        self._drained_at = None
+                        self._settle(in_flight)
                     # Woken by messages, the end of a request, or a finished batch.
                     if not await _wait(self._wake, self.EXPIRES_SECONDS + 2):
                         self._request_open = False  # lost (a reconnect): ask again
@@ -278,9 +283,10 @@ class BatchConsumer(Consumer):
                 in_flight.append((task, drained))
                 self._settle(in_flight)
         finally:
-            for task, _ in in_flight:
-                task.cancel()
-            await asyncio.gather(*(t for t, _ in in_flight), return_exceptions=True)
+            running = [t for t, _ in in_flight if t is not None]
+            for pending in running:
+                pending.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
             # What arrived but was not applied goes back at once rather than after ack_wait.
             unapplied, self._buffer = self._buffer, []
             with contextlib.suppress(Exception):
@@ -293,12 +299,16 @@ class BatchConsumer(Consumer):
         self._wake.set()  # the loop settles the watermark
 
     def _settle(
-        self, in_flight: collections.deque[tuple[asyncio.Task[bool], datetime | None]]
+        self, in_flight: collections.deque[tuple[asyncio.Task[bool] | None, datetime | None]]
     ) -> None:
         """Move the watermark over the batches finished in order (a later batch may commit
         before an earlier one; the mark waits for every batch before it)."""
-        while in_flight and in_flight[0][0].done():
+        while in_flight and (in_flight[0][0] is None or in_flight[0][0].done()):
             task, drained = in_flight.popleft()
+            if task is None:  # the stream was drained while idle: no batch of its own
+                if drained is not None:
+                    self.caught_up(drained)
+                continue
             whole = not task.cancelled() and task.exception() is None and task.result()
             if whole and drained is not None:
                 self.caught_up(drained)

@@ -14,7 +14,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from libs.common.auth import Authorized, Principal, credential_from
 from libs.common.errors import (
@@ -25,6 +25,7 @@ from libs.common.errors import (
     Unprocessable,
     problem_responses,
 )
+from libs.common.names import PROJECT_PATTERN, AssetPath, ProjectPath, UUIDPath
 from libs.common.service import ContextDep, SessionDep, UnitOfWorkDep
 from services.metering import domain
 from services.metering import repository as repo
@@ -58,9 +59,8 @@ from services.metering.schemas import (
 
 router = APIRouter(prefix="/v1", responses=problem_responses(Forbidden))
 
-ProjectPath = Annotated[str, Path(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
-QuotaIdPath = Annotated[str, Path(pattern=r"^[0-9a-f-]{36}$")]
-ModelPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
+QuotaIdPath = UUIDPath
+ModelPath = AssetPath
 Reader = Annotated[Principal, Authorized("usage.read")]
 Manager = Annotated[Principal, Authorized("quota.manage")]
 
@@ -346,7 +346,7 @@ async def list_quotas(
     principal: Reader,
     session: SessionDep,
     clock: ClockDep,
-    project: Annotated[str | None, Query(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")] = None,
+    project: Annotated[str | None, Query(pattern=PROJECT_PATTERN)] = None,
 ) -> list[QuotaRead]:
     """Quotas of the caller's projects (all of them for a platform-admin), with current usage."""
     quotas = await repo.visible_quotas(session, principal, project)

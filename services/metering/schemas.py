@@ -18,10 +18,10 @@ from pydantic import (
 
 from libs.common.db import utcnow
 from libs.common.events.metering import QuotaLimits, QuotaState, QuotaStatus, Window
+from libs.common.names import AssetName, KeyId, ProjectName
 
-ProjectName = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
-ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
-KeyId = Annotated[str, Field(pattern=r"^[0-9A-Za-z]{8}$", description="An API key id")]
+# A model is named like its catalog asset (and its gateway route).
+ModelName = AssetName
 Credential = Annotated[str, Field(min_length=1, max_length=64)]
 Endpoint = Annotated[str, Field(min_length=1, max_length=255)]
 TokenLimit = Annotated[int, Field(gt=0, le=10**13)]

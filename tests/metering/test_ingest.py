@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -357,3 +357,24 @@ async def test_events_stamped_in_the_future_count_now(
 def test_envelope_carries_the_usage_event_id() -> None:
     u = usage("p")
     assert CloudEvent.model_validate_json(envelope(u)).id == u.event_id
+
+
+async def test_the_watermark_passes_every_event_published_before_it_even_once_traffic_stops(
+    metering_app: FastAPI, metering: httpx.AsyncClient, gateway_bus: Bus, admin_key: str
+) -> None:
+    """``counted_through`` (the snapshot's, and each quota event's) promises that everything
+    published before it is in the counts: the gateways drop their local copies on that."""
+    project = unique("mark")
+    await publish(gateway_bus, [usage(project, prompt=3, completion=3) for _ in range(20)])
+    published = utcnow()
+
+    async def passed() -> bool:
+        mark = metering_app.state.metering.usage.watermark
+        return mark is not None and mark > published
+
+    await eventually(passed, seconds=5, what="the watermark past the last publication")
+    snapshot = (await metering.get("/v1/quotas/snapshot", headers=bearer(admin_key))).json()
+    through = datetime.fromisoformat(snapshot["counted_through"])
+    assert through > published
+    body = await totals(metering, admin_key, project=project)
+    assert body["requests"] == 20  # what the watermark promises is there

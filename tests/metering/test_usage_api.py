@@ -297,3 +297,18 @@ async def test_raw_events_keep_what_the_gateway_reported(
     assert (event["prompt_tokens"], event["completion_tokens"]) == (12, 34)
     assert (event["ttft_ms"], event["duration_ms"], event["stream"]) == (56.5, 789.0, True)
     assert datetime.fromisoformat(event["time"]) == sent.time.astimezone(UTC)
+
+
+async def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(
+    authz: httpx.AsyncClient, metering: httpx.AsyncClient, gateway_bus: Bus, admin_key: str
+) -> None:
+    project = await new_project(authz, admin_key, "csv")
+    await publish(gateway_bus, [usage(project, model='=HYPERLINK("http://evil")')])
+    await wait_counted(metering, admin_key, project, 1)
+    response = await metering.get(
+        "/v1/usage/export.csv",
+        params={"project": project, "group_by": "model"},
+        headers=bearer(admin_key),
+    )
+    [line] = list(csv.DictReader(io.StringIO(response.text)))
+    assert line["model"] == """'=HYPERLINK("http://evil")"""
