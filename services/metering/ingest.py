@@ -40,7 +40,8 @@ log = logging.getLogger("steward.metering.ingest")
 MAX_TOKENS_PER_CALL = 100_000_000
 # Events stamped further ahead than this are counted at their arrival time instead.
 FUTURE_TOLERANCE = timedelta(minutes=5)
-_LENGTHS = {"project": 63, "credential_id": 64, "subject_id": 255, "model": 255, "endpoint": 255}
+# An API key id, or for an OIDC token its ``jti`` or else its subject (up to 255 characters).
+_LENGTHS = {"project": 63, "credential_id": 255, "subject_id": 255, "model": 255, "endpoint": 255}
 
 
 def check(usage: UsageRecorded) -> str | None:

@@ -22,7 +22,7 @@ from libs.common.names import AssetName, KeyId, ProjectName
 
 # A model is named like its catalog asset (and its gateway route).
 ModelName = AssetName
-Credential = Annotated[str, Field(min_length=1, max_length=64)]
+Credential = Annotated[str, Field(min_length=1, max_length=255)]
 Endpoint = Annotated[str, Field(min_length=1, max_length=255)]
 TokenLimit = Annotated[int, Field(gt=0, le=10**13)]
 Threshold = Annotated[float, Field(gt=0, lt=1, description="Fraction of a limit, e.g. 0.8")]

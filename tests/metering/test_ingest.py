@@ -378,3 +378,23 @@ async def test_the_watermark_passes_every_event_published_before_it_even_once_tr
     assert through > published
     body = await totals(metering, admin_key, project=project)
     assert body["requests"] == 20  # what the watermark promises is there
+
+
+async def test_a_call_with_an_oidc_token_counts_under_its_long_credential_id(
+    metering: httpx.AsyncClient, gateway_bus: Bus, admin_key: str
+) -> None:
+    """Without a ``jti`` the gateway reports the token's subject (up to 255 characters)."""
+    project = unique("oidc")
+    subject = "service-account-" + "x" * 200
+    await publish(gateway_bus, [usage(project, credential_id=subject, prompt=9, completion=1)])
+
+    async def counted() -> bool:
+        response = await metering.get(
+            "/v1/usage",
+            params={"project": project, "group_by": "credential"},
+            headers=bearer(admin_key),
+        )
+        rows = response.json()["rows"]
+        return bool(rows and rows[0]["credential"] == subject and rows[0]["total_tokens"] == 10)
+
+    await eventually(counted, what="the call counted under the subject")
