@@ -1,0 +1,174 @@
+"""The issue's "done when", through the real gateway: a few hundred calls, then the usage API and
+/metrics agree with what the clients were told, to the token."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from libs.common.events.catalog import VersionState
+from libs.common.settings import Settings
+from tests.gateway.support import CatalogStub, python_process
+from tests.gateway.support import eventually as soon
+from tests.helpers import bearer, new_project, ok, serve, unique
+from tests.metering.support import eventually
+from tests.metering.test_ingest import metric_sum
+
+
+@dataclass
+class Through:
+    url: str
+    project: str
+    key: str
+
+
+def write_routes(path: Path, upstream: str) -> Path:
+    path.write_text(yaml.safe_dump({"models": [{"name": "echo", "upstream": upstream}]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+async def through(
+    settings: Settings,
+    authz_app: FastAPI,
+    authz: httpx.AsyncClient,
+    admin_key: str,
+    metering: httpx.AsyncClient,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Through]:
+    from gateway.app import Gateway, ProxyApp
+
+    upstream = python_process("tests.gateway.upstream")
+    await upstream.start()
+    stub = CatalogStub()
+    stub.versions["echo"] = VersionState(
+        asset_id="asset-echo",
+        asset_kind="model",
+        asset_name="echo",
+        version_id="v-echo-1",
+        version="1.0",
+        status="approved",
+    )
+    gateway_key = await ok(
+        await authz.post(
+            "/v1/platform/keys",
+            json={"name": unique("metering-gw"), "scopes": ["keys:manage", "catalog:read"]},
+            headers=bearer(admin_key),
+        ),
+        201,
+    )
+    data_dir = tmp_path_factory.mktemp("metering-gateway")
+    routes = write_routes(data_dir / "routes.yaml", f"http://127.0.0.1:{upstream.port}/v1")
+    try:
+        async with serve(authz_app) as authz_url, serve(stub.app()) as catalog_url:
+            gw_settings = settings.model_copy(
+                update={
+                    "data_dir": data_dir,
+                    "authz_url": authz_url,
+                    "catalog_url": catalog_url,
+                    "gateway_api_key": SecretStr(gateway_key["key"]),
+                    "gateway_routes_file": routes,
+                }
+            )
+            gateway = await Gateway.start(gw_settings)
+            try:
+                async with serve(ProxyApp(gateway)) as url:
+                    await gateway.wait_loaded(10)
+                    project = await new_project(authz, admin_key, "metered")
+                    key = await ok(
+                        await authz.post(
+                            f"/v1/projects/{project}/keys",
+                            json={"name": "app", "scopes": ["inference:invoke"]},
+                            headers=bearer(admin_key),
+                        ),
+                        201,
+                    )
+                    await ok(
+                        await authz.put(
+                            f"/v1/projects/{project}/entitlements/model/echo",
+                            headers=bearer(admin_key),
+                        ),
+                        201,
+                    )
+                    await soon(lambda: gateway.auth.key(key["id"]) is not None)
+                    await soon(lambda: gateway.auth.entitled(project, "model", "echo"))
+                    yield Through(url, project, key["key"])
+            finally:
+                await gateway.stop()
+    finally:
+        await upstream.stop()
+
+
+async def call(client: httpx.AsyncClient, through: Through, i: int) -> tuple[int, int]:
+    """One chat completion (every third one streamed); the usage the client was told."""
+    body: dict[str, object] = {
+        "model": "echo",
+        "messages": [{"role": "user", "content": " ".join(["word"] * (1 + i % 7))}],
+    }
+    headers = bearer(through.key)
+    if i % 3:
+        response = await client.post("/v1/chat/completions", json=body, headers=headers)
+        assert response.status_code == 200, response.text
+        usage = response.json()["usage"]
+        return usage["prompt_tokens"], usage["completion_tokens"]
+    body |= {"stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+        assert r.status_code == 200
+        usage = {}
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+    return usage["prompt_tokens"], usage["completion_tokens"]
+
+
+async def test_a_few_hundred_calls_through_the_gateway_are_counted_to_the_token(
+    through: Through, metering: httpx.AsyncClient, admin_key: str
+) -> None:
+    async with httpx.AsyncClient(base_url=through.url, timeout=30) as client:
+        told: list[tuple[int, int]] = []
+        for start in range(0, 300, 30):
+            told += await asyncio.gather(
+                *(call(client, through, i) for i in range(start, start + 30))
+            )
+    prompt = sum(p for p, _ in told)
+    completion = sum(c for _, c in told)
+
+    async def counted() -> bool:
+        response = await metering.get(
+            "/v1/usage", params={"project": through.project}, headers=bearer(admin_key)
+        )
+        rows = response.json()["rows"]
+        return bool(rows and rows[0]["requests"] >= 300)
+
+    await eventually(counted, seconds=20, what="all 300 calls counted")
+    body = await ok(
+        await metering.get(
+            "/v1/usage",
+            params={"project": through.project, "group_by": "model"},
+            headers=bearer(admin_key),
+        )
+    )
+    [row] = body["rows"]
+    assert (row["model"], row["requests"], row["errors"]) == ("echo", 300, 0)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
+    assert row["ttft_ms"]["count"] == 100  # the streamed calls
+
+    text = (await metering.get("/metrics")).text
+    labels = {"project": through.project, "model": "echo"}
+    assert metric_sum(text, "gen_ai_client_token_usage", gen_ai_token_type="input", **labels) == (
+        prompt
+    )
+    assert (
+        metric_sum(text, "gen_ai_client_token_usage", gen_ai_token_type="output", **labels)
+        == completion
+    )
