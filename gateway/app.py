@@ -31,11 +31,11 @@ from gateway.kong.config import load_file, load_state
 from gateway.kong.proxy import KongProxy
 from gateway.kong.runtime import KongRuntime
 from gateway.mcp import McpProxy
-from gateway.quota import AllowAll, QuotaGate
+from gateway.quota import QuotaLedger
 from gateway.replica import AuthReplica, CatalogReplica
 from gateway.routes import RouteTable
 from gateway.spool import Spool
-from gateway.sync import Syncer, authz_feed, catalog_feed, inference_feed
+from gateway.sync import Syncer, authz_feed, catalog_feed, inference_feed, metering_feed
 from gateway.upstream import UpstreamPool
 from gateway.usage import UsageRecorder
 from libs.common.bus import Bus
@@ -64,6 +64,12 @@ class InferenceClient(ServiceClient):
     service = "inference"
 
 
+class MeteringClient(ServiceClient):
+    """Only the quota snapshot is read from metering; quota changes arrive as events."""
+
+    service = "metering"
+
+
 @dataclass
 class Gateway:
     """Everything the request path reads; built once, shared by both listeners."""
@@ -80,7 +86,7 @@ class Gateway:
     upstream: UpstreamPool = field(
         default_factory=lambda: UpstreamPool(connect_timeout=5.0, read_timeout=300.0)
     )
-    quota: QuotaGate = field(default_factory=AllowAll)
+    quota: QuotaLedger = field(default_factory=QuotaLedger)
     clients: list[ServiceClient] = field(default_factory=list)
     oidc_http: httpx.AsyncClient | None = None
     # The Kong declarative config in force (None: no Kong routes); replaced whole by POST /config.
@@ -99,12 +105,15 @@ class Gateway:
         catalog_client = CatalogClient(settings.catalog_url, timeout=10.0)
         inference_client = InferenceClient(settings.inference_url, timeout=10.0)
         routes = RouteTable.from_file(settings.gateway_routes_file)
+        metering_client = MeteringClient(settings.metering_url, timeout=10.0)
+        quota = QuotaLedger()
         syncer = Syncer(
             bus,
             [
                 authz_feed(auth, authz_client, key),
                 catalog_feed(catalog, catalog_client, key),
                 inference_feed(routes, inference_client, key),
+                metering_feed(quota, metering_client, key),
             ],
             resync_seconds=settings.gateway_resync_seconds,
         )
@@ -139,7 +148,8 @@ class Gateway:
                 max_idle_per_origin=settings.gateway_upstream_max_connections,
                 max_active_per_origin=settings.gateway_upstream_max_connections,
             ),
-            clients=[authz_client, catalog_client, inference_client],
+            clients=[authz_client, catalog_client, inference_client, metering_client],
+            quota=quota,
             oidc_http=oidc_http,
         )
         kong = (

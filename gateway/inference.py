@@ -25,6 +25,7 @@ from gateway.http import (
     send_json,
     upstream_header_list,
 )
+from gateway.quota import client_headers
 from gateway.routes import ModelRoute
 from gateway.sse import StreamRelay
 from gateway.tokens import completion_text, estimate_chars, estimate_prompt, estimate_text
@@ -223,21 +224,23 @@ class InferenceProxy:
                     param=param,
                 )
         prompt_estimate = estimate_prompt(request)
+        max_out = request.get("max_tokens") or request.get("max_completion_tokens") or 0
         reservation = self.gw.quota.reserve(
             project=call.project,
             credential_id=call.credential_id,
             model=call.model,
-            estimated_tokens=prompt_estimate + int(request.get("max_tokens") or 0),
+            input_tokens=prompt_estimate,
+            output_tokens=int(max_out),
         )
         if not reservation.allowed:
-            retry = reservation.retry_after_seconds
             raise Refusal(
                 429,
                 reservation.reason or "token quota exceeded",
                 "insufficient_quota",
                 code="quota_exceeded",
-                headers=[(b"retry-after", str(retry).encode())] if retry else None,
+                headers=client_headers(reservation),
             )
+        extra.extend(client_headers(reservation))
         modified = False
         strip_usage = False
         call.stream = call.kind != "embedding" and request.get("stream") is True
@@ -303,7 +306,7 @@ class InferenceProxy:
             return
         finally:
             self.gw.quota.settle(
-                reservation, used_tokens=call.prompt_tokens + call.completion_tokens
+                reservation, input_tokens=call.prompt_tokens, output_tokens=call.completion_tokens
             )
         if disconnected and not state.complete:
             call.status = "cancelled"

@@ -44,6 +44,15 @@ from libs.common.events.catalog import (
     VersionSubmitted,
 )
 from libs.common.events.inference import EVENTS_BY_STATUS, EndpointState
+from libs.common.events.metering import (
+    QuotaConsumed,
+    QuotaDeleted,
+    QuotaExceeded,
+    QuotaState,
+    QuotaUpdated,
+    QuotaWarning,
+)
+from libs.common.quota import QuotaLedger
 
 log = logging.getLogger("steward.gateway.sync")
 
@@ -65,6 +74,10 @@ class CatalogSnapshot(BaseModel):
 
 class RoutesSnapshot(BaseModel):
     routes: list[EndpointState]
+
+
+class QuotaSnapshot(BaseModel):
+    quotas: list[QuotaState]
 
 
 async def _get_snapshot(client: ServiceClient, credential: str | None) -> Any:
@@ -170,6 +183,32 @@ def inference_feed(routes: RouteTable, client: ServiceClient, credential: str | 
     return Feed(
         name="inference",
         handlers={model.subject: apply for model in EVENTS_BY_STATUS.values()},
+        load=load,
+    )
+
+
+def metering_feed(ledger: QuotaLedger, client: ServiceClient, credential: str | None) -> Feed:
+    """Quotas and their window usage: the ledger the gateway reserves and settles against."""
+
+    async def load() -> Callable[[], None]:
+        response = await client.request("GET", "/v1/quotas/snapshot", credential=credential)
+        if response.status_code != 200:
+            raise SnapshotUnavailable(f"metering answered {response.status_code}")
+        snap = QuotaSnapshot.model_validate(response.json())
+        return lambda: ledger.replace(snap.quotas)
+
+    def apply(p: EventPayload) -> None:
+        assert isinstance(p, QuotaState)
+        ledger.apply(p)
+
+    def remove(p: EventPayload) -> None:
+        assert isinstance(p, QuotaDeleted)
+        ledger.remove(p.quota_id)
+
+    states = (QuotaUpdated, QuotaConsumed, QuotaWarning, QuotaExceeded)
+    return Feed(
+        name="metering",
+        handlers={**{s.subject: apply for s in states}, QuotaDeleted.subject: remove},
         load=load,
     )
 

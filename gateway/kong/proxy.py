@@ -133,13 +133,14 @@ class KongProxy:
                 ),
                 credential_id=identity.credential_id or "",
                 model=str(match.service.get("name") or service_id),
-                estimated_tokens=0,
+                # A Kong route's call has no token estimate; it costs at least one, so a spent
+                # budget refuses it. Its real usage reaches metering through usage events.
+                input_tokens=1,
+                output_tokens=0,
             )
+            self.gw.quota.settle(reservation, input_tokens=0, output_tokens=0)
             if not reservation.allowed:
-                retry = reservation.retry_after_seconds
-                raise KongError(
-                    429, "Token quota exceeded", {"Retry-After": str(retry)} if retry else None
-                )
+                raise KongError(429, "Token quota exceeded", dict(reservation.headers))
         try:
             body = await read_body(scope, receive, self.gw.settings.gateway_max_request_bytes)
         except BodyTooLarge:

@@ -382,7 +382,7 @@ async def revoke_entitlement(uow: UnitOfWork, project: Project, kind: str, name:
 # each key (Helm/compose Secrets); bootstrap installs it once.
 SERVICE_KEY_SCOPES: dict[str, tuple[str, ...]] = {
     # snapshots of keys, catalog versions and routes for the gateway's replicas
-    "gateway": ("catalog:read", "endpoints:manage", "keys:manage"),
+    "gateway": ("catalog:read", "endpoints:manage", "keys:manage", "usage:read"),
     # the catalog version's source when an approval provisions an endpoint
     "inference": ("catalog:read",),
 }

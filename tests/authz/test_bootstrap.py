@@ -26,7 +26,7 @@ async def test_configured_service_keys_are_installed_once_with_least_scopes(
 
     me = await ok(await authz.get("/v1/whoami", headers=bearer(gateway)))
     assert me["subject"] == "steward-gateway" and me["platform_admin"] is True
-    assert me["scopes"] == ["catalog:read", "endpoints:manage", "keys:manage"]
+    assert me["scopes"] == ["catalog:read", "endpoints:manage", "keys:manage", "usage:read"]
     me = await ok(await authz.get("/v1/whoami", headers=bearer(inference)))
     assert me["scopes"] == ["catalog:read"]
     keys = await ok(await authz.get("/v1/platform/keys", headers=bearer(admin_key)))

@@ -1,48 +1,42 @@
-"""The quota hook: where the metering issue's token quotas will plug in. A gate that refuses turns
-into a 429 on /v1 (OpenAI's insufficient_quota) and on Kong routes (Kong's message shape)."""
+"""Token quotas at the gateway: the local ledger admits, warns and refuses with Kong's RateLimit
+headers — a 429 on /v1 (OpenAI's insufficient_quota) and on Kong routes (Kong's message shape) —
+and settles each call's real usage."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import httpx
 
-from gateway.quota import AllowAll, Reservation
+from libs.common.events.metering import QuotaLimits, QuotaState
+from libs.common.quota import window_bounds
 from tests.gateway.conftest import RunningGateway, tenant
 from tests.gateway.test_kong import kong_yml, post_config
-from tests.helpers import bearer
+from tests.helpers import bearer, unique
 
 
-@dataclass
-class Refusing:
-    """Refuses the named project, records what it was asked and what was settled."""
-
-    project: str
-    settled: list[int] = field(default_factory=list)
-
-    def reserve(
-        self, *, project: str, credential_id: str, model: str, estimated_tokens: int
-    ) -> Reservation:
-        allowed = project != self.project
-        return Reservation(
-            allowed=allowed,
-            project=project,
-            credential_id=credential_id,
-            model=model,
-            tokens=estimated_tokens,
-            reason="" if allowed else "the project's daily token budget is spent",
-            retry_after_seconds=None if allowed else 3600,
-        )
-
-    def settle(self, reservation: Reservation, *, used_tokens: int) -> None:
-        self.settled.append(used_tokens)
+def quota(project: str, total: int, used: int = 0) -> QuotaState:
+    now = datetime.now(UTC)
+    start, end = window_bounds("hour", now)
+    return QuotaState(
+        quota_id=unique("quota"),
+        project=project,
+        window="hour",
+        limits=QuotaLimits(total_tokens=total),
+        soft_threshold=0.8,
+        revision=1,
+        window_start=start,
+        window_end=end,
+        input_used=used,
+        as_of=now,
+    )
 
 
-async def test_a_refusing_quota_gate_answers_429_on_v1_and_kong_routes(
+async def test_quotas_warn_then_refuse_with_ratelimit_headers_on_v1_and_kong_routes(
     gw: RunningGateway, authz: httpx.AsyncClient, admin_key: str, upstream: str
 ) -> None:
     spent = await tenant(authz, admin_key, gw, ["echo"])
-    fine = await tenant(authz, admin_key, gw, ["echo"])
+    nearly = await tenant(authz, admin_key, gw, ["echo"])
     assert (
         await post_config(
             gw,
@@ -54,9 +48,12 @@ async def test_a_refusing_quota_gate_answers_429_on_v1_and_kong_routes(
             ),
         )
     ).status_code == 201
-    gate = Refusing(spent.project)
-    gw.gateway.quota = gate
-    body = {"model": "echo", "messages": [{"role": "user", "content": "quota?"}]}
+    ledger = gw.gateway.quota
+    spent_quota, nearly_quota = quota(spent.project, 1000, used=1000), quota(nearly.project, 10_000)
+    kong_quota = quota("kong-team", 500, used=500)
+    for state in (spent_quota, nearly_quota, kong_quota):
+        ledger.apply(state)
+    body = {"model": "echo", "messages": [{"role": "user", "content": "quota?"}], "max_tokens": 50}
     try:
         async with httpx.AsyncClient(base_url=gw.url) as client:
             refused = await client.post(
@@ -64,13 +61,28 @@ async def test_a_refusing_quota_gate_answers_429_on_v1_and_kong_routes(
             )
             assert refused.status_code == 429
             assert refused.json()["error"]["type"] == "insufficient_quota"
-            assert refused.headers["retry-after"] == "3600"
-            allowed = await client.post("/v1/chat/completions", json=body, headers=bearer(fine.key))
+            retry = int(refused.headers["retry-after"])
+            assert 0 < retry <= 3600
+            assert refused.headers["ratelimit-limit"] == "1000"
+            assert refused.headers["ratelimit-remaining"] == "0"
+
+            ledger.apply(nearly_quota.model_copy(update={"input_used": 8500, "revision": 1}))
+            allowed = await client.post(
+                "/v1/chat/completions", json=body, headers=bearer(nearly.key)
+            )
             assert allowed.status_code == 200
-            assert gate.settled[-1] == allowed.json()["usage"]["total_tokens"]
-            gate.project = "kong-team"
+            assert allowed.headers["ratelimit-limit"] == "10000"
+            assert "x-steward-quota-warning" in allowed.headers  # past the 80% threshold
+            used = allowed.json()["usage"]
+            assert ledger.usage(nearly_quota.quota_id, datetime.now(UTC)) == (
+                8500 + used["prompt_tokens"],
+                used["completion_tokens"],
+            )
+
             kong = await client.get("/keyed/x", headers={"apikey": "alice-key"})
             assert kong.status_code == 429
             assert kong.json() == {"message": "Token quota exceeded"}
+            assert "retry-after" in kong.headers
     finally:
-        gw.gateway.quota = AllowAll()
+        for state in (spent_quota, nearly_quota, kong_quota):
+            ledger.remove(state.quota_id)

@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,6 +30,7 @@ class Through:
     url: str
     project: str
     key: str
+    gateway: Any
 
 
 def write_routes(path: Path, upstream: str) -> Path:
@@ -42,6 +44,7 @@ async def through(
     authz_app: FastAPI,
     authz: httpx.AsyncClient,
     admin_key: str,
+    metering_app: FastAPI,
     metering: httpx.AsyncClient,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Through]:
@@ -61,7 +64,10 @@ async def through(
     gateway_key = await ok(
         await authz.post(
             "/v1/platform/keys",
-            json={"name": unique("metering-gw"), "scopes": ["keys:manage", "catalog:read"]},
+            json={
+                "name": unique("metering-gw"),
+                "scopes": ["keys:manage", "catalog:read", "usage:read"],
+            },
             headers=bearer(admin_key),
         ),
         201,
@@ -69,12 +75,17 @@ async def through(
     data_dir = tmp_path_factory.mktemp("metering-gateway")
     routes = write_routes(data_dir / "routes.yaml", f"http://127.0.0.1:{upstream.port}/v1")
     try:
-        async with serve(authz_app) as authz_url, serve(stub.app()) as catalog_url:
+        async with (
+            serve(authz_app) as authz_url,
+            serve(stub.app()) as catalog_url,
+            serve(metering_app) as metering_url,
+        ):
             gw_settings = settings.model_copy(
                 update={
                     "data_dir": data_dir,
                     "authz_url": authz_url,
                     "catalog_url": catalog_url,
+                    "metering_url": metering_url,
                     "gateway_api_key": SecretStr(gateway_key["key"]),
                     "gateway_routes_file": routes,
                 }
@@ -101,7 +112,7 @@ async def through(
                     )
                     await soon(lambda: gateway.auth.key(key["id"]) is not None)
                     await soon(lambda: gateway.auth.entitled(project, "model", "echo"))
-                    yield Through(url, project, key["key"])
+                    yield Through(url, project, key["key"], gateway)
             finally:
                 await gateway.stop()
     finally:
@@ -172,3 +183,55 @@ async def test_a_few_hundred_calls_through_the_gateway_are_counted_to_the_token(
         metric_sum(text, "gen_ai_client_token_usage", gen_ai_token_type="output", **labels)
         == completion
     )
+
+
+async def test_a_small_budget_warns_then_answers_429_at_the_gateway(
+    through: Through, metering: httpx.AsyncClient, admin_key: str, authz: httpx.AsyncClient
+) -> None:
+    """A quota made in metering reaches the gateway's ledger as an event; calls are refused
+    once the budget is spent, with RateLimit headers, and the refusals cost no tokens."""
+    project = await new_project(authz, admin_key, "budget")
+    key = await ok(
+        await authz.post(
+            f"/v1/projects/{project}/keys",
+            json={"name": "app", "scopes": ["inference:invoke"]},
+            headers=bearer(admin_key),
+        ),
+        201,
+    )
+    await ok(
+        await authz.put(
+            f"/v1/projects/{project}/entitlements/model/echo", headers=bearer(admin_key)
+        ),
+        201,
+    )
+    created = await ok(
+        await metering.post(
+            f"/v1/projects/{project}/quotas",
+            json={"window": "hour", "limits": {"total_tokens": 120}},
+            headers=bearer(admin_key),
+        ),
+        201,
+    )
+    ledger = through.gateway.quota
+    await soon(lambda: any(s.quota_id == created["id"] for s in ledger.states()))
+    await soon(lambda: through.gateway.auth.entitled(project, "model", "echo"))
+    body = {
+        "model": "echo",
+        "messages": [{"role": "user", "content": "count me"}],
+        "max_tokens": 16,
+    }
+    statuses: list[int] = []
+    async with httpx.AsyncClient(base_url=through.url) as client:
+        for _ in range(40):
+            response = await client.post(
+                "/v1/chat/completions", json=body, headers=bearer(key["key"])
+            )
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                refused = response
+                break
+    assert statuses[0] == 200 and statuses[-1] == 429, statuses
+    assert refused.json()["error"]["code"] == "quota_exceeded"
+    assert refused.headers["ratelimit-limit"] == "120"
+    assert int(refused.headers["retry-after"]) >= 1
