@@ -1,4 +1,5 @@
-"""The resource commands: login, projects, catalog, requests and reviews, keys, audit."""
+"""The resource commands: login, projects, catalog, requests and reviews, keys, audit,
+endpoints and usage."""
 
 from __future__ import annotations
 
@@ -279,3 +280,48 @@ def audit_verify(output: OutputOpt = Format.table) -> None:
         emit(result["problems"], output, ["seq", "problem", "detail"])
     if not result["ok"]:
         raise typer.Exit(1)
+
+
+# -- endpoints and usage ----------------------------------------------------------------------
+
+endpoints = typer.Typer(help="Inference endpoints of a project.", no_args_is_help=True)
+ENDPOINT_COLUMNS = ["id", "route_name", "status", "runtime", "replicas", "gpus", "reason"]
+
+
+@endpoints.command("list")
+def endpoint_list(project: str, output: OutputOpt = Format.table) -> None:
+    found = api().call("GET", "inference", f"/v1/projects/{project}/endpoints")
+    emit(found, output, ENDPOINT_COLUMNS)
+
+
+@endpoints.command("delete")
+def endpoint_delete(project: str, endpoint_id: str, output: OutputOpt = Format.table) -> None:
+    """Delete an endpoint: its route goes at once, its runtime is torn down."""
+    path = f"/v1/projects/{project}/endpoints/{endpoint_id}"
+    emit(api().call("DELETE", "inference", path), output, ENDPOINT_COLUMNS)
+
+
+USAGE_COLUMNS = ["requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "cost"]
+
+
+def usage(
+    project: Annotated[str | None, typer.Option(help="one project (platform admins: all)")] = None,
+    group_by: Annotated[
+        str | None, typer.Option(help="project, model, credential, endpoint (comma-separated)")
+    ] = None,
+    start: Annotated[str | None, typer.Option(help="ISO time with zone; default 24 h ago")] = None,
+    end: Annotated[str | None, typer.Option(help="ISO time with zone; default now")] = None,
+    csv: Annotated[bool, typer.Option("--csv", help="the hourly series as CSV")] = False,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Tokens, requests, errors and cost — totals per group, or the series as CSV."""
+    params = {"project": project, "group_by": group_by, "start": start, "end": end}
+    if csv:
+        typer.echo(api().call("GET", "metering", "/v1/usage/export.csv", params=params), nl=False)
+        return
+    report = api().call("GET", "metering", "/v1/usage", params=params)
+    if output is Format.json:
+        emit(report, output)
+        return
+    groups = [g.strip() for g in (group_by or "").split(",") if g.strip()]
+    emit(report["rows"], output, [*groups, *USAGE_COLUMNS])

@@ -200,6 +200,8 @@ app.add_typer(commands.catalog, name="catalog")
 app.add_typer(commands.requests, name="request")
 app.add_typer(commands.keys, name="keys")
 app.add_typer(commands.audit, name="audit")
+app.add_typer(commands.endpoints, name="endpoint")
+app.command()(commands.usage)
 app.command("apply")(gitops.apply)
 app.command("diff")(gitops.diff)
 

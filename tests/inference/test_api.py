@@ -499,3 +499,41 @@ async def test_long_project_and_model_names_still_make_a_valid_route_name(
         202,
     )
     await wait_status(inference, who.dev, who.project, created["id"], "deleted")
+
+
+async def test_the_cli_lists_and_deletes_a_projects_endpoints(
+    inference: httpx.AsyncClient,
+    inference_app: FastAPI,
+    two_teams: tuple[Team, Team, str],
+) -> None:
+    """``steward endpoint list|delete`` over a real socket, with the project-admin's key."""
+    import asyncio
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    a, _, name = two_teams
+    body = {"model_name": name, "version": "1.0.0", "runtime": "local", "gpus": 1}
+    created = await ok(await _create(inference, a, {**body, "route_name": f"{a.project}/cli"}), 201)
+    await wait_status(inference, a.dev, a.project, created["id"], "ready")
+    async with serve(inference_app) as url:
+        env = {"STEWARD_INFERENCE_URL": url, "STEWARD_API_KEY": a.admin, "STEWARD_URL": ""}
+
+        def steward(*args: str) -> str:
+            result = CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+            return result.output
+
+        listed = json.loads(
+            await asyncio.to_thread(steward, "endpoint", "list", a.project, "-o", "json")
+        )
+        assert [(e["id"], e["status"]) for e in listed if e["id"] == created["id"]] == [
+            (created["id"], "ready")
+        ]
+        deleted = await asyncio.to_thread(
+            steward, "endpoint", "delete", a.project, created["id"], "-o", "json"
+        )
+        assert json.loads(deleted)["status"] in ("deleting", "deleted")
+    await wait_status(inference, a.dev, a.project, created["id"], "deleted")

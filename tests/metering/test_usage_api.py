@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from libs.common.bus import Bus
 from libs.common.db import utcnow
-from tests.helpers import bearer, member_key, new_project, ok
+from tests.helpers import bearer, member_key, new_project, ok, serve
 from tests.metering.support import credential, eventually, publish, usage
 
 
@@ -312,3 +315,33 @@ async def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(
     )
     [line] = list(csv.DictReader(io.StringIO(response.text)))
     assert line["model"] == """'=HYPERLINK("http://evil")"""
+
+
+async def test_the_cli_shows_the_same_totals_and_csv(
+    two_projects: dict[str, Any], metering_app: FastAPI, admin_key: str
+) -> None:
+    """``steward usage`` over a real socket: the table's numbers are the API's."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    async with serve(metering_app) as url:
+        env = {"STEWARD_METERING_URL": url, "STEWARD_API_KEY": admin_key, "STEWARD_URL": ""}
+
+        def steward(*args: str) -> str:
+            result = CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+            return result.output
+
+        project = two_projects["a"]
+        shown = await asyncio.to_thread(
+            steward, "usage", "--project", project, "--group-by", "model", "-o", "json"
+        )
+        rows = {r["model"]: r for r in json.loads(shown)["rows"]}
+        assert rows["llama"]["total_tokens"] == 440 and rows["llama"]["requests"] == 4
+        assert rows["mistral"]["requests"] == 3
+        exported = await asyncio.to_thread(steward, "usage", "--project", project, "--csv")
+        lines = list(csv.DictReader(io.StringIO(exported)))
+        assert sum(int(line["total_tokens"]) for line in lines) == sum(
+            r["total_tokens"] for r in rows.values()
+        )
