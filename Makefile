@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format migrate bench install clean
+.PHONY: run test lint format migrate bench install clean docs
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -35,6 +35,9 @@ lint: install
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+docs: install         ## regenerate the API reference in docs/api from the services' OpenAPI
+	$(BIN)/python scripts/api_docs.py
 
 migrate: install
 	$(BIN)/steward migrate
