@@ -39,7 +39,7 @@ from gateway.sync import Syncer, authz_feed, catalog_feed, inference_feed, meter
 from gateway.upstream import UpstreamPool
 from gateway.usage import UsageRecorder
 from libs.common.bus import Bus
-from libs.common.clients import AuthzClient, ServiceClient
+from libs.common.clients import AuthzClient, CatalogClient, ServiceClient
 from libs.common.db import new_id
 from libs.common.oidc import verifier_from_settings
 from libs.common.settings import Settings
@@ -50,12 +50,6 @@ _SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._\-]{1,64}$")
 REQUESTS = Counter(
     "steward_gateway_requests_total", "Requests received by the proxy", ["area", "status"]
 )
-
-
-class CatalogClient(ServiceClient):
-    """Only the snapshot is read from the catalog; everything else arrives as events."""
-
-    service = "catalog"
 
 
 class InferenceClient(ServiceClient):
