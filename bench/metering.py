@@ -36,6 +36,7 @@ from libs.common.migrate import upgrade_async
 from libs.common.settings import Settings
 from services.metering import metrics
 from services.metering.app import create_app
+from services.metering.ingest import raw_row
 from services.metering.models import Quota
 from services.metering.repository import EVENT_COLUMNS
 
@@ -73,26 +74,7 @@ def events(n: int) -> list[tuple[str, bytes, dict[str, Any]]]:
         )
         event = CloudEvent.wrap(u, source="gateway", entity=u.project)
         event.id, event.time = u.event_id, u.time
-        row = {
-            "event_id": u.event_id,
-            "time": u.time,
-            "project": u.project,
-            "credential_id": u.credential_id,
-            "subject_id": u.subject_id,
-            "model": u.model,
-            "endpoint": u.endpoint,
-            "kind": u.kind,
-            "prompt_tokens": u.prompt_tokens,
-            "completion_tokens": u.completion_tokens,
-            "ttft_ms": u.ttft_ms,
-            "duration_ms": u.duration_ms,
-            "http_status": u.http_status,
-            "status": u.status,
-            "error_type": None,
-            "usage_source": u.usage_source,
-            "stream": u.stream,
-            "cost_nanos": 0,
-        }
+        row = raw_row(u.event_id, u, 0)
         out.append((u.event_id, event.model_dump_json().encode(), row))
     return out
 

@@ -71,6 +71,30 @@ def _zero_minute(key: tuple[Any, ...]) -> dict[str, Any]:
     return row
 
 
+def raw_row(event_id: str, u: UsageRecorded, cost_nanos: int) -> dict[str, Any]:
+    """The raw usage row one event becomes (the benchmark's baseline inserts the same rows)."""
+    return {
+        "event_id": event_id,
+        "time": u.time,
+        "project": u.project,
+        "credential_id": u.credential_id,
+        "subject_id": u.subject_id,
+        "model": u.model,
+        "endpoint": u.endpoint,
+        "kind": u.kind,
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "ttft_ms": u.ttft_ms,
+        "duration_ms": u.duration_ms,
+        "http_status": u.http_status,
+        "status": u.status,
+        "error_type": (u.error_type or None) and u.error_type[:64],
+        "usage_source": u.usage_source,
+        "stream": u.stream,
+        "cost_nanos": cost_nanos,
+    }
+
+
 class Ingest:
     """The batch handler, and what outlives one batch: which quotas changed since the last
     publication (for ``QuotaPublisher``)."""
@@ -109,28 +133,7 @@ class Ingest:
             price = prices.get(u.model)
             cost = domain.cost_nanos(price, u.prompt_tokens, u.completion_tokens) if price else 0
             costs[event_id] = cost
-            rows.append(
-                {
-                    "event_id": event_id,
-                    "time": u.time,
-                    "project": u.project,
-                    "credential_id": u.credential_id,
-                    "subject_id": u.subject_id,
-                    "model": u.model,
-                    "endpoint": u.endpoint,
-                    "kind": u.kind,
-                    "prompt_tokens": u.prompt_tokens,
-                    "completion_tokens": u.completion_tokens,
-                    "ttft_ms": u.ttft_ms,
-                    "duration_ms": u.duration_ms,
-                    "http_status": u.http_status,
-                    "status": u.status,
-                    "error_type": (u.error_type or None) and u.error_type[:64],
-                    "usage_source": u.usage_source,
-                    "stream": u.stream,
-                    "cost_nanos": cost,
-                }
-            )
+            rows.append(raw_row(event_id, u, cost))
         kept = await repo.insert_events(session, rows, now)
         if len(kept) < len(rows):
             # Replayed after the inbox forgot them, but still among the raw events: counted once.
