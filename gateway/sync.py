@@ -80,8 +80,10 @@ class QuotaSnapshot(BaseModel):
     quotas: list[QuotaState]
 
 
-async def _get_snapshot(client: ServiceClient, credential: str | None) -> Any:
-    response = await client.request("GET", "/v1/snapshot", credential=credential)
+async def _get_snapshot(
+    client: ServiceClient, credential: str | None, path: str = "/v1/snapshot"
+) -> Any:
+    response = await client.request("GET", path, credential=credential)
     if response.status_code != 200:
         raise SnapshotUnavailable(f"{client.service} answered {response.status_code}")
     return response.json()
@@ -170,10 +172,7 @@ def catalog_feed(replica: CatalogReplica, client: ServiceClient, credential: str
 
 def inference_feed(routes: RouteTable, client: ServiceClient, credential: str | None) -> Feed:
     async def load() -> Callable[[], None]:
-        response = await client.request("GET", "/v1/routes", credential=credential)
-        if response.status_code != 200:
-            raise SnapshotUnavailable(f"inference answered {response.status_code}")
-        snap = RoutesSnapshot.model_validate(response.json())
+        snap = RoutesSnapshot.model_validate(await _get_snapshot(client, credential, "/v1/routes"))
         return lambda: routes.replace_endpoints(snap.routes)
 
     def apply(p: EventPayload) -> None:
@@ -191,10 +190,8 @@ def metering_feed(ledger: QuotaLedger, client: ServiceClient, credential: str | 
     """Quotas and their window usage: the ledger the gateway reserves and settles against."""
 
     async def load() -> Callable[[], None]:
-        response = await client.request("GET", "/v1/quotas/snapshot", credential=credential)
-        if response.status_code != 200:
-            raise SnapshotUnavailable(f"metering answered {response.status_code}")
-        snap = QuotaSnapshot.model_validate(response.json())
+        raw = await _get_snapshot(client, credential, "/v1/quotas/snapshot")
+        snap = QuotaSnapshot.model_validate(raw)
         return lambda: ledger.replace(snap.quotas)
 
     def apply(p: EventPayload) -> None:
