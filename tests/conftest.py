@@ -13,6 +13,9 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from pydantic import SecretStr
 
 from cli.stack import SERVICES
@@ -41,6 +44,18 @@ async def database_url(run_id: str) -> AsyncIterator[str]:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+@pytest.fixture(scope="session")
+def metric_reader() -> InMemoryMetricReader:
+    """The process-wide SDK meter provider, read in memory. It can be set only once per process,
+    so every test reading OpenTelemetry metrics shares it; instruments made earlier (the API's
+    proxies) record into it from now on. Readings are cumulative: filter by a unique attribute."""
+    if isinstance(metrics.get_meter_provider(), MeterProvider):
+        pytest.fail("an SDK MeterProvider is already installed, without this fixture's reader")
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    return reader
 
 
 def make_settings(
