@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     oidc_leeway_seconds: float = 30.0
 
     otel_exporter_otlp_endpoint: str | None = None
+    # How often OpenTelemetry metrics are pushed to that endpoint (the SDK's default).
+    otel_metric_export_interval_seconds: float = Field(default=60.0, gt=0)
 
     key_rotation_grace_seconds: int = 24 * 3600
     key_last_used_flush_seconds: float = 30.0
