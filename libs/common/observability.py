@@ -1,7 +1,7 @@
-"""JSON logs with request ids, Prometheus request metrics, and OpenTelemetry tracing.
+"""JSON logs with request ids, Prometheus request metrics, and OpenTelemetry traces and metrics.
 
-Tracing is off (the API's no-op tracer) unless an OTLP endpoint is configured, so it costs
-nothing by default.
+Tracing and OpenTelemetry metrics are off (the API's no-op tracer and meter) unless an OTLP
+endpoint is configured, so they cost nothing by default; Prometheus' ``/metrics`` is always on.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ import logging
 import re
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from libs.common.db import new_id
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
@@ -89,6 +92,59 @@ def configure_tracing(service: str, otlp_endpoint: str | None) -> None:
     endpoint = otlp_endpoint.rstrip("/") + "/v1/traces"
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     trace.set_tracer_provider(provider)
+
+
+# OpenTelemetry's gen_ai.operation.name for each kind of call the gateway proxies (the ``kind``
+# of a usage event): the gateway and metering label their metrics with it.
+GEN_AI_OPERATIONS: dict[str, str] = {
+    "chat": "chat",
+    "completion": "text_completion",
+    "embedding": "embeddings",
+    "mcp": "execute_tool",
+}
+
+
+def meter_provider(
+    service: str, otlp_endpoint: str, export_interval_seconds: float = 60.0
+) -> MeterProvider:
+    """An SDK meter provider pushing every instrument to ``<endpoint>/v1/metrics`` (OTLP/HTTP).
+
+    Separate from ``configure_metrics`` so that it can be exercised without taking the
+    process-wide provider, which can be set only once.
+    """
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+
+    endpoint = otlp_endpoint.rstrip("/") + "/v1/metrics"
+    reader = PeriodicExportingMetricReader(
+        OTLPMetricExporter(endpoint=endpoint),
+        export_interval_millis=export_interval_seconds * 1000,
+    )
+    return MeterProvider(
+        metric_readers=[reader],
+        resource=Resource.create({"service.name": f"steward-{service}"}),
+    )
+
+
+def configure_metrics(
+    service: str, otlp_endpoint: str | None, export_interval_seconds: float = 60.0
+) -> None:
+    """Install an SDK meter provider exporting over OTLP/HTTP, only when an endpoint is set.
+
+    Instruments made earlier from ``metrics.get_meter`` (module-level ones) are the API's proxies
+    and start recording into it from here on. Without an endpoint the proxies stay no-ops. A
+    second call (several services' lifespans in one process) keeps the first provider rather than
+    starting another export thread that nothing would record into.
+    """
+    if not otlp_endpoint:
+        return
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    if isinstance(metrics.get_meter_provider(), MeterProvider):
+        return
+    metrics.set_meter_provider(meter_provider(service, otlp_endpoint, export_interval_seconds))
 
 
 class RequestContextMiddleware:

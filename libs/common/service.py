@@ -30,6 +30,7 @@ from libs.common.errors import Conflict, install_error_handlers, problem_respons
 from libs.common.observability import (
     RequestContextMiddleware,
     configure_logging,
+    configure_metrics,
     configure_tracing,
 )
 from libs.common.outbox import BusTables, Outbox
@@ -81,6 +82,11 @@ def create_service_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_tracing(spec.name, settings.otel_exporter_otlp_endpoint)
+        configure_metrics(
+            spec.name,
+            settings.otel_exporter_otlp_endpoint,
+            settings.otel_metric_export_interval_seconds,
+        )
         engine = make_engine(settings.database_url_for(spec.name), schema=spec.name)
         bus = Bus(settings.nats_url, settings.event_namespace, name=f"steward-{spec.name}")
         await bus.connect()
