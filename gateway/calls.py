@@ -9,12 +9,33 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
+from opentelemetry import metrics
 from prometheus_client import Counter, Histogram
 from starlette.types import Receive
 
 from gateway.http import wait_disconnect
 from libs.common.db import new_id
 from libs.common.events.usage import CallStatus, UsageRecorded, UsageSource
+from libs.common.observability import GEN_AI_OPERATIONS
+
+# Bucket boundaries shared by the Prometheus histograms and their OpenTelemetry twins.
+TTFT_BUCKETS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
 
 CALLS = Counter(
     "steward_gateway_calls_total", "Calls proxied upstream", ["kind", "model", "status"]
@@ -23,14 +44,51 @@ TTFT = Histogram(
     "steward_gateway_time_to_first_token_seconds",
     "From sending upstream to the first content delta (streams only)",
     ["model"],
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    buckets=TTFT_BUCKETS,
 )
 UPSTREAM_DURATION = Histogram(
     "steward_gateway_call_duration_seconds",
     "Duration of proxied calls, gateway in to last byte out",
     ["kind"],
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    buckets=DURATION_BUCKETS,
 )
+
+# The same in OpenTelemetry (no-op proxies until configure_metrics installs a provider). One
+# duration histogram stands for both the counter and the duration: its count is the calls.
+# Steward's own names: the gen_ai.server.* ones come from metering, from the same usage events.
+_meter = metrics.get_meter("steward.gateway")
+OTEL_CALL_DURATION = _meter.create_histogram(
+    "steward.gateway.call.duration",
+    unit="s",
+    description="Duration of proxied calls, gateway in to last byte out.",
+    explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+)
+OTEL_TTFT = _meter.create_histogram(
+    "steward.gateway.time_to_first_token",
+    unit="s",
+    description="From sending upstream to the first content delta (streams only).",
+    explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
+)
+_attributes: dict[tuple[str, str, str, str | None], dict[str, str]] = {}
+
+
+def _call_attributes(kind: str, model: str, status: str, error: str | None) -> dict[str, str]:
+    """One dict per (kind, model, status, error), built once: the hot path only looks it up."""
+    key = (kind, model, status, error)
+    found = _attributes.get(key)
+    if found is None:
+        if len(_attributes) > 10_000:
+            _attributes.clear()
+        found = {
+            "gen_ai.operation.name": GEN_AI_OPERATIONS.get(kind, kind),
+            "gen_ai.request.model": model,
+            "steward.call.status": status,
+        }
+        if error is not None:
+            found["error.type"] = error
+        _attributes[key] = found
+    return found
+
 
 Kind = Literal["chat", "completion", "embedding", "mcp"]
 
@@ -86,10 +144,16 @@ class Call:
         )
 
     def observe(self) -> None:
+        """The call's Prometheus metrics and their OpenTelemetry twins."""
+        duration = time.perf_counter() - self.started
+        attributes = _call_attributes(self.kind, self.model, self.status, self.error_type)
         CALLS.labels(self.kind, self.model, self.status).inc()
-        UPSTREAM_DURATION.labels(self.kind).observe(time.perf_counter() - self.started)
+        UPSTREAM_DURATION.labels(self.kind).observe(duration)
+        OTEL_CALL_DURATION.record(duration, attributes)
         if self.first_token is not None and self.sent_upstream is not None:
-            TTFT.labels(self.model).observe(self.first_token - self.sent_upstream)
+            ttft = self.first_token - self.sent_upstream
+            TTFT.labels(self.model).observe(ttft)
+            OTEL_TTFT.record(ttft, attributes)
 
 
 async def until_disconnect(work: Awaitable[None], receive: Receive) -> bool:

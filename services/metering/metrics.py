@@ -1,92 +1,149 @@
-"""Prometheus metrics named after the OpenTelemetry GenAI semantic conventions.
+"""The GenAI metrics, in Prometheus and (when an exporter is set) in OpenTelemetry.
 
-``gen_ai.client.token.usage`` becomes ``gen_ai_client_token_usage`` and so on; attributes become
-labels (``gen_ai_token_type``, ``gen_ai_operation_name``, ``error_type``), plus ``project`` and
-``model``. Buckets are the conventions' advice. They are observed once per usage event, after the
-transaction that counted it commits, so ``/metrics`` agrees with the usage API: the ``_sum`` of
-``gen_ai_client_token_usage`` is the number of tokens counted by this metering process since it
-started (Prometheus' ``increase()`` copes with restarts; with several metering replicas, sum them).
+Prometheus names follow the OpenTelemetry GenAI semantic conventions: ``gen_ai.client.token.usage``
+becomes ``gen_ai_client_token_usage`` and so on; attributes become labels (``gen_ai_token_type``,
+``gen_ai_operation_name``, ``error_type``), plus ``project`` and ``model``. The same measurements
+go to OpenTelemetry instruments with the conventions' own names, units and attributes
+(``gen_ai.request.model``, ``gen_ai.token.type``…, plus ``steward.project``); they are the API's
+no-ops unless ``configure_metrics`` installed an exporting provider. Both use the conventions'
+advised buckets, defined once below. ``gen_ai.provider.name`` is left out: metering knows the
+model asked for, not who serves it.
+
+They are observed once per usage event, after the transaction that counted it commits, so
+``/metrics`` agrees with the usage API: the ``_sum`` of ``gen_ai_client_token_usage`` is the number
+of tokens counted by this metering process since it started (Prometheus' ``increase()`` copes with
+restarts; with several metering replicas, sum them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
+from opentelemetry import metrics as otel
 from prometheus_client import Counter, Gauge, Histogram
 
 from libs.common.events.usage import UsageRecorded
+from libs.common.observability import GEN_AI_OPERATIONS
+
+# The semantic conventions' advised ExplicitBucketBoundaries, for both exporters.
+TOKEN_BUCKETS: tuple[float, ...] = (
+    1,
+    4,
+    16,
+    64,
+    256,
+    1024,
+    4096,
+    16384,
+    65536,
+    262144,
+    1048576,
+    4194304,
+    16777216,
+    67108864,
+)
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.16,
+    0.32,
+    0.64,
+    1.28,
+    2.56,
+    5.12,
+    10.24,
+    20.48,
+    40.96,
+    81.92,
+)
+TTFT_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+TPOT_BUCKETS: tuple[float, ...] = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
 
 TOKEN_USAGE = Histogram(
     "gen_ai_client_token_usage",
     "Tokens used per call (gen_ai.client.token.usage), by gen_ai_token_type input/output",
     ["project", "model", "gen_ai_operation_name", "gen_ai_token_type"],
-    buckets=(
-        1,
-        4,
-        16,
-        64,
-        256,
-        1024,
-        4096,
-        16384,
-        65536,
-        262144,
-        1048576,
-        4194304,
-        16777216,
-        67108864,
-    ),
+    buckets=TOKEN_BUCKETS,
 )
 REQUEST_DURATION = Histogram(
     "gen_ai_server_request_duration",
     "Seconds per call as the gateway measured it (gen_ai.server.request.duration)",
     ["project", "model", "gen_ai_operation_name", "error_type"],
-    buckets=(
-        0.01,
-        0.02,
-        0.04,
-        0.08,
-        0.16,
-        0.32,
-        0.64,
-        1.28,
-        2.56,
-        5.12,
-        10.24,
-        20.48,
-        40.96,
-        81.92,
-    ),
+    buckets=DURATION_BUCKETS,
 )
 TIME_TO_FIRST_TOKEN = Histogram(
     "gen_ai_server_time_to_first_token",
     "Seconds to the first token of streamed calls (gen_ai.server.time_to_first_token)",
     ["project", "model", "gen_ai_operation_name"],
-    buckets=(
-        0.001,
-        0.005,
-        0.01,
-        0.02,
-        0.04,
-        0.06,
-        0.08,
-        0.1,
-        0.25,
-        0.5,
-        0.75,
-        1.0,
-        2.5,
-        5.0,
-        7.5,
-        10.0,
-    ),
+    buckets=TTFT_BUCKETS,
 )
 TIME_PER_OUTPUT_TOKEN = Histogram(
     "gen_ai_server_time_per_output_token",
     "Seconds per output token after the first (gen_ai.server.time_per_output_token)",
     ["project", "model", "gen_ai_operation_name"],
-    buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5),
+    buckets=TPOT_BUCKETS,
+)
+
+# Module-level instruments are the API's proxies until a provider is installed, then record
+# into it (configure_metrics runs in the lifespan, after this import).
+_meter = otel.get_meter("steward.metering")
+OTEL_TOKEN_USAGE = _meter.create_histogram(
+    "gen_ai.client.token.usage",
+    unit="{token}",
+    description="Number of input and output tokens used.",
+    explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
+)
+OTEL_REQUEST_DURATION = _meter.create_histogram(
+    "gen_ai.server.request.duration",
+    unit="s",
+    description="Generative AI server request duration, as the gateway measured it.",
+    explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+)
+OTEL_TIME_TO_FIRST_TOKEN = _meter.create_histogram(
+    "gen_ai.server.time_to_first_token",
+    unit="s",
+    description="Time to the first token of streamed responses.",
+    explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
+)
+OTEL_TIME_PER_OUTPUT_TOKEN = _meter.create_histogram(
+    "gen_ai.server.time_per_output_token",
+    unit="s",
+    description="Time per output token generated after the first token.",
+    explicit_bucket_boundaries_advisory=TPOT_BUCKETS,
 )
 
 EVENTS = Counter(
@@ -109,33 +166,48 @@ WEBHOOKS = Counter(
     ["outcome"],
 )
 
-# OpenTelemetry's gen_ai.operation.name for each kind of call the gateway records.
-OPERATIONS: dict[str, str] = {
-    "chat": "chat",
-    "completion": "text_completion",
-    "embedding": "embeddings",
-    "mcp": "execute_tool",
-}
+
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """One (project, model, operation)'s Prometheus children and OpenTelemetry attributes."""
+
+    tokens_in: Histogram
+    tokens_out: Histogram
+    ttft: Histogram
+    tpot: Histogram
+    duration_ok: Histogram
+    attributes: Mapping[str, str]
+    input_attributes: Mapping[str, str]
+    output_attributes: Mapping[str, str]
 
 
 class _Children:
-    """Label lookups cached per (project, model, operation): they cost more than observing."""
+    """Label lookups and attribute dicts cached per (project, model, operation): building them
+    costs more than observing, and with no exporter set nothing else is spent per event."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+        self._cache: dict[tuple[str, str, str], _Series] = {}
 
-    def get(self, project: str, model: str, operation: str) -> tuple[Any, ...]:
+    def get(self, project: str, model: str, operation: str) -> _Series:
         key = (project, model, operation)
         found = self._cache.get(key)
         if found is None:
             if len(self._cache) > 100_000:
                 self._cache.clear()
-            found = (
-                TOKEN_USAGE.labels(project, model, operation, "input"),
-                TOKEN_USAGE.labels(project, model, operation, "output"),
-                TIME_TO_FIRST_TOKEN.labels(project, model, operation),
-                TIME_PER_OUTPUT_TOKEN.labels(project, model, operation),
-                REQUEST_DURATION.labels(project, model, operation, ""),
+            attributes = {
+                "gen_ai.operation.name": operation,
+                "gen_ai.request.model": model,
+                "steward.project": project,
+            }
+            found = _Series(
+                tokens_in=TOKEN_USAGE.labels(project, model, operation, "input"),
+                tokens_out=TOKEN_USAGE.labels(project, model, operation, "output"),
+                ttft=TIME_TO_FIRST_TOKEN.labels(project, model, operation),
+                tpot=TIME_PER_OUTPUT_TOKEN.labels(project, model, operation),
+                duration_ok=REQUEST_DURATION.labels(project, model, operation, ""),
+                attributes=attributes,
+                input_attributes={**attributes, "gen_ai.token.type": "input"},
+                output_attributes={**attributes, "gen_ai.token.type": "output"},
             )
             self._cache[key] = found
         return found
@@ -145,20 +217,27 @@ _children = _Children()
 
 
 def observe(events: Iterable[UsageRecorded]) -> None:
-    """Record committed usage events."""
+    """Record committed usage events, in Prometheus and OpenTelemetry alike."""
     for e in events:
-        operation = OPERATIONS.get(e.kind, e.kind)
-        tokens_in, tokens_out, ttft, tpot, ok = _children.get(e.project, e.model, operation)
-        tokens_in.observe(e.prompt_tokens)
-        tokens_out.observe(e.completion_tokens)
+        operation = GEN_AI_OPERATIONS.get(e.kind, e.kind)
+        series = _children.get(e.project, e.model, operation)
+        series.tokens_in.observe(e.prompt_tokens)
+        series.tokens_out.observe(e.completion_tokens)
+        OTEL_TOKEN_USAGE.record(e.prompt_tokens, series.input_attributes)
+        OTEL_TOKEN_USAGE.record(e.completion_tokens, series.output_attributes)
+        duration = e.duration_ms / 1000
         if e.status == "ok":
-            duration = ok
+            series.duration_ok.observe(duration)
+            OTEL_REQUEST_DURATION.record(duration, series.attributes)
         else:
-            duration = REQUEST_DURATION.labels(
-                e.project, e.model, operation, e.error_type or e.status
-            )
-        duration.observe(e.duration_ms / 1000)
+            error = e.error_type or e.status
+            REQUEST_DURATION.labels(e.project, e.model, operation, error).observe(duration)
+            OTEL_REQUEST_DURATION.record(duration, {**series.attributes, "error.type": error})
         if e.ttft_ms is not None:
-            ttft.observe(e.ttft_ms / 1000)
+            ttft = e.ttft_ms / 1000
+            series.ttft.observe(ttft)
+            OTEL_TIME_TO_FIRST_TOKEN.record(ttft, series.attributes)
             if e.completion_tokens > 1 and e.duration_ms > e.ttft_ms:
-                tpot.observe((e.duration_ms - e.ttft_ms) / 1000 / (e.completion_tokens - 1))
+                tpot = (e.duration_ms - e.ttft_ms) / 1000 / (e.completion_tokens - 1)
+                series.tpot.observe(tpot)
+                OTEL_TIME_PER_OUTPUT_TOKEN.record(tpot, series.attributes)
