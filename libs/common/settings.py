@@ -113,8 +113,11 @@ class Settings(BaseSettings):
     # The gateway hears a quota's usage at most this often (plus at once on warning/exceeded).
     metering_quota_publish_seconds: float = Field(default=0.5, gt=0)
     metering_soft_threshold: float = Field(default=0.8, gt=0, lt=1)
-    # Called on every quota warning and exceeded, besides a quota's own webhook_url.
+    # Called on every quota warning and exceeded (besides a quota's own webhook_url), and when
+    # a dedicated endpoint goes over its approved cost plan.
     metering_quota_webhooks: list[str] = []
+    # How often endpoints that hold GPUs are checked against their approved plan.
+    metering_plan_check_seconds: float = Field(default=60.0, gt=0)
     # Signs webhook bodies (X-Steward-Signature: sha256=HMAC(secret, body)) when set.
     metering_webhook_secret: SecretStr | None = None
     metering_webhook_timeout_seconds: float = Field(default=5.0, gt=0)

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.common.db import utcnow
-from libs.common.events import EventPayload
+from libs.common.events import CloudEvent, EventPayload
 from libs.common.events.audit import AuditRecorded
 from libs.common.observability import request_id_var
 from libs.common.outbox import Outbox
@@ -24,8 +24,8 @@ class UnitOfWork:
     outbox: Outbox
     actor: str
 
-    async def emit(self, payload: EventPayload, *, entity: str | None = None) -> None:
-        await self.outbox.add(self.session, payload, entity=entity)
+    async def emit(self, payload: EventPayload, *, entity: str | None = None) -> CloudEvent:
+        return await self.outbox.add(self.session, payload, entity=entity)
 
     async def audit(
         self,

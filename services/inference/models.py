@@ -9,14 +9,16 @@ from sqlalchemy import JSON, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from libs.common.db import UTCDateTime, new_id, new_metadata, utcnow
+from libs.common.events.inference import HOLDS_GPUS
 from libs.common.outbox import define_bus_tables
 
 metadata = new_metadata()
 bus_tables = define_bus_tables(metadata)
 
-# Statuses in which an endpoint holds its route name and its GPUs.
-LIVE = ("provisioning", "ready", "deleting")
-_LIVE_SQL = "status IN ('provisioning', 'ready', 'deleting')"
+# Statuses in which an endpoint holds its route name and its GPUs (the partial index below
+# spells the same list in SQL).
+LIVE = HOLDS_GPUS
+_LIVE_SQL = "status IN ({})".format(", ".join(f"'{s}'" for s in LIVE))
 
 
 class Base(DeclarativeBase):

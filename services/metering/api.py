@@ -27,7 +27,7 @@ from libs.common.errors import (
 )
 from libs.common.names import PROJECT_PATTERN, AssetPath, ProjectPath, UUIDPath
 from libs.common.service import ContextDep, SessionDep, UnitOfWorkDep
-from services.metering import domain
+from services.metering import domain, endpoints
 from services.metering import repository as repo
 from services.metering.domain import Clock
 from services.metering.models import (
@@ -35,10 +35,15 @@ from services.metering.models import (
     DURATION_BUCKETS,
     TTFT_BOUNDS_MS,
     TTFT_BUCKETS,
+    EndpointPlan,
     ModelPrice,
     Quota,
 )
 from services.metering.schemas import (
+    EndpointCostQuery,
+    EndpointCostRead,
+    EndpointCostReport,
+    EndpointPlanRead,
     Latency,
     PriceRead,
     PriceSet,
@@ -336,6 +341,77 @@ async def usage_events(
     start, end = query.bounds(clock())
     rows = await repo.raw_events(session, principal, query, start, end, query.limit)
     return [UsageEventRead.model_validate(r, from_attributes=True) for r in rows]
+
+
+# -- dedicated endpoints -----------------------------------------------------------------------
+
+
+def _plan_read(plan: EndpointPlan) -> EndpointPlanRead:
+    return EndpointPlanRead(
+        request_id=plan.request_id,
+        gpus=plan.gpus,
+        replicas=plan.replicas,
+        hours=plan.hours,
+        gpu_hours=plan.gpu_hours,
+        gpu_hour_rate=_cost(plan.gpu_hour_rate_nanos),
+        estimated_cost=_cost(plan.estimated_cost_nanos),
+        currency=plan.currency,
+        approved_at=plan.approved_at,
+        approved_by=plan.approved_by,
+    )
+
+
+def _endpoint_cost_read(c: endpoints.EndpointCost) -> EndpointCostRead:
+    run = c.run
+    return EndpointCostRead(
+        endpoint_id=run.endpoint_id,
+        project=run.project,
+        model=run.route_name,
+        asset_name=run.asset_name,
+        version=run.version,
+        runtime=run.runtime,
+        gpu_type=run.gpu_type,
+        status=run.status,
+        gpus_held=c.gpus_held,
+        first_held_at=c.first_held_at,
+        gpu_hours=round(c.gpu_hours, 6),
+        cost=_cost(c.cost_nanos),
+        currency=c.currency,
+        plan=None if c.plan is None else _plan_read(c.plan),
+        planned_until=c.planned_until,
+        plan_used=None if c.plan_used is None else round(c.plan_used, 6),
+        over_plan=c.over_plan,
+        over_plan_at=run.over_plan_at,
+    )
+
+
+@router.get("/usage/endpoints", tags=["usage"])
+async def endpoint_costs(
+    query: Annotated[EndpointCostQuery, Query()],
+    principal: Reader,
+    session: SessionDep,
+    ctx: ContextDep,
+    clock: ClockDep,
+) -> EndpointCostReport:
+    """Dedicated endpoints' GPU-hours and cost so far, each beside the plan approved for it.
+
+    Cost is GPU-hours at the model's GPU-hour price (the price table), or at the plan's rate
+    when the table has none; an endpoint still running counts up to now.
+    """
+    now = clock()
+    currency = ctx.settings.metering_currency
+    rows = await repo.endpoint_costs(session, principal, query.project, query.status, query.limit)
+    costs = endpoints.costs(rows, currency, now)
+    return EndpointCostReport(
+        generated_at=now,
+        currency=currency,
+        gpu_hours=round(sum(c.gpu_hours for c in costs), 6),
+        cost=_cost(sum(c.cost_nanos for c in costs)),
+        estimated_cost=_cost(
+            sum(c.plan.estimated_cost_nanos for c in costs if c.plan and c.comparable)
+        ),
+        endpoints=[_endpoint_cost_read(c) for c in costs],
+    )
 
 
 # -- quotas ------------------------------------------------------------------------------------

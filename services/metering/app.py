@@ -1,4 +1,5 @@
-"""The metering service: usage ingest, usage reports, quotas, prices, Prometheus GenAI metrics."""
+"""The metering service: usage ingest, usage reports, quotas, prices, Prometheus GenAI metrics,
+and the GPU-hours of dedicated endpoints against their approved plans."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from libs.common.db import utcnow
 from libs.common.service import ServiceContext, ServiceSpec, create_service_app
 from libs.common.settings import Settings
 from services.metering.api import router
-from services.metering.background import USAGE_DURABLE, QuotaPublisher, Retention
+from services.metering.background import USAGE_DURABLE, PlanWatch, QuotaPublisher, Retention
 from services.metering.domain import Clock
 from services.metering.events import control_handlers, usage_handlers
 from services.metering.ingest import Ingest
@@ -33,6 +34,7 @@ class Metering:
     publisher: QuotaPublisher
     webhooks: WebhookSender
     retention: Retention
+    plans: PlanWatch
 
 
 @asynccontextmanager
@@ -67,15 +69,17 @@ async def setup(ctx: ServiceContext, app: FastAPI) -> AsyncIterator[None]:
         settings.metering_quota_publish_seconds,
     )
     retention = Retention(ctx.sessionmaker, settings, clock)
+    plans = PlanWatch(ctx.sessionmaker, settings, clock)
     async with httpx.AsyncClient(follow_redirects=False) as http:
         webhooks = WebhookSender(ctx.sessionmaker, http, settings, clock)
-        app.state.metering = Metering(clock, ingest, usage, publisher, webhooks, retention)
+        app.state.metering = Metering(clock, ingest, usage, publisher, webhooks, retention, plans)
         tasks = [
             asyncio.create_task(usage.run(), name="metering-usage"),
             asyncio.create_task(control.run(), name="metering-control"),
             asyncio.create_task(publisher.run(), name="metering-quota-publisher"),
             asyncio.create_task(webhooks.run(), name="metering-webhooks"),
             asyncio.create_task(retention.run(), name="metering-retention"),
+            asyncio.create_task(plans.run(), name="metering-plan-watch"),
         ]
         try:
             yield

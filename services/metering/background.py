@@ -1,4 +1,5 @@
-"""Metering's background work besides the consumers: publishing quota usage, and retention."""
+"""Metering's background work besides the consumers: publishing quota usage, holding running
+endpoints to their plans, and retention."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from libs.common.bus import Bus, BusUnavailable
 from libs.common.events import CloudEvent
 from libs.common.events.metering import QuotaConsumed
+from libs.common.outbox import Outbox
 from libs.common.settings import Settings
-from services.metering import domain
+from libs.common.uow import UnitOfWork
+from services.metering import domain, endpoints
 from services.metering import repository as repo
 from services.metering.domain import Clock
 from services.metering.ingest import Ingest
@@ -120,6 +123,36 @@ class QuotaPublisher:
                 raise
             except Exception:
                 log.exception("quota usage publication failed; retrying")
+
+
+class PlanWatch:
+    """Checks the endpoints that hold GPUs against their approved plans every ``every`` seconds:
+    an endpoint's events say when it started, but only time says when it ran past its plan."""
+
+    def __init__(
+        self, sessionmaker: async_sessionmaker[AsyncSession], settings: Settings, clock: Clock
+    ) -> None:
+        self.sessionmaker = sessionmaker
+        self.settings = settings
+        self.clock = clock
+
+    async def run_once(self) -> int:
+        async with self.sessionmaker() as session, session.begin():
+            uow = UnitOfWork(
+                session, Outbox(bus_tables.outbox, "metering"), actor=endpoints.SYSTEM_ACTOR
+            )
+            return await endpoints.check_over_plan(uow, self.settings, self.clock())
+
+    async def run(self) -> None:
+        while True:
+            stop_if_cancelled()
+            await asyncio.sleep(self.settings.metering_plan_check_seconds)
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("checking endpoints against their plans failed; retrying")
 
 
 class Retention:

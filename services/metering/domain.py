@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from libs.common import quota as q
 from libs.common.clients import AuthzClient
 from libs.common.errors import Conflict, NotFound, ServiceUnavailable, Unprocessable
+from libs.common.events import CloudEvent
 from libs.common.events.approval import QuotaPayload, RequestApproved
 from libs.common.events.metering import (
     QuotaDeleted,
@@ -143,24 +144,29 @@ async def raise_alerts(
             dimensions=reached,
         )
         event = await outbox.add(session, payload, entity=quota.id)
-        urls = dict.fromkeys(
-            [u for u in (quota.webhook_url, *settings.metering_quota_webhooks) if u]
-        )
-        for url in urls:
-            session.add(
-                WebhookDelivery(
-                    url=url,
-                    event_id=event.id,
-                    event_type=payload.subject,
-                    body=event.model_dump_json(),
-                    next_attempt_at=now,
-                )
-            )
+        queue_webhooks(session, (quota.webhook_url, *settings.metering_quota_webhooks), event, now)
         log.info(
             "quota threshold reached",
             extra={"quota_id": quota.id, "project": quota.project, "level": level},
         )
     await session.flush()
+
+
+def queue_webhooks(
+    session: AsyncSession, urls: Sequence[str | None], event: CloudEvent, now: datetime
+) -> None:
+    """One delivery per distinct URL, written with the event it announces (sent and retried
+    by ``WebhookSender``)."""
+    for url in dict.fromkeys(u for u in urls if u):
+        session.add(
+            WebhookDelivery(
+                url=url,
+                event_id=event.id,
+                event_type=event.relative_subject,
+                body=event.model_dump_json(),
+                next_attempt_at=now,
+            )
+        )
 
 
 async def verify_target(

@@ -221,3 +221,68 @@ class ModelPrice(Base):
     gpu_hour_nanos: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_by: Mapped[str] = mapped_column(String(255))
+
+
+class EndpointPlan(Base):
+    """An approved endpoint request's cost & security plan: what actual GPU cost is held to.
+
+    Written from ``approval.request.approved`` (kind ``endpoint``), keyed by the request, so it
+    meets the endpoint's own events by ``request_id`` whichever arrives first.
+    """
+
+    __tablename__ = "endpoint_plans"
+
+    request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project: Mapped[str] = mapped_column(String(63))
+    model_name: Mapped[str] = mapped_column(String(255))
+    version: Mapped[str] = mapped_column(String(100))
+    gpus: Mapped[int] = mapped_column(Integer)
+    replicas: Mapped[int] = mapped_column(Integer)
+    hours: Mapped[float] = mapped_column(Float)
+    gpu_hours: Mapped[float] = mapped_column(Float)
+    gpu_hour_rate_nanos: Mapped[int] = mapped_column(BigInteger)
+    estimated_cost_nanos: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    approved_at: Mapped[datetime]
+    approved_by: Mapped[str] = mapped_column(String(255))
+
+
+class EndpointRun(Base):
+    """One dedicated endpoint as metering follows it through ``inference.endpoint.*`` events."""
+
+    __tablename__ = "endpoint_runs"
+
+    endpoint_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project: Mapped[str] = mapped_column(String(63), index=True)
+    route_name: Mapped[str] = mapped_column(String(255))
+    asset_name: Mapped[str] = mapped_column(String(255))
+    version: Mapped[str] = mapped_column(String(100))
+    runtime: Mapped[str] = mapped_column(String(16))
+    gpu_type: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    # The time of the latest event applied: an older one arriving late is stale.
+    event_time: Mapped[datetime]
+    # When the endpoint first went beyond its approved plan (``metering.endpoint.over_plan``).
+    over_plan_at: Mapped[datetime | None]
+
+
+class GpuPeriod(Base):
+    """An interval in which an endpoint held a fixed number of GPUs: the unit of GPU cost.
+
+    A period opens when the endpoint starts holding GPUs (or their count changes) and closes
+    when it stops; ``ended_at`` is None while it is open.
+    """
+
+    __tablename__ = "gpu_periods"
+    __table_args__ = (Index("ix_gpu_periods_endpoint_started", "endpoint_id", "started_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("endpoint_runs.endpoint_id", ondelete="CASCADE")
+    )
+    gpus: Mapped[int] = mapped_column(Integer)  # per replica, times replicas
+    started_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    # The price table's GPU-hour price when the period began; None: the approved plan's rate.
+    rate_nanos: Mapped[int | None] = mapped_column(BigInteger)

@@ -35,6 +35,9 @@ from services.metering.models import (
     DURATION_BUCKETS,
     MINUTE_SUMS,
     TTFT_BUCKETS,
+    EndpointPlan,
+    EndpointRun,
+    GpuPeriod,
     ModelPrice,
     Quota,
     QuotaAlert,
@@ -349,6 +352,98 @@ async def price(session: AsyncSession, model: str) -> ModelPrice | None:
 
 async def all_prices(session: AsyncSession) -> Sequence[ModelPrice]:
     return (await session.scalars(select(ModelPrice).order_by(ModelPrice.model))).all()
+
+
+# -- dedicated endpoints ---------------------------------------------------------------------
+
+
+async def endpoint_run(session: AsyncSession, endpoint_id: str) -> EndpointRun | None:
+    """The endpoint's row, locked on PostgreSQL: its events are applied one at a time."""
+    query = select(EndpointRun).where(EndpointRun.endpoint_id == endpoint_id)
+    if is_postgres(session):
+        query = query.with_for_update()
+    return (await session.scalars(query)).one_or_none()
+
+
+async def open_period(session: AsyncSession, endpoint_id: str) -> GpuPeriod | None:
+    query = select(GpuPeriod).where(
+        GpuPeriod.endpoint_id == endpoint_id, GpuPeriod.ended_at.is_(None)
+    )
+    return (await session.scalars(query)).one_or_none()
+
+
+async def gpu_hour_price(session: AsyncSession, names: Sequence[str]) -> int | None:
+    """The GPU-hour price of the first of ``names`` that has one (route name, then asset)."""
+    prices = await prices_for(session, names)
+    return next(
+        (p.gpu_hour_nanos for n in names if (p := prices.get(n)) and p.gpu_hour_nanos is not None),
+        None,
+    )
+
+
+@dataclass(frozen=True)
+class EndpointRows:
+    run: EndpointRun
+    periods: list[GpuPeriod]
+    plan: EndpointPlan | None
+
+
+async def _with_periods_and_plans(
+    session: AsyncSession, runs: Sequence[EndpointRun]
+) -> list[EndpointRows]:
+    ids = [r.endpoint_id for r in runs]
+    periods: dict[str, list[GpuPeriod]] = {i: [] for i in ids}
+    if ids:
+        found = await session.scalars(
+            select(GpuPeriod)
+            .where(GpuPeriod.endpoint_id.in_(ids))
+            .order_by(GpuPeriod.endpoint_id, GpuPeriod.started_at)
+        )
+        for period in found:
+            periods[period.endpoint_id].append(period)
+    request_ids = [r.request_id for r in runs if r.request_id]
+    plans: dict[str, EndpointPlan] = {}
+    if request_ids:
+        found_plans = await session.scalars(
+            select(EndpointPlan).where(EndpointPlan.request_id.in_(request_ids))
+        )
+        plans = {p.request_id: p for p in found_plans}
+    return [EndpointRows(r, periods[r.endpoint_id], plans.get(r.request_id or "")) for r in runs]
+
+
+async def endpoint_costs(
+    session: AsyncSession,
+    principal: Principal,
+    project: str | None,
+    status: str | None,
+    limit: int,
+) -> list[EndpointRows]:
+    """The endpoints the caller may see, newest first, with what is needed to cost them."""
+    query = (
+        select(EndpointRun)
+        .where(tenant(EndpointRun.project, principal, project))
+        .order_by(EndpointRun.event_time.desc(), EndpointRun.endpoint_id)
+        .limit(limit)
+    )
+    if status is not None:
+        query = query.where(EndpointRun.status == status)
+    return await _with_periods_and_plans(session, (await session.scalars(query)).all())
+
+
+async def runs_to_check(
+    session: AsyncSession, endpoint_ids: Sequence[str] | None = None
+) -> list[EndpointRows]:
+    """Endpoints with a plan that have not yet gone over it: all that still hold GPUs, or the
+    ones named (just changed by an event)."""
+    query = select(EndpointRun).where(
+        EndpointRun.over_plan_at.is_(None), EndpointRun.request_id.is_not(None)
+    )
+    if endpoint_ids is None:
+        held = select(GpuPeriod.endpoint_id).where(GpuPeriod.ended_at.is_(None))
+        query = query.where(EndpointRun.endpoint_id.in_(held))
+    else:
+        query = query.where(EndpointRun.endpoint_id.in_(endpoint_ids))
+    return await _with_periods_and_plans(session, (await session.scalars(query)).all())
 
 
 # -- usage reports -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from libs.common.db import utcnow
+from libs.common.events.inference import EndpointStatus
 from libs.common.events.metering import QuotaLimits, QuotaState, QuotaStatus, Window
 from libs.common.names import AssetName, KeyId, ProjectName
 
@@ -222,6 +223,67 @@ class TopReport(BaseModel):
     metric: Metric
     currency: str
     entries: list[TopEntry]
+
+
+# -- dedicated endpoints: GPU-hours and cost against the approved plan -------------------------
+
+
+class EndpointCostQuery(Input):
+    project: ProjectName | None = None
+    status: EndpointStatus | None = None
+    limit: int = Field(default=200, ge=1, le=1000)
+
+
+class EndpointPlanRead(BaseModel):
+    """The cost & security plan the reviewer approved (``approval`` request ``request_id``)."""
+
+    request_id: str
+    gpus: int = Field(description="GPUs per replica")
+    replicas: int
+    hours: float
+    gpu_hours: float
+    gpu_hour_rate: float
+    estimated_cost: float
+    currency: str
+    approved_at: datetime
+    approved_by: str
+
+
+class EndpointCostRead(BaseModel):
+    """One dedicated endpoint: GPU-hours and cost so far, beside its plan."""
+
+    endpoint_id: str
+    project: str
+    model: str = Field(description="The route name clients call it by")
+    asset_name: str
+    version: str
+    runtime: str
+    gpu_type: str | None
+    status: str
+    gpus_held: int = Field(description="GPUs held now, all replicas")
+    first_held_at: datetime | None
+    gpu_hours: float
+    cost: float
+    currency: str
+    plan: EndpointPlanRead | None = Field(description="None for an endpoint made without one")
+    planned_until: datetime | None = Field(
+        description="The first GPU-hour plus the planned duration"
+    )
+    plan_used: float | None = Field(
+        description="Cost as a fraction of the estimate (GPU-hours of the planned ones when "
+        "the estimate is zero or in another currency)"
+    )
+    over_plan: Literal["cost", "gpu_hours"] | None
+    over_plan_at: datetime | None = Field(description="When it was announced as over its plan")
+
+
+class EndpointCostReport(BaseModel):
+    generated_at: datetime
+    currency: str
+    gpu_hours: float
+    cost: float
+    estimated_cost: float = Field(description="The sum of the plans in ``currency``")
+    endpoints: list[EndpointCostRead]
 
 
 # -- quotas ------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ def metering_settings(settings: Settings) -> Settings:
             "metering_quota_publish_seconds": 0.1,
             "metering_webhook_retry_seconds": 0.1,
             "metering_webhook_timeout_seconds": 2.0,
+            "metering_plan_check_seconds": 0.2,
         }
     )
 

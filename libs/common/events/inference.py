@@ -25,6 +25,9 @@ from libs.common.events.envelope import EventPayload
 
 EndpointStatus = Literal["provisioning", "ready", "failed", "stopped", "deleting", "deleted"]
 RuntimeName = Literal["kubernetes", "local", "external"]
+# Statuses in which an endpoint holds its GPUs (and its route name): the inference service's
+# pool counts them as used, and metering bills GPU-hours for them.
+HOLDS_GPUS: tuple[EndpointStatus, ...] = ("provisioning", "ready", "deleting")
 
 
 class EndpointState(EventPayload):

@@ -92,3 +92,26 @@ class QuotaDeleted(EventPayload):
 
     quota_id: str
     project: str
+
+
+class EndpointOverPlan(EventPayload):
+    """A dedicated endpoint went beyond its approved cost & security plan, once per endpoint.
+
+        ``reason`` says which figure it passed first: ``cost`` (actual GPU cost above the estimate
+        the reviewer approved) or ``gpu_hours`` (more GPU-hours than planned: a longer or bigger run
+    than approved, at a rate that kept the cost within the estimate). Money
+        is in ``currency``, as decimal strings so no float rounding creeps into a budget.
+    """
+
+    subject: ClassVar[str] = "metering.endpoint.over_plan"
+
+    endpoint_id: str
+    project: str
+    request_id: str
+    reason: Literal["cost", "gpu_hours"]
+    gpu_hours: float
+    planned_gpu_hours: float
+    cost: str
+    estimated_cost: str
+    currency: str
+    at: datetime
