@@ -301,6 +301,46 @@ def endpoint_delete(project: str, endpoint_id: str, output: OutputOpt = Format.t
     emit(api().call("DELETE", "inference", path), output, ENDPOINT_COLUMNS)
 
 
+ENDPOINT_COST_COLUMNS = [
+    "endpoint_id",
+    "project",
+    "model",
+    "status",
+    "gpus_held",
+    "gpu_hours",
+    "cost",
+    "estimated_cost",
+    "plan_used",
+    "over_plan",
+]
+
+
+@endpoints.command("costs")
+def endpoint_costs(
+    project: Annotated[str | None, typer.Option(help="one project (platform admins: all)")] = None,
+    output: OutputOpt = Format.table,
+) -> None:
+    """GPU-hours and cost of dedicated endpoints so far, beside the plan approved for each."""
+    report = api().call("GET", "metering", "/v1/usage/endpoints", params={"project": project})
+    if output is Format.json:
+        emit(report, output)
+        return
+    rows = [
+        {
+            **e,
+            "gpu_hours": round(e["gpu_hours"], 2),
+            "estimated_cost": e["plan"]["estimated_cost"] if e["plan"] else None,
+            "plan_used": None if e["plan_used"] is None else f"{e['plan_used']:.0%}",
+        }
+        for e in report["endpoints"]
+    ]
+    emit(rows, output, ENDPOINT_COST_COLUMNS)
+    console.print(
+        f"{report['gpu_hours']:.2f} GPU-hours, {report['cost']:.2f} {report['currency']} "
+        f"(planned {report['estimated_cost']:.2f})"
+    )
+
+
 USAGE_COLUMNS = ["requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "cost"]
 
 

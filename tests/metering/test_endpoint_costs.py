@@ -4,12 +4,14 @@ PostgreSQL), prices the GPU-time, and announces once when an endpoint goes over 
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from nats.js.api import DeliverPolicy
 
 from libs.common.bus import Bus
@@ -17,7 +19,8 @@ from libs.common.db import new_id
 from libs.common.events import CloudEvent, EventPayload
 from libs.common.events.approval import RequestApproved
 from libs.common.events.inference import EVENTS_BY_STATUS
-from tests.helpers import bearer, member_key, new_project, ok, unique
+from tests.cli.test_gitops import steward
+from tests.helpers import bearer, member_key, new_project, ok, serve, unique
 from tests.metering.conftest import Clock
 from tests.metering.support import eventually
 
@@ -358,3 +361,43 @@ async def test_endpoint_costs_are_filtered_to_the_callers_projects(
         assert answer.status_code == 422, bad
     only_ready = await report(metering, admin_key, mine, status="ready")
     assert [e["endpoint_id"] for e in only_ready["endpoints"]] == [ids[mine]]
+
+
+async def test_the_cli_shows_endpoint_costs_beside_their_plans(
+    authz: httpx.AsyncClient,
+    metering_app: FastAPI,
+    metering: httpx.AsyncClient,
+    gateway_bus: Bus,
+    admin_key: str,
+    clock: Clock,
+) -> None:
+    project = await new_project(authz, admin_key, "gpucli")
+    viewer = await member_key(authz, admin_key, project, "viewer", ["usage:read"])
+    approved = approved_endpoint_request(project, gpus=4, replicas=1, hours=1, rate=2.0)
+    await send(gateway_bus, approved, approved.decided_at)
+    endpoint = new_id()
+    state = endpoint_state(
+        "stopped", project, endpoint, route=unique("cli"), gpus=4, request_id=approved.request_id
+    )
+    t0 = clock() - HOUR
+    await send(gateway_bus, replace_status(state, "ready"), t0)
+    await send(gateway_bus, state, t0 + 0.5 * HOUR)
+
+    async def stopped() -> bool:
+        found = await endpoint_in(metering, viewer, project, endpoint)
+        return found is not None and found["status"] == "stopped" and found["plan"] is not None
+
+    await eventually(stopped, what="the stopped endpoint and its plan")
+    async with serve(metering_app) as url:
+        env = {"STEWARD_METERING_URL": url, "STEWARD_API_KEY": viewer, "COLUMNS": "200"}
+        table = await steward(env, "endpoint", "costs", "--project", project)
+        as_json = await steward(env, "endpoint", "costs", "--project", project, "-o", "json")
+    assert table.exit_code == 0, table.output
+    assert endpoint in table.output and "50%" in table.output  # 2 of 4 planned GPU-hours
+    assert "2.00 GPU-hours, 4.00 USD (planned 8.00)" in table.output
+    [row] = json.loads(as_json.output)["endpoints"]
+    assert row["gpu_hours"] == pytest.approx(2.0) and row["cost"] == pytest.approx(4.0)
+
+
+def replace_status(state: EventPayload, status: str) -> EventPayload:
+    return EVENTS_BY_STATUS[status](**{**state.model_dump(), "status": status})
