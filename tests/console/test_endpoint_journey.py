@@ -279,5 +279,12 @@ async def test_an_approved_endpoint_becomes_ready_and_its_calls_show_in_the_usag
     assert await charts.first.locator("rect").count() > 0
     await expect(charts.nth(3).locator("rect")).to_have_count(2)  # TTFT p50 and p95
     await dev.shot("12-developer-usage-charts")
+
+    # Metering followed the endpoint from inference's events, beside the approved plan.
+    await dev.reload_until("endpoints", "#endpoint-costs", route)
+    costs = page.locator("#endpoint-costs tr", has_text=route)
+    await expect(costs).to_contain_text("within plan")
+    await expect(costs).to_contain_text("ready")
+    await dev.shot("13-developer-endpoint-costs")
     dev.assert_clean()
     admin.assert_clean()
