@@ -126,8 +126,14 @@ class QuotaPublisher:
 
 
 class PlanWatch:
-    """Checks the endpoints that hold GPUs against their approved plans every ``every`` seconds:
-    an endpoint's events say when it started, but only time says when it ran past its plan."""
+    """Checks the endpoints that hold GPUs against their approved plans every
+    ``metering_plan_check_seconds``: an endpoint's events say when it started, but only time says
+    when it ran past its plan.
+
+    It judges what metering knows now: while the control consumer is catching up after an
+    outage, an endpoint already scaled down (in events not yet applied) is judged at its older,
+    larger size until they are, so an early announcement is possible then, never a missed one.
+    """
 
     def __init__(
         self, sessionmaker: async_sessionmaker[AsyncSession], settings: Settings, clock: Clock
