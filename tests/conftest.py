@@ -6,22 +6,24 @@ Both are real servers (see scripts/test-services.sh); nothing here is mocked.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import SecretStr
 
 from cli.stack import SERVICES
 from libs.common.migrate import upgrade_async
 from libs.common.settings import Settings
-from tests.helpers import NATS_URL, PG_ADMIN_DSN, delete_streams
+from tests.helpers import NATS_URL, PG_ADMIN_DSN, SpanRecorder, delete_streams
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +58,32 @@ def metric_reader() -> InMemoryMetricReader:
     reader = InMemoryMetricReader()
     metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
     return reader
+
+
+@pytest.fixture(scope="session")
+def span_recorder() -> SpanRecorder:
+    """The process-wide SDK tracer provider (settable only once), with a recorder on it.
+
+    FastAPI apps trace from the next request on; a gateway reads the provider when it starts,
+    so one started before this fixture ran does not trace.
+    """
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    recorder = SpanRecorder()
+    provider.add_span_processor(recorder)
+    return recorder
+
+
+@pytest.fixture
+def spans(span_recorder: SpanRecorder) -> Iterator[InMemorySpanExporter]:
+    """The spans finished during this test."""
+    span_recorder.exporter.clear()
+    span_recorder.listening = True
+    yield span_recorder.exporter
+    span_recorder.listening = False
+    span_recorder.exporter.clear()
 
 
 def make_settings(

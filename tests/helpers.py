@@ -16,6 +16,8 @@ import httpx
 import nats
 import uvicorn
 from nats.js.errors import NotFoundError
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 PG_ADMIN_DSN = os.environ.get(
     "STEWARD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -100,6 +102,19 @@ async def member_key(
     await add_member(client, admin_key, project, subject, role)
     created = await issue_key(client, admin_key, project, scopes, owner=subject)
     return str(created["key"])
+
+
+class SpanRecorder(SpanProcessor):
+    """Keeps finished spans only while a test listens: the process's tracer provider (which can
+    be set only once) outlives the test, and every later request would otherwise pile up here."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.listening = False
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.listening:
+            self.exporter.export([span])
 
 
 def free_port() -> int:

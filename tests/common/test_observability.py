@@ -6,11 +6,7 @@ import json
 import logging
 
 import httpx
-import pytest
 from fastapi import FastAPI
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import select
 
@@ -18,18 +14,6 @@ from libs.common.events import CloudEvent
 from libs.common.observability import JSONFormatter, request_id_var
 from services.authz.models import bus_tables
 from tests.helpers import bearer, unique
-
-
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    """An SDK provider with an in-memory exporter (the global provider can be set only once)."""
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
 
 
 async def test_a_safe_request_id_is_echoed_and_an_unsafe_one_replaced(
@@ -78,7 +62,6 @@ def test_json_logs_carry_the_request_id_and_extra_fields() -> None:
 async def test_a_request_is_traced_and_its_trace_travels_into_the_events_it_causes(
     authz: httpx.AsyncClient, authz_app: FastAPI, admin_key: str, spans: InMemorySpanExporter
 ) -> None:
-    spans.clear()
     parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     await authz.get("/v1/whoami", headers={**bearer(admin_key), "traceparent": parent})
     server = [s for s in spans.get_finished_spans() if s.name == "GET /v1/whoami"]
