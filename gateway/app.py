@@ -20,13 +20,15 @@ from typing import Any
 
 import httpx
 import uvicorn
+from opentelemetry import context, trace
+from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.api import ApiProxy, console
+from gateway.api import SERVICES, ApiProxy, console
 from gateway.authn import Authenticator
 from gateway.http import openai_error, send_bytes, send_json
-from gateway.inference import InferenceProxy
+from gateway.inference import ENDPOINTS, InferenceProxy
 from gateway.kong.config import load_file, load_state
 from gateway.kong.proxy import KongProxy
 from gateway.kong.runtime import KongRuntime
@@ -36,6 +38,7 @@ from gateway.replica import AuthReplica, CatalogReplica
 from gateway.routes import RouteTable
 from gateway.spool import Spool
 from gateway.sync import Syncer, authz_feed, catalog_feed, inference_feed, metering_feed
+from gateway.tracing import KNOWN_METHODS, configured_tracer, extract, inject_httpx
 from gateway.upstream import UpstreamPool
 from gateway.usage import UsageRecorder
 from libs.common.bus import Bus
@@ -47,6 +50,7 @@ from libs.common.settings import Settings
 log = logging.getLogger("steward.gateway")
 
 _SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._\-]{1,64}$")
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 REQUESTS = Counter(
     "steward_gateway_requests_total", "Requests received by the proxy", ["area", "status"]
 )
@@ -85,17 +89,24 @@ class Gateway:
     oidc_http: httpx.AsyncClient | None = None
     # The Kong declarative config in force (None: no Kong routes); replaced whole by POST /config.
     kong: KongRuntime | None = None
+    # None unless a tracer provider was installed before start (see gateway/tracing.py).
+    tracer: trace.Tracer | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Gateway:
         bus = Bus(settings.nats_url, settings.event_namespace, name="steward-gateway")
         await bus.connect()
+        tracer = configured_tracer()
+        # Every httpx request made while serving a request (``/api``, ``/mcp``, Kong routes, and
+        # authz's whoami for a new token) carries the request's trace context.
+        hooks: dict[str, list[Any]] = {"request": [inject_httpx]} if tracer is not None else {}
         auth = AuthReplica(settings.pepper)
         catalog = CatalogReplica()
         key = settings.gateway_api_key.get_secret_value() if settings.gateway_api_key else None
         if key is None:
             log.warning("STEWARD_GATEWAY_API_KEY is unset: the replicas cannot be loaded")
         authz_client = AuthzClient(settings.authz_url, timeout=10.0)
+        authz_client.http.event_hooks = hooks
         catalog_client = CatalogClient(settings.catalog_url, timeout=10.0)
         inference_client = InferenceClient(settings.inference_url, timeout=10.0)
         routes = RouteTable.from_file(settings.gateway_routes_file)
@@ -135,16 +146,20 @@ class Gateway:
             ),
             usage=usage,
             syncer=syncer,
-            http=httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=False),
+            http=httpx.AsyncClient(
+                limits=limits, timeout=timeout, follow_redirects=False, event_hooks=hooks
+            ),
             upstream=UpstreamPool(
                 connect_timeout=settings.gateway_upstream_connect_timeout_seconds,
                 read_timeout=settings.gateway_upstream_read_timeout_seconds,
                 max_idle_per_origin=settings.gateway_upstream_max_connections,
                 max_active_per_origin=settings.gateway_upstream_max_connections,
+                tracer=tracer,
             ),
             clients=[authz_client, catalog_client, inference_client, metering_client],
             quota=quota,
             oidc_http=oidc_http,
+            tracer=tracer,
         )
         kong = (
             load_file(settings.gateway_kong_config)
@@ -232,6 +247,14 @@ class ProxyApp:
             if scope["type"] == "lifespan":
                 await _lifespan_noop(receive, send)
             return
+        tracer = self.gw.tracer
+        if tracer is not None and _traced(scope["path"]):
+            await self._traced(tracer, scope, receive, send)
+        else:
+            await self._dispatch(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Serve the request by its path prefix; the response status (0: none was sent)."""
         path: str = scope["path"]
         rid = request_id(scope)
         status = 0
@@ -261,13 +284,78 @@ class ProxyApp:
             else:
                 area = "kong"
                 await self.kong(scope, receive, send_counted, rid)
-        except Exception:
+        except Exception as exc:
             log.exception("proxy error", extra={"path": path})
+            trace.get_current_span().record_exception(exc)
             if status == 0:
                 body = openai_error("internal gateway error", "server_error")
                 await send_json(send_counted, 500, body, [(b"x-request-id", rid)])
         finally:
             REQUESTS.labels(area, str(status)).inc()
+        return status
+
+    async def _traced(
+        self, tracer: trace.Tracer, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """``_dispatch`` inside a SERVER span that continues the caller's trace, if it sent one.
+
+        Named ``{method} {route}`` after the HTTP conventions, the route being a template
+        (``/v1/models/{model}``, ``/api/authz/{path}``): never a model, server or id. The areas
+        that learn more (the project, the model, a Kong route) add it to this span themselves.
+        """
+        path: str = scope["path"]
+        method: str = scope["method"]
+        known = method if method in KNOWN_METHODS else "_OTHER"
+        route = route_template(path)
+        name = known if known != "_OTHER" else "HTTP"
+        attributes: dict[str, str] = {
+            "http.request.method": known,
+            "url.path": path,
+            "url.scheme": scope.get("scheme", "http"),
+            "network.protocol.version": scope.get("http_version", "1.1"),
+        }
+        if route is not None:
+            name = f"{name} {route}"
+            attributes["http.route"] = route
+        if known != method:
+            attributes["http.request.method_original"] = method
+        client = scope.get("client")
+        if client:
+            attributes["client.address"] = client[0]
+        parent = extract(scope["headers"])
+        span = tracer.start_span(name, parent, SpanKind.SERVER, attributes)
+        token = context.attach(trace.set_span_in_context(span, parent))
+        status = 0
+        try:
+            status = await self._dispatch(scope, receive, send)
+        finally:
+            context.detach(token)
+            if status:
+                span.set_attribute("http.response.status_code", status)
+            if status >= 500 or status == 0:
+                # No response at all: the client left first, or the task was cancelled.
+                span.set_attribute("error.type", str(status) if status else "incomplete_response")
+                span.set_status(StatusCode.ERROR)
+            span.end()
+
+
+def _traced(path: str) -> bool:
+    """Probes and the console's static files are not worth a span."""
+    return path not in PROBES and not (path == "/console" or path.startswith("/console/"))
+
+
+def route_template(path: str) -> str | None:
+    """The low-cardinality route of a proxied path, for span names (None: not known here)."""
+    if path.startswith("/v1/"):
+        if path in ENDPOINTS or path == "/v1/models":
+            return path
+        return "/v1/models/{model}" if path.startswith("/v1/models/") else None
+    if path.startswith("/mcp/"):
+        return "/mcp/{server}/{path}"
+    if path.startswith("/api/"):
+        service = path[len("/api/") :].partition("/")[0]
+        return f"/api/{service}/{{path}}" if service in SERVICES else None
+    return None  # a Kong route names the span once it is matched (gateway/kong/proxy.py)
 
 
 async def _lifespan_noop(receive: Receive, send: Send) -> None:

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import trace
 from starlette.types import Receive, Scope, Send
 
 from gateway.authn import AuthFailure, project_of
@@ -37,6 +38,8 @@ from gateway.upstream import (
 )
 from libs.common.auth import Principal, decide
 from libs.common.events.inference import CredentialError, open_credential
+from libs.common.observability import GEN_AI_OPERATIONS
+from libs.common.outbox import current_traceparent
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -135,6 +138,7 @@ class InferenceProxy:
             kind=kind,
             started=time.perf_counter(),
         )
+        span = trace.get_current_span() if self.gw.tracer is not None else None
         try:
             await self._call(scope, receive, send, extra, request, body, route, call)
         except Refusal as refusal:
@@ -142,7 +146,11 @@ class InferenceProxy:
             raise
         finally:
             call.observe()
-            self.gw.usage.record(call.to_event())
+            if span is None:
+                self.gw.usage.record(call.to_event())
+            else:
+                _annotate(span, call)
+                self.gw.usage.record(call.to_event(), traceparent=current_traceparent())
 
     async def _models(self, scope: Scope, send: Send, extra: list[tuple[bytes, bytes]]) -> None:
         """Exactly the models this caller may call: entitled, approved, and routed."""
@@ -383,6 +391,22 @@ class InferenceProxy:
         elif not relay.done:
             call.status = "error"
             call.error_type = "upstream_incomplete"
+
+
+def _annotate(span: trace.Span, call: Call) -> None:
+    """What the gateway learnt about the call, on its request's span."""
+    if span.is_recording():
+        span.set_attributes(
+            {
+                "steward.project": call.project,
+                "steward.endpoint": call.endpoint,
+                "gen_ai.operation.name": GEN_AI_OPERATIONS[call.kind],
+                "gen_ai.request.model": call.model,
+                "gen_ai.usage.input_tokens": call.prompt_tokens,
+                "gen_ai.usage.output_tokens": call.completion_tokens,
+                "steward.call.status": call.status,
+            }
+        )
 
 
 class _Progress:

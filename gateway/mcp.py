@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import trace
 from starlette.types import Receive, Scope, Send
 
 from gateway.authn import AuthFailure, project_of
@@ -28,6 +29,7 @@ from gateway.http import (
 )
 from gateway.relay import Outcome, forward
 from libs.common.auth import decide
+from libs.common.outbox import current_traceparent
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -81,6 +83,10 @@ class McpProxy:
             project = project_of(principal, scope)
         except AuthFailure as failure:
             raise McpRefusal(failure.status, failure.message, failure.code) from None
+        if self.gw.tracer is not None:
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.set_attributes({"steward.project": project, "steward.mcp.server": name})
         decision = decide(principal, "mcp.invoke", project)
         if not decision.allowed:
             raise McpRefusal(403, decision.reason, "forbidden")
@@ -163,7 +169,8 @@ class McpProxy:
 
     def _record(self, call: Call) -> None:
         call.observe()
-        self.gw.usage.record(call.to_event())
+        traceparent = current_traceparent() if self.gw.tracer is not None else None
+        self.gw.usage.record(call.to_event(), traceparent=traceparent)
 
     def _track_session(self, method: str, sent: str | None, outcome: Outcome, project: str) -> None:
         if method == "DELETE" and sent is not None:

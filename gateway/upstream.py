@@ -17,9 +17,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httptools
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+
+from gateway.tracing import KNOWN_METHODS, with_context
 
 HIGH_WATER = 1 << 20  # pause reading the upstream beyond this much unread body
 
@@ -180,6 +184,7 @@ class UpstreamResponse:
         self.headers = conn.headers
         self._released = False
         self.slot: asyncio.Semaphore | None = None
+        self.span: trace.Span | None = None  # the CLIENT span, ended with the response
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -218,6 +223,10 @@ class UpstreamResponse:
         if self.slot is not None:
             self.slot.release()
         conn = self._conn
+        if self.span is not None:
+            if not conn.complete:
+                _failed(self.span, "incomplete_response")
+            self.span.end()
         if conn.complete and conn.usable and conn.keep_alive:
             self._pool.release(conn)
         elif conn.transport is not None:
@@ -235,6 +244,7 @@ class UpstreamPool:
         max_idle_per_origin: int = 256,
         max_active_per_origin: int = 1024,
         keepalive_expiry: float = 30.0,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -246,6 +256,7 @@ class UpstreamPool:
         # instead of opening unbounded connections to a model server.
         self._slots: dict[Origin, asyncio.Semaphore] = {}
         self._ssl: ssl.SSLContext | None = None
+        self.tracer = tracer
 
     def release(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.origin, [])
@@ -303,7 +314,45 @@ class UpstreamPool:
         *,
         read_timeout: float | None = None,
     ) -> UpstreamResponse:
-        """Send the request, wait for the response head; the body is read from the response."""
+        """Send the request, wait for the response head; the body is read from the response.
+
+        With a tracer, a CLIENT span covers the call until the response is closed, and the
+        request carries its context in place of any the caller's headers had.
+        """
+        if self.tracer is None:
+            return await self._request(method, url, headers, body, read_timeout)
+        origin, _ = Origin.of(url)
+        span = self.tracer.start_span(
+            method if method in KNOWN_METHODS else "HTTP",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "http.request.method": method if method in KNOWN_METHODS else "_OTHER",
+                "server.address": origin.host,
+                "server.port": origin.port,
+                "url.full": _redacted(url),
+            },
+        )
+        headers = with_context(headers, trace.set_span_in_context(span))
+        try:
+            response = await self._request(method, url, headers, body, read_timeout)
+        except BaseException as exc:
+            _failed(span, getattr(exc, "kind", type(exc).__qualname__))
+            span.end()
+            raise
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 400:
+            _failed(span, str(response.status))
+        response.span = span
+        return response
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        read_timeout: float | None,
+    ) -> UpstreamResponse:
         origin, target = Origin.of(url)
         timeout = read_timeout or self.read_timeout
         head = bytearray(f"{method} {target} HTTP/1.1\r\n".encode())
@@ -363,3 +412,17 @@ class UpstreamPool:
                 if conn.transport is not None:
                     conn.transport.close()
         self._idle.clear()
+
+
+def _failed(span: trace.Span, error_type: str) -> None:
+    span.set_attribute("error.type", error_type)
+    span.set_status(StatusCode.ERROR)
+
+
+def _redacted(url: str) -> str:
+    """``url.full`` without credentials (the HTTP conventions ask for it)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"REDACTED:REDACTED@{host}"))

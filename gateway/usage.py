@@ -29,13 +29,16 @@ BATCH = 256
 # Beyond this many queued events, new ones go straight to disk rather than to memory.
 MAX_QUEUED = 50_000
 
+# A payload and the W3C traceparent of the request that caused it (None: not traced).
+Queued = tuple[UsageRecorded, str | None]
+
 
 class UsageRecorder:
     def __init__(self, bus: Bus, spool: Spool, *, source: str = "gateway") -> None:
         self.bus = bus
         self.spool = spool
         self.source = source
-        self._queue: asyncio.Queue[UsageRecorded] = asyncio.Queue()
+        self._queue: asyncio.Queue[Queued] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._spool_task: asyncio.Task[None] | None = None
         self._spooled = asyncio.Event()
@@ -44,17 +47,20 @@ class UsageRecorder:
         if spool.size():
             self._spooled.set()
 
-    def record(self, payload: UsageRecorded) -> None:
+    def record(self, payload: UsageRecorded, *, traceparent: str | None = None) -> None:
+        """Queue a usage event; ``traceparent`` puts it in the trace of the call's request."""
         if self._queue.qsize() >= MAX_QUEUED:
-            self.spool.append([self._wrap(payload)])
+            self.spool.append([self._wrap(payload, traceparent)])
             self.spooled += 1
             USAGE_EVENTS.labels("spooled").inc()
             self._spooled.set()
             return
-        self._queue.put_nowait(payload)
+        self._queue.put_nowait((payload, traceparent))
 
-    def _wrap(self, payload: UsageRecorded) -> bytes:
-        event = CloudEvent.wrap(payload, source=self.source, entity=payload.project)
+    def _wrap(self, payload: UsageRecorded, traceparent: str | None = None) -> bytes:
+        event = CloudEvent.wrap(
+            payload, source=self.source, entity=payload.project, traceparent=traceparent
+        )
         # The payload's id is the event's id: one id for JetStream, metering and the spool.
         event.id = payload.event_id
         event.time = payload.time
@@ -70,7 +76,7 @@ class UsageRecorder:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        pending: list[UsageRecorded] = []
+        pending: list[Queued] = []
         while not self._queue.empty():
             pending.append(self._queue.get_nowait())
         if pending:
@@ -85,11 +91,11 @@ class UsageRecorder:
                 await self._publish_or_spool(batch)
             except asyncio.CancelledError:
                 # Shutdown in the middle of a batch: keep it on disk, delivered next start.
-                self.spool.append(self._wrap(p) for p in batch)
+                self.spool.append(self._wrap(*queued) for queued in batch)
                 raise
 
-    async def _publish_or_spool(self, batch: Sequence[UsageRecorded]) -> None:
-        bodies = [(p.event_id, self._wrap(p)) for p in batch]
+    async def _publish_or_spool(self, batch: Sequence[Queued]) -> None:
+        bodies = [(payload.event_id, self._wrap(payload, tp)) for payload, tp in batch]
         if self.bus.connected and not self._spooled.is_set():
             results = await asyncio.gather(
                 *(self._publish(event_id, body) for event_id, body in bodies),

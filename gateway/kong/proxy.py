@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from opentelemetry import trace
 from starlette.types import Receive, Scope, Send
 
 from gateway.http import (
@@ -27,12 +28,14 @@ from gateway.kong.runtime import (
     Identity,
     KongError,
     KongRuntime,
+    Match,
     cookies_of,
     join_query,
     split_query,
 )
 from gateway.kong.schema import RateLimitingConfig
 from gateway.relay import Outcome, forward
+from gateway.tracing import KNOWN_METHODS
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -91,6 +94,8 @@ class KongProxy:
         if match is None:
             raise KongError(404, "no Route matched with those values")
         route_id, service_id = match.route["id"], match.service["id"]
+        if self.gw.tracer is not None:
+            _name_span(trace.get_current_span(), scope["method"], match)
         query = split_query(scope.get("query_string", b""))
         identity = Identity()
         for name in ("jwt", "key-auth"):
@@ -243,6 +248,23 @@ class KongProxy:
         return self.gw.http.build_request(
             scope["method"], url, content=body, headers=out, timeout=timeout
         )
+
+
+def _name_span(span: trace.Span, method: str, match: Match) -> None:
+    """The request's span, named after the Kong route: its path prefix (a regex match would
+    be the concrete path, so it is left out) and, as attributes, the route and service."""
+    if not span.is_recording():
+        return
+    route, service = match.route, match.service
+    span.set_attributes(
+        {
+            "steward.kong.route": str(route.get("name") or route["id"]),
+            "steward.kong.service": str(service.get("name") or service["id"]),
+        }
+    )
+    if match.matched and match.matched in match.compiled.prefixes:
+        span.set_attribute("http.route", match.matched)
+        span.update_name(f"{method if method in KNOWN_METHODS else 'HTTP'} {match.matched}")
 
 
 def _limit_key(
