@@ -235,18 +235,18 @@ async def test_gpu_hours_follow_starts_scales_and_stops_and_are_held_to_the_plan
 
     await eventually(audited, what="the audit record")
 
-    # Still running: the open period counts up to now, and the event is not sent again.
-    clock.travel(1800)
+    # Ready after provisioning: the same GPUs, so the same open period, and no second event.
     await send(gateway_bus, state("ready"), t0 + 2.6 * HOUR)
 
-    async def counted_to_now() -> bool:
+    async def ready() -> bool:
         found = await endpoint_in(metering, viewer, project, endpoint)
         return found is not None and found["status"] == "ready"
 
-    await eventually(counted_to_now, what="the ready event")
+    await eventually(ready, what="the ready event")
     found = await endpoint_in(metering, viewer, project, endpoint)
     assert found is not None
-    assert found["gpu_hours"] == pytest.approx(6.0, abs=0.02)
+    assert found["gpu_hours"] == pytest.approx(5.0, abs=0.02)
+    assert found["first_held_at"] == t0.isoformat().replace("+00:00", "Z")
     assert len(over_plan_events.of(endpoint)) == 1
 
 
