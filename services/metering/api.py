@@ -407,8 +407,16 @@ async def endpoint_costs(
         currency=currency,
         gpu_hours=round(sum(c.gpu_hours for c in costs), 6),
         cost=_cost(sum(c.cost_nanos for c in costs)),
+        # Each approved plan once, though a request may have had several endpoints (a failed
+        # one, then its replacement).
         estimated_cost=_cost(
-            sum(c.plan.estimated_cost_nanos for c in costs if c.plan and c.comparable)
+            sum(
+                {
+                    c.plan.request_id: c.plan.estimated_cost_nanos
+                    for c in costs
+                    if c.plan and c.comparable
+                }.values()
+            )
         ),
         endpoints=[_endpoint_cost_read(c) for c in costs],
     )

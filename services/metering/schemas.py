@@ -282,7 +282,9 @@ class EndpointCostReport(BaseModel):
     currency: str
     gpu_hours: float
     cost: float
-    estimated_cost: float = Field(description="The sum of the plans in ``currency``")
+    estimated_cost: float = Field(
+        description="The sum of the plans in ``currency``, each approved request once"
+    )
     endpoints: list[EndpointCostRead]
 
 

@@ -380,6 +380,11 @@ async def test_the_cli_shows_endpoint_costs_beside_their_plans(
         "stopped", project, endpoint, route=unique("cli"), gpus=4, request_id=approved.request_id
     )
     t0 = clock() - HOUR
+    # A first attempt failed before holding anything; the second ran for half an hour.
+    failed = endpoint_state(
+        "failed", project, new_id(), route=unique("cli"), gpus=4, request_id=approved.request_id
+    )
+    await send(gateway_bus, failed, t0)
     await send(gateway_bus, replace_status(state, "ready"), t0)
     await send(gateway_bus, state, t0 + 0.5 * HOUR)
 
@@ -395,7 +400,9 @@ async def test_the_cli_shows_endpoint_costs_beside_their_plans(
     assert table.exit_code == 0, table.output
     assert endpoint in table.output and "50%" in table.output  # 2 of 4 planned GPU-hours
     assert "2.00 GPU-hours, 4.00 USD (planned 8.00)" in table.output
-    [row] = json.loads(as_json.output)["endpoints"]
+    # Both attempts show the plan; the totals count it once. (A running inference service may
+    # act on the approval too, and fail the same way: nothing is in the catalog.)
+    [row] = [e for e in json.loads(as_json.output)["endpoints"] if e["endpoint_id"] == endpoint]
     assert row["gpu_hours"] == pytest.approx(2.0) and row["cost"] == pytest.approx(4.0)
 
 
