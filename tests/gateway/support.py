@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -153,7 +154,10 @@ async def usage_events(
                 msg = await sub.next_msg(timeout=0.2)
             except TimeoutError:
                 continue
-            event = CloudEvent.model_validate_json(msg.data)
+            try:
+                event = CloudEvent.model_validate_json(msg.data)
+            except ValidationError:
+                continue  # metering's tests publish unreadable events on purpose
             if event.data["project"] == project:
                 found.append(event.model_dump(mode="json"))
                 if len(found) >= count and grace is None:
