@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 import httpx
+from opentelemetry import propagate
 
 from libs.common.auth import Decision, Principal
 from libs.common.errors import Forbidden, ServiceUnavailable, Unauthorized
@@ -43,6 +44,8 @@ class ServiceClient:
             headers["Authorization"] = f"Bearer {credential}"
         if rid := request_id_var.get():
             headers["X-Request-Id"] = rid
+        # The caller's trace continues in the service called (nothing without a tracer provider).
+        propagate.inject(headers)
         idempotent = method in {"GET", "HEAD", "PUT", "DELETE"} or kwargs.pop("idempotent", False)
         attempts = 1 + (self.retries if idempotent else 0)
         for attempt in range(attempts):

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from libs.common.events import CloudEvent
 from libs.common.observability import JSONFormatter, request_id_var
 from services.authz.models import bus_tables
-from tests.helpers import bearer, unique
+from tests.helpers import bearer, member_key, new_project, unique
 
 
 async def test_a_safe_request_id_is_echoed_and_an_unsafe_one_replaced(
@@ -83,3 +83,30 @@ async def test_a_request_is_traced_and_its_trace_travels_into_the_events_it_caus
     assert created and all(
         e.traceparent and "0af7651916cd43dd8448eb211c80319c" in e.traceparent for e in created
     )
+
+
+async def test_a_service_calling_another_carries_the_trace_into_it(
+    authz: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    admin_key: str,
+    spans: InMemorySpanExporter,
+) -> None:
+    # A key approval has never seen: it asks authz who holds it, within the request's trace.
+    project = await new_project(authz, admin_key, "trace")
+    key = await member_key(authz, admin_key, project, "viewer", ["requests:write"])
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    answer = await approval.get(
+        f"/v1/projects/{project}/requests", headers={**bearer(key), "traceparent": parent}
+    )
+    assert answer.status_code == 200
+    finished = spans.get_finished_spans()
+    approval_span = next(s for s in finished if s.name == "GET /v1/projects/{project}/requests")
+    trace_id = approval_span.context.trace_id
+    assert format(trace_id, "032x") == "4bf92f3577b34da6a3ce929d0e0e4736"
+    in_trace = [s for s in finished if s.context.trace_id == trace_id]
+    # authz's server span, below approval's (through the client span of the call it made).
+    authz_spans = [s for s in in_trace if s.kind.name == "SERVER" and s is not approval_span]
+    assert authz_spans, "authz's span is not in approval's trace"
+    ids = {s.context.span_id for s in in_trace}
+    assert all(s.parent is not None and s.parent.span_id in ids for s in authz_spans)
+    assert all(s.start_time >= approval_span.start_time for s in authz_spans)
