@@ -294,7 +294,8 @@ class InferenceProxy:
             state,
         )
         try:
-            disconnected = await until_disconnect(work, receive)
+            if await until_disconnect(work, receive):
+                _after_disconnect(call, state, request, prompt_estimate)
         except UpstreamTimeout as exc:
             call.fail(504, "timeout")
             if not isinstance(exc, UpstreamConnectError):
@@ -313,14 +314,10 @@ class InferenceProxy:
             await _end_stream_with_error(send, "the model connection broke", "upstream_error")
             return
         finally:
+            # After the call's tokens are known, however it ended.
             self.gw.quota.settle(
                 reservation, input_tokens=call.prompt_tokens, output_tokens=call.completion_tokens
             )
-        if disconnected and not state.complete:
-            call.status = "cancelled"
-            call.error_type = "client_disconnected"
-            call.http_status = call.http_status or 499
-            _settle_cut_stream(call, state, request, prompt_estimate)
 
     async def _exchange(
         self,
@@ -381,6 +378,7 @@ class InferenceProxy:
                 call.first_token = time.perf_counter()
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
+                state.answered = relay.done
         tail = relay.flush()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         state.complete = True
@@ -410,12 +408,14 @@ def _annotate(span: trace.Span, call: Call) -> None:
 
 
 class _Progress:
-    """How far a response got: headers sent (no more error status possible), all sent."""
+    """How far a response got: headers sent (no more error status possible), ``[DONE]`` sent
+    (the client has the whole answer), all sent."""
 
-    __slots__ = ("complete", "relay", "started")
+    __slots__ = ("answered", "complete", "relay", "started")
 
     def __init__(self) -> None:
         self.started = False
+        self.answered = False
         self.complete = False
         self.relay: StreamRelay | None = None
 
@@ -464,6 +464,25 @@ def _account(call: Call, status: int, payload: bytes, request: dict[str, Any]) -
     call.prompt_tokens = estimate_prompt(request)
     if isinstance(response, dict) and call.kind != "embedding":
         call.completion_tokens = estimate_text(completion_text(response))
+
+
+def _after_disconnect(
+    call: Call, state: _Progress, request: dict[str, Any], prompt_estimate: int
+) -> None:
+    """The client left. After ``[DONE]`` it had the whole answer (it hung up before the
+    upstream's last bytes): the call is complete, with the usage it carried. Before, the call
+    was cancelled and its tokens are estimated from what was relayed."""
+    if state.complete:
+        return
+    if state.answered:
+        assert state.relay is not None
+        state.complete = True
+        _settle_stream_usage(call, state.relay, request, prompt_estimate)
+        return
+    call.status = "cancelled"
+    call.error_type = "client_disconnected"
+    call.http_status = call.http_status or 499
+    _settle_cut_stream(call, state, request, prompt_estimate)
 
 
 def _settle_stream_usage(

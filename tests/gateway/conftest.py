@@ -33,6 +33,7 @@ MODELS = [
     "echo-cut",
     "echo-error",
     "echo-hang",
+    "echo-linger",
     "revocable",
     "unapproved",
     "uncatalogued",

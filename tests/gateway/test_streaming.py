@@ -149,6 +149,34 @@ async def test_a_client_disconnect_mid_stream_stops_the_upstream(
     assert data["usage_source"] == "estimated"
 
 
+async def test_a_client_that_hangs_up_after_done_made_a_complete_call(
+    gw: RunningGateway, authz: httpx.AsyncClient, admin_key: str, settings: Settings
+) -> None:
+    """The OpenAI SDKs close the connection once they read ``[DONE]``; an upstream may still be
+    sending its last bytes. The call is complete, with the upstream's usage."""
+    t = await tenant(authz, admin_key, gw, ["echo-linger"])
+    body = {
+        "model": "echo-linger",
+        "stream": True,
+        "messages": [{"role": "user", "content": "a b"}],
+    }
+    async with (
+        httpx.AsyncClient(base_url=gw.url, timeout=10) as http,
+        http.stream("POST", "/v1/chat/completions", json=body, headers=bearer(t.key)) as response,
+    ):
+        assert response.status_code == 200
+        received = b""
+        async for chunk in response.aiter_bytes():
+            received += chunk
+            if b"data: [DONE]" in received:
+                break  # hang up, as the SDKs do, while the upstream lingers
+    [event] = await usage_events(settings.nats_url, settings.event_namespace, t.project, 1)
+    data = event["data"]
+    assert data["status"] == "ok" and data["error_type"] is None
+    assert data["usage_source"] == "upstream"
+    assert (data["prompt_tokens"], data["completion_tokens"]) == (7, 4)  # "you said: a b"
+
+
 async def _abandoned(upstream: str, before: int) -> bool:
     stats = await upstream_json(upstream, "/_stats")
     return bool(stats["abandoned"] > before)

@@ -10,6 +10,7 @@ behaviour, so one process serves every case:
 - ``…cut…``: streams three chunks then drops the connection.
 - ``…hang…``: waits 5 s before answering (for timeouts).
 - ``…error…``: answers 500 with an OpenAI error object.
+- ``…linger…``: keeps a stream open for 2 s after ``[DONE]`` (a client may hang up first).
 
 ``/anything/…`` echoes the request back (for Kong routes).
 
@@ -99,6 +100,8 @@ async def _stream(
         if options.get("include_usage") and "nousage" not in model:
             yield _usage(model, 7, count)
         yield b"data: [DONE]\n\n"
+        if "linger" in model:
+            await asyncio.sleep(2)
         finished = True
     finally:
         STATS["completed" if finished else "abandoned"] += 1
