@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from libs.common.settings import Settings
-from tests.helpers import bearer, ok, serve
+from tests.helpers import bearer, free_port, ok, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 CONSOLE = ROOT / "console"
@@ -79,12 +79,17 @@ async def stack(
             "catalog": await stack.enter_async_context(serve(catalog_app)),
             "approval": await stack.enter_async_context(serve(approval_app)),
         }
+        # Inference and metering do not run here (test_endpoint_journey starts its own): a
+        # closed port, not their default one, where a local `steward up` may be answering.
+        nowhere = f"http://127.0.0.1:{free_port()}"
         gateway_settings = settings.model_copy(
             update={
                 "data_dir": tmp_path_factory.mktemp("console-gateway"),
                 "authz_url": urls["authz"],
                 "catalog_url": urls["catalog"],
                 "approval_url": urls["approval"],
+                "inference_url": nowhere,
+                "metering_url": nowhere,
                 "gateway_api_key": SecretStr(console_gateway_key),
                 "gateway_console_dir": CONSOLE,
             }
