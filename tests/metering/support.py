@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+from nats.js.api import DeliverPolicy
 
 from libs.common.bus import Bus
 from libs.common.db import new_id, utcnow
@@ -126,3 +128,39 @@ async def db_count(dsn: str, sql: str, *args: Any) -> int:
 
 def asyncpg_dsn(database_url: str) -> str:
     return database_url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+class Heard:
+    """The events heard on a subscription, found by subject and the id of what they are about."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.received: list[CloudEvent] = []
+
+    def of(self, subject: str, entity: str) -> list[CloudEvent]:
+        return [
+            e
+            for e in self.received
+            if e.relative_subject == subject and e.data.get(self.key) == entity
+        ]
+
+
+@contextlib.asynccontextmanager
+async def hearing(bus: Bus, pattern: str, key: str) -> AsyncIterator[Heard]:
+    """Every event on ``pattern`` published from now on (a real JetStream subscription)."""
+    heard = Heard(key)
+
+    async def on_msg(msg: Any) -> None:
+        heard.received.append(CloudEvent.model_validate_json(msg.data))
+
+    sub = await bus.js.subscribe(
+        bus.subject(pattern),
+        cb=on_msg,
+        stream=bus.stream("EVENTS"),
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.NEW,
+    )
+    try:
+        yield heard
+    finally:
+        await sub.unsubscribe()

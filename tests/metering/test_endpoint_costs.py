@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from nats.js.api import DeliverPolicy
 
 from libs.common.bus import Bus
 from libs.common.db import new_id
@@ -22,7 +21,7 @@ from libs.common.events.inference import EVENTS_BY_STATUS
 from tests.cli.test_gitops import steward
 from tests.helpers import bearer, member_key, new_project, ok, serve, unique
 from tests.metering.conftest import Clock
-from tests.metering.support import eventually
+from tests.metering.support import Heard, eventually, hearing
 
 HOUR = timedelta(hours=1)
 
@@ -121,32 +120,13 @@ async def endpoint_in(
     return found[0] if found else None
 
 
-class OverPlan:
-    """Every ``metering.endpoint.over_plan`` event published from now on."""
-
-    def __init__(self) -> None:
-        self.received: list[CloudEvent] = []
-
-    def of(self, endpoint_id: str) -> list[dict[str, Any]]:
-        return [e.data for e in self.received if e.data["endpoint_id"] == endpoint_id]
+OVER_PLAN = "metering.endpoint.over_plan"
 
 
 @pytest.fixture
-async def over_plan_events(gateway_bus: Bus) -> AsyncIterator[OverPlan]:
-    events = OverPlan()
-
-    async def on_msg(msg: Any) -> None:
-        events.received.append(CloudEvent.model_validate_json(msg.data))
-
-    sub = await gateway_bus.js.subscribe(
-        gateway_bus.subject("metering.endpoint.over_plan"),
-        cb=on_msg,
-        stream=gateway_bus.stream("EVENTS"),
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.NEW,
-    )
-    yield events
-    await sub.unsubscribe()
+async def over_plan_events(gateway_bus: Bus) -> AsyncIterator[Heard]:
+    async with hearing(gateway_bus, OVER_PLAN, "endpoint_id") as heard:
+        yield heard
 
 
 async def test_gpu_hours_follow_starts_scales_and_stops_and_are_held_to_the_plan(
@@ -156,7 +136,7 @@ async def test_gpu_hours_follow_starts_scales_and_stops_and_are_held_to_the_plan
     gateway_bus: Bus,
     admin_key: str,
     clock: Clock,
-    over_plan_events: OverPlan,
+    over_plan_events: Heard,
 ) -> None:
     project = await new_project(authz, admin_key, "gpu")
     viewer = await member_key(authz, admin_key, project, "viewer", ["usage:read"])
@@ -202,16 +182,17 @@ async def test_gpu_hours_follow_starts_scales_and_stops_and_are_held_to_the_plan
     assert found["plan_used"] == pytest.approx(1.0)
     assert found["over_plan"] is None
     assert found["planned_until"] == (t0 + 2 * HOUR).isoformat().replace("+00:00", "Z")
-    assert over_plan_events.of(endpoint) == []
+    assert over_plan_events.of(OVER_PLAN, endpoint) == []
 
     # Started again 2.5 hours in (2 GPUs); the clock says now is 3 hours in: one GPU-hour more.
     await send(gateway_bus, state("provisioning"), t0 + 2.5 * HOUR)
 
     async def announced() -> bool:
-        return bool(over_plan_events.of(endpoint))
+        return bool(over_plan_events.of(OVER_PLAN, endpoint))
 
     await eventually(announced, what="the over-plan event")
-    [event] = over_plan_events.of(endpoint)
+    [heard] = over_plan_events.of(OVER_PLAN, endpoint)
+    event = heard.data
     assert event["reason"] == "cost"
     assert event["request_id"] == approved.request_id
     assert event["estimated_cost"] == "12"
@@ -247,7 +228,7 @@ async def test_gpu_hours_follow_starts_scales_and_stops_and_are_held_to_the_plan
     assert found is not None
     assert found["gpu_hours"] == pytest.approx(5.0, abs=0.02)
     assert found["first_held_at"] == t0.isoformat().replace("+00:00", "Z")
-    assert len(over_plan_events.of(endpoint)) == 1
+    assert len(over_plan_events.of(OVER_PLAN, endpoint)) == 1
 
 
 async def test_the_price_tables_gpu_hour_price_wins_over_the_plans_rate(

@@ -21,39 +21,21 @@ from libs.common.events import CloudEvent
 from libs.common.events.metering import QuotaState
 from tests.helpers import bearer, issue_key, member_key, new_project, ok, serve
 from tests.metering.conftest import Clock
-from tests.metering.support import asyncpg_dsn, db_count, eventually, publish, usage
-
-
-class Events:
-    """Every ``metering.quota.*`` event published from now on (a real subscription)."""
-
-    def __init__(self) -> None:
-        self.received: list[CloudEvent] = []
-
-    def of(self, subject: str, quota_id: str) -> list[CloudEvent]:
-        return [
-            e
-            for e in self.received
-            if e.relative_subject == subject and e.data.get("quota_id") == quota_id
-        ]
+from tests.metering.support import (
+    Heard,
+    asyncpg_dsn,
+    db_count,
+    eventually,
+    hearing,
+    publish,
+    usage,
+)
 
 
 @pytest.fixture
-async def quota_events(gateway_bus: Bus) -> AsyncIterator[Events]:
-    events = Events()
-
-    async def on_msg(msg: Any) -> None:
-        events.received.append(CloudEvent.model_validate_json(msg.data))
-
-    sub = await gateway_bus.js.subscribe(
-        gateway_bus.subject("metering.quota.>"),
-        cb=on_msg,
-        stream=gateway_bus.stream("EVENTS"),
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.NEW,
-    )
-    yield events
-    await sub.unsubscribe()
+async def quota_events(gateway_bus: Bus) -> AsyncIterator[Heard]:
+    async with hearing(gateway_bus, "metering.quota.>", "quota_id") as heard:
+        yield heard
 
 
 class Hook:
@@ -108,7 +90,7 @@ async def test_a_platform_admin_sets_changes_and_removes_a_quota_with_events_and
     authz: httpx.AsyncClient,
     metering: httpx.AsyncClient,
     admin_key: str,
-    quota_events: Events,
+    quota_events: Heard,
     approval: httpx.AsyncClient,
 ) -> None:
     project = await new_project(authz, admin_key, "quota")
@@ -324,7 +306,7 @@ async def test_the_soft_warning_fires_once_per_window_and_its_webhook_is_retried
     metering: httpx.AsyncClient,
     gateway_bus: Bus,
     admin_key: str,
-    quota_events: Events,
+    quota_events: Heard,
     clock: Clock,
 ) -> None:
     align(clock, 3600, into=60)  # all in one hour whatever the wall time
@@ -377,7 +359,7 @@ async def test_the_hard_limit_blocks_with_headers_and_recovers_when_the_window_r
     metering: httpx.AsyncClient,
     gateway_bus: Bus,
     admin_key: str,
-    quota_events: Events,
+    quota_events: Heard,
     clock: Clock,
 ) -> None:
     align(clock, 60, into=5)  # 55 s left in the minute
@@ -428,7 +410,7 @@ async def test_lowering_a_limit_below_current_usage_flags_it_at_once(
     metering: httpx.AsyncClient,
     gateway_bus: Bus,
     admin_key: str,
-    quota_events: Events,
+    quota_events: Heard,
     clock: Clock,
 ) -> None:
     align(clock, 86400, into=3600)
