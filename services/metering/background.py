@@ -125,7 +125,39 @@ class QuotaPublisher:
                 log.exception("quota usage publication failed; retrying")
 
 
-class PlanWatch:
+class Periodic:
+    """Work done every ``interval`` seconds until cancelled, first at start; a failure is logged
+    and tried again at the next round."""
+
+    what = "background work"
+
+    def __init__(
+        self, sessionmaker: async_sessionmaker[AsyncSession], settings: Settings, clock: Clock
+    ) -> None:
+        self.sessionmaker = sessionmaker
+        self.settings = settings
+        self.clock = clock
+
+    @property
+    def interval(self) -> float:
+        raise NotImplementedError
+
+    async def run_once(self) -> object:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        while True:
+            stop_if_cancelled()
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(f"{self.what} failed; retrying at the next round")
+            await asyncio.sleep(self.interval)
+
+
+class PlanWatch(Periodic):
     """Checks the endpoints that hold GPUs against their approved plans every
     ``metering_plan_check_seconds``: an endpoint's events say when it started, but only time says
     when it ran past its plan.
@@ -135,12 +167,11 @@ class PlanWatch:
     larger size until they are, so an early announcement is possible then, never a missed one.
     """
 
-    def __init__(
-        self, sessionmaker: async_sessionmaker[AsyncSession], settings: Settings, clock: Clock
-    ) -> None:
-        self.sessionmaker = sessionmaker
-        self.settings = settings
-        self.clock = clock
+    what = "checking endpoints against their plans"
+
+    @property
+    def interval(self) -> float:
+        return self.settings.metering_plan_check_seconds
 
     async def run_once(self) -> int:
         async with self.sessionmaker() as session, session.begin():
@@ -149,29 +180,17 @@ class PlanWatch:
             )
             return await endpoints.check_over_plan(uow, self.settings, self.clock())
 
-    async def run(self) -> None:
-        while True:
-            stop_if_cancelled()
-            await asyncio.sleep(self.settings.metering_plan_check_seconds)
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("checking endpoints against their plans failed; retrying")
 
-
-class Retention:
-    """Deletes what has outlived its retention, in small transactions, every ``interval``."""
+class Retention(Periodic):
+    """Deletes what has outlived its retention, in small transactions, every
+    ``metering_retention_interval_seconds``."""
 
     CHUNK = 5000
+    what = "retention"
 
-    def __init__(
-        self, sessionmaker: async_sessionmaker[AsyncSession], settings: Settings, clock: Clock
-    ) -> None:
-        self.sessionmaker = sessionmaker
-        self.settings = settings
-        self.clock = clock
+    @property
+    def interval(self) -> float:
+        return self.settings.metering_retention_interval_seconds
 
     async def run_once(self) -> dict[str, int]:
         s = self.settings
@@ -233,17 +252,6 @@ class Retention:
                 if n < self.CHUNK:
                     break
             deleted[name] = total
+        if any(deleted.values()):
+            log.info("retention", extra={"deleted": deleted})
         return deleted
-
-    async def run(self) -> None:
-        while True:
-            stop_if_cancelled()
-            try:
-                deleted = await self.run_once()
-                if any(deleted.values()):
-                    log.info("retention", extra={"deleted": deleted})
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("retention failed; retrying at the next interval")
-            await asyncio.sleep(self.settings.metering_retention_interval_seconds)
