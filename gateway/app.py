@@ -97,8 +97,9 @@ class Gateway:
         bus = Bus(settings.nats_url, settings.event_namespace, name="steward-gateway")
         await bus.connect()
         tracer = configured_tracer()
-        # Every httpx request made while serving a request (``/api``, ``/mcp``, Kong routes, and
-        # authz's whoami for a new token) carries the request's trace context.
+        # Every httpx request made while serving a request (``/api``, ``/mcp``, Kong routes)
+        # carries the request's trace context; the service clients (authz's whoami for a new
+        # token) inject it themselves.
         hooks: dict[str, list[Any]] = {"request": [inject_httpx]} if tracer is not None else {}
         auth = AuthReplica(settings.pepper)
         catalog = CatalogReplica()
@@ -106,7 +107,6 @@ class Gateway:
         if key is None:
             log.warning("STEWARD_GATEWAY_API_KEY is unset: the replicas cannot be loaded")
         authz_client = AuthzClient(settings.authz_url, timeout=10.0)
-        authz_client.http.event_hooks = hooks
         catalog_client = CatalogClient(settings.catalog_url, timeout=10.0)
         inference_client = InferenceClient(settings.inference_url, timeout=10.0)
         routes = RouteTable.from_file(settings.gateway_routes_file)
