@@ -64,35 +64,51 @@ def check(usage: UsageRecorded) -> str | None:
     return None
 
 
-def _zero_minute(key: tuple[Any, ...]) -> dict[str, Any]:
-    row: dict[str, Any] = dict.fromkeys(MINUTE_SUMS, 0)
-    row.update(zip(("minute", "project", "model", "credential_id", "endpoint"), key, strict=True))
-    row["ttft_sum_ms"] = row["duration_sum_ms"] = 0.0
-    return row
+# Where each per-minute sum sits in an accumulator list (see ``Ingest.minutes``): list slots
+# instead of one dict per aggregate row, because the loop runs for every event.
+_SLOT = {name: i for i, name in enumerate(MINUTE_SUMS)}
+_REQUESTS, _ERRORS, _PROMPT, _COMPLETION, _COST = (
+    _SLOT[c] for c in ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_nanos")
+)
+_DURATION_SUM, _TTFT_COUNT, _TTFT_SUM = (
+    _SLOT[c] for c in ("duration_sum_ms", "ttft_count", "ttft_sum_ms")
+)
+_DURATION_SLOTS = tuple(_SLOT[c] for c in DURATION_BUCKETS)
+_TTFT_SLOTS = tuple(_SLOT[c] for c in TTFT_BUCKETS)
+_ZERO_SUMS: list[Any] = [0] * len(MINUTE_SUMS)
+_ZERO_SUMS[_DURATION_SUM] = _ZERO_SUMS[_TTFT_SUM] = 0.0  # float8 columns
+_MINUTE_KEY = ("minute", "project", "model", "credential_id", "endpoint")
+
+
+def raw_values(event_id: str, u: UsageRecorded, cost_nanos: int) -> tuple[Any, ...]:
+    """The raw usage row one event becomes, in ``repository.EVENT_COLUMNS`` order (a tuple:
+    the ingest builds one per event, and the collector stops tracking a tuple of plain values
+    at its first pass)."""
+    return (
+        event_id,
+        u.time,
+        u.project,
+        u.credential_id,
+        u.subject_id,
+        u.model,
+        u.endpoint,
+        u.kind,
+        u.prompt_tokens,
+        u.completion_tokens,
+        u.ttft_ms,
+        u.duration_ms,
+        u.http_status,
+        u.status,
+        (u.error_type or None) and u.error_type[:64],
+        u.usage_source,
+        u.stream,
+        cost_nanos,
+    )
 
 
 def raw_row(event_id: str, u: UsageRecorded, cost_nanos: int) -> dict[str, Any]:
-    """The raw usage row one event becomes (the benchmark's baseline inserts the same rows)."""
-    return {
-        "event_id": event_id,
-        "time": u.time,
-        "project": u.project,
-        "credential_id": u.credential_id,
-        "subject_id": u.subject_id,
-        "model": u.model,
-        "endpoint": u.endpoint,
-        "kind": u.kind,
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "ttft_ms": u.ttft_ms,
-        "duration_ms": u.duration_ms,
-        "http_status": u.http_status,
-        "status": u.status,
-        "error_type": (u.error_type or None) and u.error_type[:64],
-        "usage_source": u.usage_source,
-        "stream": u.stream,
-        "cost_nanos": cost_nanos,
-    }
+    """The same row by column name (the benchmark's baseline inserts the same rows)."""
+    return dict(zip(repo.EVENT_NAMES, raw_values(event_id, u, cost_nanos), strict=True))
 
 
 class Ingest:
@@ -107,10 +123,13 @@ class Ingest:
 
     async def __call__(self, session: AsyncSession, events: Sequence[CloudEvent]) -> None:
         now = self.clock()
-        accepted: list[tuple[str, UsageRecorded]] = []
+        latest = now + FUTURE_TOLERANCE
+        validate = UsageRecorded.model_validate
+        ids: list[str] = []
+        usages: list[UsageRecorded] = []
         for event in events:
             try:
-                usage = UsageRecorded.model_validate(event.data)
+                usage = validate(event.data)
                 reason = check(usage)
             except ValidationError as exc:
                 reason = str(exc).replace("\n", " ")
@@ -120,31 +139,32 @@ class Ingest:
                 log.error("usage event rejected", extra={"event_id": event.id, "reason": reason})
                 metrics.EVENTS.labels("rejected").inc()
                 continue
-            if usage.time > now + FUTURE_TOLERANCE:
+            if usage.time > latest:
                 usage = usage.model_copy(update={"time": now})
-            accepted.append((event.id, usage))
-        if not accepted:
+            ids.append(event.id)
+            usages.append(usage)
+        if not usages:
             return
-        usages = [u for _, u in accepted]
         prices = await repo.prices_for(session, sorted({u.model for u in usages}))
-        rows: list[dict[str, Any]] = []
-        costs: dict[str, int] = {}
-        for event_id, u in accepted:
+        costs: list[int] = []
+        for u in usages:
             price = prices.get(u.model)
-            cost = domain.cost_nanos(price, u.prompt_tokens, u.completion_tokens) if price else 0
-            costs[event_id] = cost
-            rows.append(raw_row(event_id, u, cost))
+            costs.append(
+                domain.cost_nanos(price, u.prompt_tokens, u.completion_tokens) if price else 0
+            )
+        rows = [raw_values(i, u, c) for i, u, c in zip(ids, usages, costs, strict=True)]
         kept = await repo.insert_events(session, rows, now)
         if len(kept) < len(rows):
             # Replayed after the inbox forgot them, but still among the raw events: counted once.
             metrics.EVENTS.labels("duplicate").inc(len(rows) - len(kept))
-            accepted = [(event_id, u) for event_id, u in accepted if event_id in kept]
-            if not accepted:
+            keep = [i in kept for i in ids]
+            usages = [u for u, k in zip(usages, keep, strict=True) if k]
+            costs = [c for c, k in zip(costs, keep, strict=True) if k]
+            if not usages:
                 return
-            usages = [u for _, u in accepted]
-        minutes = self.minutes(accepted, costs)
-        await repo.add_minutes(session, list(minutes.values()))
-        touched = await self.count_quotas(session, usages, now)
+        minutes = [u.time.replace(second=0, microsecond=0) for u in usages]
+        await repo.add_minutes(session, self.minutes(usages, costs, minutes))
+        touched = await self.count_quotas(session, usages, minutes, now)
         newest = max(u.time for u in usages)
 
         def committed(_session: object) -> None:
@@ -157,34 +177,46 @@ class Ingest:
 
     @staticmethod
     def minutes(
-        accepted: Sequence[tuple[str, UsageRecorded]], costs: dict[str, int]
-    ) -> dict[tuple[Any, ...], dict[str, Any]]:
-        """Per-minute aggregate rows of a batch, keyed by (minute, project, model, key,
-        endpoint)."""
-        minutes: dict[tuple[Any, ...], dict[str, Any]] = {}
-        for event_id, u in accepted:
-            minute = u.time.replace(second=0, microsecond=0)
+        usages: Sequence[UsageRecorded], costs: Sequence[int], minutes: Sequence[datetime]
+    ) -> list[dict[str, Any]]:
+        """Per-minute aggregate rows of a batch, one per (minute, project, model, key,
+        endpoint); ``costs`` and ``minutes`` (each event's minute) run alongside ``usages``."""
+        sums: dict[tuple[Any, ...], list[Any]] = {}
+        duration_bounds, ttft_bounds = DURATION_BOUNDS_MS, TTFT_BOUNDS_MS
+        bisect_left = bisect.bisect_left
+        for u, cost, minute in zip(usages, costs, minutes, strict=True):
             key = (minute, u.project, u.model, u.credential_id, u.endpoint)
-            agg = minutes.get(key)
-            if agg is None:
-                agg = minutes[key] = _zero_minute(key)
-            agg["requests"] += 1
-            agg["errors"] += u.status != "ok"
-            agg["prompt_tokens"] += u.prompt_tokens
-            agg["completion_tokens"] += u.completion_tokens
-            agg["cost_nanos"] += costs[event_id]
-            agg["duration_sum_ms"] += u.duration_ms
-            agg[DURATION_BUCKETS[bisect.bisect_left(DURATION_BOUNDS_MS, u.duration_ms)]] += 1
-            if u.ttft_ms is not None:
-                agg["ttft_count"] += 1
-                agg["ttft_sum_ms"] += u.ttft_ms
-                agg[TTFT_BUCKETS[bisect.bisect_left(TTFT_BOUNDS_MS, u.ttft_ms)]] += 1
-        return minutes
+            acc = sums.get(key)
+            if acc is None:
+                acc = sums[key] = _ZERO_SUMS.copy()
+            acc[_REQUESTS] += 1
+            if u.status != "ok":
+                acc[_ERRORS] += 1
+            acc[_PROMPT] += u.prompt_tokens
+            acc[_COMPLETION] += u.completion_tokens
+            acc[_COST] += cost
+            duration = u.duration_ms
+            acc[_DURATION_SUM] += duration
+            acc[_DURATION_SLOTS[bisect_left(duration_bounds, duration)]] += 1
+            ttft = u.ttft_ms
+            if ttft is not None:
+                acc[_TTFT_COUNT] += 1
+                acc[_TTFT_SUM] += ttft
+                acc[_TTFT_SLOTS[bisect_left(ttft_bounds, ttft)]] += 1
+        return [
+            dict(zip(_MINUTE_KEY, key, strict=True)) | dict(zip(MINUTE_SUMS, acc, strict=True))
+            for key, acc in sums.items()
+        ]
 
     async def count_quotas(
-        self, session: AsyncSession, usages: Sequence[UsageRecorded], now: datetime
+        self,
+        session: AsyncSession,
+        usages: Sequence[UsageRecorded],
+        minutes: Sequence[datetime],
+        now: datetime,
     ) -> set[str]:
-        """Add the batch to every matching quota's window counter; alert on crossings."""
+        """Add the batch to every matching quota's window counter; alert on crossings.
+        ``minutes`` holds each event's minute, alongside ``usages``."""
         quotas = await repo.quotas_of_projects(session, sorted({u.project for u in usages}))
         if not quotas:
             return set()
@@ -196,11 +228,10 @@ class Ingest:
             )
         starts: dict[tuple[str, datetime], datetime] = {}
         sums: dict[tuple[str, datetime], list[int]] = {}
-        for u in usages:
+        for u, minute in zip(usages, minutes, strict=True):
             mine = scopes.get(u.project)
             if not mine:
                 continue
-            minute = u.time.replace(second=0, microsecond=0)
             for quota_id, window, key_id, model in mine:
                 if key_id is not None and key_id != u.credential_id:
                     continue

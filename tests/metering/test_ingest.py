@@ -354,6 +354,47 @@ async def test_events_stamped_in_the_future_count_now(
     await eventually(counted, what="the event counted in the last day")
 
 
+async def test_raw_events_staged_by_a_rolled_back_batch_are_not_kept_by_the_next(
+    metering_app: FastAPI, metering_settings: Settings
+) -> None:
+    """PostgreSQL stages raw events in a temporary table (COPY) before moving them: on one
+    connection, a rolled-back batch leaves nothing behind, and ids already kept stay refused."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from services.metering import repository as repo
+    from services.metering.ingest import raw_values
+
+    project = unique("staged")
+    lost, first, second = (usage(project) for _ in range(3))
+    now = utcnow()
+
+    def rows(*events: Any) -> list[tuple[Any, ...]]:
+        return [raw_values(u.event_id, u, 0) for u in events]
+
+    engine = make_engine(metering_settings.database_url_for("metering"), "metering")
+    try:
+        async with engine.connect() as connection:
+            session = AsyncSession(bind=connection, expire_on_commit=False)
+            with pytest.raises(RuntimeError):
+                async with session.begin():
+                    assert await repo.insert_events(session, rows(lost), now) == {lost.event_id}
+                    raise RuntimeError("the batch fails after its raw events")
+            async with session.begin():
+                kept = await repo.insert_events(session, rows(first), now)
+            assert kept == {first.event_id}
+            async with session.begin():
+                kept = await repo.insert_events(session, rows(first, second), now)
+            assert kept == {second.event_id}
+    finally:
+        await engine.dispose()
+    stored = await db_count(
+        asyncpg_dsn(metering_settings.database_url),
+        "SELECT count(*) FROM metering.usage_events WHERE project = $1",
+        project,
+    )
+    assert stored == 2
+
+
 def test_envelope_carries_the_usage_event_id() -> None:
     u = usage("p")
     assert CloudEvent.model_validate_json(envelope(u)).id == u.event_id
