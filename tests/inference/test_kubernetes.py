@@ -5,6 +5,8 @@ the upstream URL; scaling patches it, deleting removes it; a model that fails to
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import openai
 import pytest
@@ -229,11 +231,12 @@ async def test_watch_follows_the_object_from_pending_to_ready(
     try:
         await runtime.provision(spec)
         seen = []
-        async for status in runtime.watch(spec):
-            seen.append(status.state)
-            if status.state == "ready":
-                assert status.url is not None and status.url.endswith("/openai/v1")
-                break
+        async with asyncio.timeout(30):  # the double makes it ready within a second
+            async for status in runtime.watch(spec):
+                seen.append(status.state)
+                if status.state == "ready":
+                    assert status.url is not None and status.url.endswith("/openai/v1")
+                    break
         assert seen[-1] == "ready"
         assert "pending" in seen
         await runtime.delete(spec)
