@@ -33,6 +33,7 @@ from libs.common.bus import Bus
 from libs.common.db import make_engine, make_sessionmaker, new_id, utcnow
 from libs.common.events.usage import UsageRecorded
 from libs.common.migrate import upgrade_async
+from libs.common.service import settle_heap
 from libs.common.settings import Settings
 from services.metering import metrics
 from services.metering.app import create_app
@@ -100,6 +101,7 @@ async def ingest(settings: Settings, n: int) -> float:
     before = counted()
     async with app.router.lifespan_context(app):
         await app.state.ctx.bus.wait_ready(30)
+        settle_heap()  # as ``python -m services.metering`` does once started
         start = time.perf_counter()
         deadline = start + TIMEOUT_SECONDS
         while counted() - before < n:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import re
 import signal
@@ -45,6 +44,7 @@ from libs.common.bus import Bus
 from libs.common.clients import AuthzClient, CatalogClient, ServiceClient
 from libs.common.db import new_id
 from libs.common.oidc import verifier_from_settings
+from libs.common.service import settle_heap
 from libs.common.settings import Settings
 
 log = logging.getLogger("steward.gateway")
@@ -399,11 +399,7 @@ async def serve(settings: Settings) -> None:
     from gateway.admin import create_admin_app
 
     gateway = await Gateway.start(settings)
-    # What start-up allocated lives for the process: move it out of the collector's sight, and
-    # collect the young generation less often, so request latency does not pay for full scans.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    settle_heap()
     servers = [
         _Server(server_config(ProxyApp(gateway), settings, settings.gateway_proxy_port)),
         _Server(server_config(create_admin_app(gateway), settings, settings.gateway_admin_port)),

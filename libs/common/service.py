@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -118,8 +119,12 @@ def create_service_app(
         try:
             if spec.setup is not None:
                 async with spec.setup(ctx, app):
+                    if getattr(app.state, "settle_heap", False):
+                        settle_heap()
                     yield
             else:
+                if getattr(app.state, "settle_heap", False):
+                    settle_heap()
                 yield
         finally:
             for task in ctx.tasks:
@@ -201,14 +206,26 @@ async def get_uow(request: Request, session: SessionDep, principal: PrincipalDep
 UnitOfWorkDep = Annotated[UnitOfWork, Depends(get_uow)]
 
 
+def settle_heap() -> None:
+    """What start-up allocated lives for the process: move it out of the collector's sight, and
+    collect the young generation less often, so serving (a metering batch of 1,000 events, a
+    gateway request) does not pay for full scans of long-lived objects. Once per process, after
+    start-up; not in tests, where many apps share one process."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def run_service(spec: ServiceSpec) -> None:
     """``python -m services.<name>``: serve with uvicorn (uvloop and httptools when installed)."""
     import uvicorn
 
     settings = Settings()
     configure_logging(settings.log_level)
+    app = create_service_app(spec, settings)
+    app.state.settle_heap = True  # a process of its own: settle its heap once started
     uvicorn.run(
-        create_service_app(spec, settings),
+        app,
         host=settings.host,
         port=settings.port_for(spec.name),
         log_config=None,
