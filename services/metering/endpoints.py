@@ -77,8 +77,14 @@ async def apply_endpoint_event(session: AsyncSession, state: EndpointState, at: 
     run = await repo.endpoint_run(session, state.endpoint_id)
     if run is not None and at < run.event_time:
         return
+    # Read before the run is added (a query would flush it half-filled).
     current = await repo.open_period(session, state.endpoint_id)
-    rate = await repo.gpu_hour_price(session, (state.route_name, state.asset_name))
+    held = state.gpus * state.replicas if state.status in HOLDS_GPUS else 0
+    closes = current is not None and current.gpus != held
+    opens = held > 0 and (current is None or closes)
+    rate = (
+        await repo.gpu_hour_price(session, (state.route_name, state.asset_name)) if opens else None
+    )
     if run is None:
         run = EndpointRun(endpoint_id=state.endpoint_id, over_plan_at=None)
         session.add(run)
@@ -91,11 +97,9 @@ async def apply_endpoint_event(session: AsyncSession, state: EndpointState, at: 
     run.request_id = state.request_id or run.request_id
     run.status = state.status
     run.event_time = at
-    held = state.gpus * state.replicas if state.status in HOLDS_GPUS else 0
-    if current is not None and current.gpus != held:
+    if closes and current is not None:
         current.ended_at = max(at, current.started_at)
-        current = None
-    if held > 0 and current is None:
+    if opens:
         session.add(
             GpuPeriod(endpoint_id=state.endpoint_id, gpus=held, started_at=at, rate_nanos=rate)
         )
