@@ -12,7 +12,7 @@ import yaml
 from tests.approval.support import asset, catalog_yaml, import_yaml, mcp_server, model, uname
 from tests.helpers import bearer, ok
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 KUBEFLOW = FIXTURES / "kubeflow-catalog"
 MCP = FIXTURES / "mcp-registry"
 
