@@ -19,7 +19,7 @@ def api() -> Api:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[red]{message}[/red]")
+    console().print(f"[red]{message}[/red]")
     return typer.Exit(code)
 
 
@@ -31,7 +31,7 @@ def login(
     """Check an API key and store it for the next commands (mode 0600)."""
     me = Api(key=key).call("GET", "authz", "/v1/whoami")
     path = save_key(key)
-    console.print(f"Logged in as [bold]{me['subject']}[/bold]; key stored in {path}")
+    console().print(f"Logged in as [bold]{me['subject']}[/bold]; key stored in {path}")
 
 
 def whoami(output: OutputOpt = Format.table) -> None:
@@ -98,7 +98,7 @@ def catalog_show(kind: str, name: str, output: OutputOpt = Format.table) -> None
     if output is Format.json:
         emit(found, output)
         return
-    console.print(f"[bold]{found.get('kind')} {found.get('name')}[/bold]")
+    console().print(f"[bold]{found.get('kind')} {found.get('name')}[/bold]")
     emit(found.get("versions", []), output, ["version", "status", "provider", "tags"])
 
 
@@ -124,7 +124,7 @@ def catalog_import(
 ) -> None:
     """Import models and MCP servers as drafts; importing twice changes nothing."""
     route, body, content_type = import_body(path)
-    with console.status(f"importing {path}…"):
+    with console().status(f"importing {path}…"):
         result = api().call(
             "POST",
             "catalog",
@@ -137,7 +137,7 @@ def catalog_import(
         emit(result, output)
         return
     emit(result["versions"], output, ["kind", "name", "version", "outcome"])
-    console.print(
+    console().print(
         f"created {result['created']}, updated {result['updated']}, "
         f"unchanged {result['unchanged']}" + (" (dry run)" if dry_run else "")
     )
@@ -222,7 +222,7 @@ def _show_new_key(created: dict[str, Any], output: Format) -> None:
         emit(created, output)
         return
     emit(created, output, KEY_COLUMNS)
-    console.print(f"\nThe key (shown once, store it now):\n\n  [bold green]{created['key']}[/]\n")
+    console().print(f"\nThe key (shown once, store it now):\n\n  [bold green]{created['key']}[/]\n")
 
 
 @keys.command("create")
@@ -275,7 +275,7 @@ def audit_verify(output: OutputOpt = Format.table) -> None:
         emit(result, output)
     elif result["ok"]:
         head = result["head_hash"][:16]
-        console.print(f"[green]verified[/green]: {result['records']} records, head {head}…")
+        console().print(f"[green]verified[/green]: {result['records']} records, head {head}…")
     else:
         emit(result["problems"], output, ["seq", "problem", "detail"])
     if not result["ok"]:
@@ -335,7 +335,7 @@ def endpoint_costs(
         for e in report["endpoints"]
     ]
     emit(rows, output, ENDPOINT_COST_COLUMNS)
-    console.print(
+    console().print(
         f"{report['gpu_hours']:.2f} GPU-hours, {report['cost']:.2f} {report['currency']} "
         f"(planned {report['estimated_cost']:.2f})"
     )

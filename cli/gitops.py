@@ -247,7 +247,7 @@ PruneOpt = Annotated[bool, typer.Option(help="also delete policies the files do 
 
 def diff(filename: FileOpt, prune: PruneOpt = False, output: OutputOpt = Format.table) -> None:
     """Show what ``apply`` would change; exit 1 on drift, 0 when in sync."""
-    with console.status("comparing with the live state…"):
+    with console().status("comparing with the live state…"):
         changes = plan(Api(), load(filename), prune=prune)
     emit([c.row() for c in changes], output, ["action", "target", "detail"])
     if changes:
@@ -259,8 +259,8 @@ def apply(filename: FileOpt, prune: PruneOpt = False, output: OutputOpt = Format
     api = Api()
     changes = plan(api, load(filename), prune=prune)
     for change in changes:
-        with console.status(f"{change.action} {change.target}…"):
+        with console().status(f"{change.action} {change.target}…"):
             change.run()
     emit([c.row() for c in changes], output, ["action", "target", "detail"])
     if output is Format.table:
-        console.print(f"{len(changes)} change(s) applied")
+        console().print(f"{len(changes)} change(s) applied")

@@ -211,7 +211,7 @@ def main() -> None:
     try:
         app()
     except CliError as exc:
-        errors.print(f"[red]{exc}[/red]")
+        errors().print(f"[red]{exc}[/red]")
         raise SystemExit(2) from exc
 
 

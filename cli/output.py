@@ -11,8 +11,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
-errors = Console(stderr=True)
+
+def console() -> Console:
+    """Standard output, made per use: its width comes from the terminal (or ``COLUMNS``) of this
+    invocation, not of whatever first imported the module."""
+    return Console()
+
+
+def errors() -> Console:
+    return Console(stderr=True)
 
 
 class Format(StrEnum):
@@ -32,13 +39,13 @@ def emit(data: Any, output: Format, columns: Sequence[str] | None = None) -> Non
         return
     rows = data if isinstance(data, list) else [data]
     if not rows:
-        console.print("(none)")
+        console().print("(none)")
         return
     keys = list(columns or rows[0].keys())
     table = Table(*keys, show_lines=False, header_style="bold")
     for row in rows:
         table.add_row(*(_cell(row.get(k)) for k in keys))
-    console.print(table)
+    console().print(table)
 
 
 def _cell(value: Any) -> str:
