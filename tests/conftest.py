@@ -1,11 +1,16 @@
-"""Test fixtures: one freshly migrated PostgreSQL database and one NATS namespace per test run.
+"""Test fixtures: each test module lives in a world of its own — a freshly migrated PostgreSQL
+database (a copy of a template migrated once per run), a NATS namespace, its own service apps —
+so no module sees another's state, whatever the order.
 
-Both are real servers (see scripts/test-services.sh); nothing here is mocked.
+Both servers are real (see scripts/test-services.sh); nothing here is mocked.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import secrets
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -23,7 +28,48 @@ from pydantic import SecretStr
 from cli.stack import SERVICES
 from libs.common.migrate import upgrade_async
 from libs.common.settings import Settings
-from tests.helpers import NATS_URL, PG_ADMIN_DSN, SpanRecorder, delete_streams
+from tests.helpers import CHILD_LOGS, NATS_URL, PG_ADMIN_DSN, SpanRecorder, delete_streams
+
+# Tests that may skip under CI=true, each with the reason. Any other skip fails a CI run: a
+# missing tool must be installed by the CI script, not quietly turn tests off.
+SKIPS_ALLOWED_IN_CI: dict[str, str] = {}
+
+_LOG_OFFSETS = pytest.StashKey[dict[Path, int]]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    item.stash[_LOG_OFFSETS] = {p: p.stat().st_size for p in CHILD_LOGS if p.exists()}
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and os.environ.get("CI") and not hasattr(report, "wasxfail"):
+        allowed = any(item.nodeid.startswith(node) for node in SKIPS_ALLOWED_IN_CI)
+        if not allowed:
+            report.outcome = "failed"
+            report.longrepr = (
+                f"skipped under CI=true ({report.longrepr}); install what it needs in the CI "
+                "script or list it in SKIPS_ALLOWED_IN_CI (tests/conftest.py) with a reason"
+            )
+    if report.failed:
+        for title, text in _child_output(item.stash.get(_LOG_OFFSETS, {})):
+            report.sections.append((title, text))
+
+
+def _child_output(offsets: dict[Path, int], limit: int = 4000) -> Iterator[tuple[str, str]]:
+    """What each child process wrote since the test began (its last ``limit`` characters)."""
+    for path in CHILD_LOGS:
+        if not path.exists():
+            continue
+        with path.open("rb") as log:
+            log.seek(offsets.get(path, 0))
+            text = log.read().decode(errors="replace")
+        if text.strip():
+            yield f"child process {path.stem}", text[-limit:]
 
 
 @pytest.fixture(scope="session")
@@ -31,21 +77,52 @@ def run_id() -> str:
     return secrets.token_hex(4)
 
 
-@pytest.fixture(scope="session")
-async def database_url(run_id: str) -> AsyncIterator[str]:
-    name = f"steward_test_{run_id}"
+async def _admin(sql: str) -> None:
     conn = await asyncpg.connect(PG_ADMIN_DSN)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.execute(sql)
     finally:
         await conn.close()
+
+
+def _asyncpg_url(name: str) -> str:
     base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    yield f"{base}/{name}"
-    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+async def template_database(
+    run_id: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
+    """Every service's migrations, run once per test run into a template database; each test
+    module then gets its own copy in milliseconds (CREATE DATABASE … TEMPLATE)."""
+    name = f"steward_tmpl_{run_id}"
+    await _admin(f'CREATE DATABASE "{name}"')
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        migrating = make_settings(_asyncpg_url(name), "unused", tmp_path_factory.mktemp("tmpl"))
+        for service in SERVICES:
+            await upgrade_async(service, migrating)
+        yield name
     finally:
-        await conn.close()
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+_WORLDS = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def world_id(run_id: str) -> str:
+    """Names this module's world: its database and its NATS namespace."""
+    return f"{run_id}_{next(_WORLDS)}"
+
+
+@pytest.fixture(scope="module")
+async def database_url(template_database: str, world_id: str) -> AsyncIterator[str]:
+    """A freshly migrated PostgreSQL database of this test module's own."""
+    name = f"steward_test_{world_id}"
+    await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    yield _asyncpg_url(name)
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +163,16 @@ def spans(span_recorder: SpanRecorder) -> Iterator[InMemorySpanExporter]:
     span_recorder.exporter.clear()
 
 
+@pytest.fixture(scope="session")
+def nowhere() -> Iterator[str]:
+    """A loopback URL on which nothing ever answers: a bound socket that never listens, held for
+    the whole run so no other server can take its port. Every service URL a test does not set
+    points here, never at a default port where a developer's own ``steward up`` may answer."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 def make_settings(
     database_url: str, namespace: str, data_dir: Path, **overrides: object
 ) -> Settings:
@@ -102,14 +189,17 @@ def make_settings(
     return Settings(**values)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def settings(
-    database_url: str, run_id: str, tmp_path_factory: pytest.TempPathFactory
+    database_url: str, world_id: str, nowhere: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Settings]:
-    namespace = f"t{run_id}"
-    settings = make_settings(database_url, namespace, tmp_path_factory.mktemp("steward"))
-    for service in SERVICES:
-        await upgrade_async(service, settings)
+    """This module's world: its own database and NATS namespace, and no service URL that
+    reaches outside it."""
+    namespace = f"t{world_id}"
+    services = {f"{service}_url": nowhere for service in SERVICES}
+    settings = make_settings(
+        database_url, namespace, tmp_path_factory.mktemp("steward"), **services
+    )
     yield settings
     await delete_streams(namespace)
 
@@ -120,7 +210,7 @@ async def running(app: FastAPI) -> AsyncIterator[FastAPI]:
         yield app
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def authz_app(settings: Settings) -> AsyncIterator[FastAPI]:
     from services.authz.app import create_app
 
@@ -128,14 +218,14 @@ async def authz_app(settings: Settings) -> AsyncIterator[FastAPI]:
         yield app
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def authz(authz_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=authz_app)
     async with httpx.AsyncClient(transport=transport, base_url="http://authz") as client:
         yield client
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def admin_key(settings: Settings) -> str:
     from services.authz.app import bootstrap
 
@@ -144,7 +234,7 @@ async def admin_key(settings: Settings) -> str:
     return key
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def catalog_app(settings: Settings, authz_app: FastAPI) -> AsyncIterator[FastAPI]:
     from services.catalog.app import create_app
 
@@ -153,14 +243,14 @@ async def catalog_app(settings: Settings, authz_app: FastAPI) -> AsyncIterator[F
         yield app
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def catalog(catalog_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=catalog_app)
     async with httpx.AsyncClient(transport=transport, base_url="http://catalog") as client:
         yield client
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def approval_app(
     settings: Settings, authz_app: FastAPI, catalog_app: FastAPI
 ) -> AsyncIterator[FastAPI]:
@@ -174,7 +264,7 @@ async def approval_app(
         yield app
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def approval(approval_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=approval_app)
     async with httpx.AsyncClient(transport=transport, base_url="http://approval") as client:

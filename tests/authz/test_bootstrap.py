@@ -34,7 +34,10 @@ async def test_configured_service_keys_are_installed_once_with_least_scopes(
     assert sorted(names) == ["gateway", "inference"]
 
 
-async def test_a_different_key_under_an_installed_id_is_refused(settings: Settings) -> None:
+async def test_a_different_key_under_an_installed_id_is_refused(
+    settings: Settings,
+    admin_key: str,  # the first start has minted the admin: this start installs only the key
+) -> None:
     _, key = apikeys.generate()
     await bootstrap(settings.model_copy(update={"gateway_api_key": SecretStr(key)}))
     forged = key[:13] + ("A" if key[13] != "A" else "B") + key[14:]

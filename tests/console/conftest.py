@@ -49,7 +49,7 @@ class Stack:
     settings: Settings
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def console_gateway_key(authz: httpx.AsyncClient, admin_key: str) -> str:
     created = await ok(
         await authz.post(
@@ -62,7 +62,7 @@ async def console_gateway_key(authz: httpx.AsyncClient, admin_key: str) -> str:
     return str(created["key"])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def stack(
     settings: Settings,
     authz_app: FastAPI,

@@ -53,7 +53,7 @@ class RunningGateway:
         return self.url + "/v1"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def upstream() -> AsyncIterator[str]:
     process = python_process("tests.gateway.upstream")
     await process.start()
@@ -61,7 +61,7 @@ async def upstream() -> AsyncIterator[str]:
     await process.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def mcp_upstream() -> AsyncIterator[str]:
     process = python_process("tests.gateway.mcp_server")
     await process.start()
@@ -69,7 +69,7 @@ async def mcp_upstream() -> AsyncIterator[str]:
     await process.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def authz_url(authz_app: FastAPI) -> AsyncIterator[str]:
     async with serve(authz_app) as url:
         yield url
@@ -87,7 +87,7 @@ def version(name: str, status: str = "approved", kind: str = "model", **extra: A
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def catalog_stub() -> AsyncIterator[tuple[CatalogStub, str]]:
     stub = CatalogStub()
     for name in MODELS:
@@ -102,7 +102,7 @@ async def catalog_stub() -> AsyncIterator[tuple[CatalogStub, str]]:
         yield stub, url
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def gateway_key(authz: httpx.AsyncClient, admin_key: str) -> str:
     created = await ok(
         await authz.post(
@@ -115,7 +115,7 @@ async def gateway_key(authz: httpx.AsyncClient, admin_key: str) -> str:
     return str(created["key"])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def bus(settings: Settings) -> AsyncIterator[Bus]:
     bus = Bus(settings.nats_url, settings.event_namespace, name="gateway-tests")
     await bus.connect(wait=True)
@@ -154,7 +154,7 @@ async def running_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
         await gateway.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def gateway_settings(
     settings: Settings,
     authz_url: str,
@@ -178,7 +178,7 @@ async def gateway_settings(
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def gw(gateway_settings: Settings) -> AsyncIterator[RunningGateway]:
     async with running_gateway(gateway_settings) as running:
         await running.gateway.wait_loaded(10)

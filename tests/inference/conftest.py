@@ -44,7 +44,7 @@ def _profiles(tmp: str) -> dict[str, LocalProfile]:
     }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def kube() -> AsyncIterator[tuple[KubeDouble, str]]:
     """The API double, whose pretend KServe starts a simulator per ready InferenceService."""
     async with contextlib.AsyncExitStack() as pods:
@@ -60,13 +60,13 @@ async def kube() -> AsyncIterator[tuple[KubeDouble, str]]:
             yield double, url
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def limited_project(run_id: str) -> str:
     """A project name whose GPU allowance is 2 (created by the test that needs it)."""
     return f"limited-{run_id}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def inference_config(
     tmp_path_factory: pytest.TempPathFactory, limited_project: str
 ) -> InferenceConfig:
@@ -84,7 +84,7 @@ def inference_config(
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def inference_settings(settings: Settings, admin_key: str) -> Settings:
     return settings.model_copy(
         update={
@@ -94,7 +94,7 @@ async def inference_settings(settings: Settings, admin_key: str) -> Settings:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def inference_app(
     inference_settings: Settings,
     inference_config: InferenceConfig,
@@ -121,7 +121,7 @@ async def inference_app(
         yield started
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def inference(inference_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=inference_app)
     async with httpx.AsyncClient(transport=transport, base_url="http://inference") as client:

@@ -29,7 +29,7 @@ class Clock:
         self.offset += timedelta(seconds=seconds)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def metering_clock() -> Clock:
     return Clock()
 
@@ -41,7 +41,7 @@ def clock(metering_clock: Clock) -> Iterator[Clock]:
     metering_clock.offset = timedelta()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def metering_settings(settings: Settings) -> Settings:
     """Faster cadences than production, so tests wait milliseconds rather than seconds."""
     return settings.model_copy(
@@ -54,7 +54,7 @@ def metering_settings(settings: Settings) -> Settings:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def metering_app(
     metering_settings: Settings, authz_app: FastAPI, metering_clock: Clock
 ) -> AsyncIterator[FastAPI]:
@@ -69,14 +69,14 @@ async def metering_app(
         yield started
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def metering(metering_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=metering_app)
     async with httpx.AsyncClient(transport=transport, base_url="http://metering") as client:
         yield client
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def gateway_bus(settings: Settings) -> AsyncIterator[Bus]:
     """Publishes as the gateway does (a connection of its own)."""
     bus = Bus(settings.nats_url, settings.event_namespace, name="test-gateway")
