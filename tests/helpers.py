@@ -8,9 +8,10 @@ import os
 import secrets
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 import nats
@@ -117,6 +118,19 @@ class SpanRecorder(SpanProcessor):
             self.exporter.export([span])
 
 
+CHILD_LOGS: list[Path] = []
+_LOG_DIR = Path(tempfile.mkdtemp(prefix="steward-test-logs-"))
+
+
+def child_log(name: str) -> BinaryIO:
+    """A file to take a child process's stdout and stderr. What a child writes while a test
+    runs is attached to that test's failure report (tests/conftest.py), so a crashed child says
+    why, not only that it "did not become ready"."""
+    path = _LOG_DIR / f"{len(CHILD_LOGS):03d}-{name.replace('/', '_')}.log"
+    CHILD_LOGS.append(path)
+    return path.open("ab")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -157,11 +171,12 @@ class NatsProcess:
 
     async def start(self) -> None:
         binary = str(Path(sys.executable).parent / "nats-server")
-        self.process = await asyncio.create_subprocess_exec(
-            *(binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        with child_log("nats-server") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                *(binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)),
+                stdout=log,
+                stderr=log,
+            )
         for _ in range(100):
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", self.port)

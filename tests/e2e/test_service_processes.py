@@ -22,7 +22,7 @@ from cli.stack import SERVICES
 from libs.common.migrate import upgrade_async
 from services.authz.app import bootstrap
 from tests.conftest import make_settings
-from tests.helpers import PG_ADMIN_DSN, bearer, delete_streams, free_port
+from tests.helpers import PG_ADMIN_DSN, bearer, child_log, delete_streams, free_port
 
 # One authenticated read per service, answered 200 for a platform admin.
 ROUTES = {
@@ -63,17 +63,18 @@ async def stack(
     try:
         for service in SERVICES:
             port = urls[service].rsplit(":", 1)[1]
-            processes.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    f"services.{service}",
-                    env={**env, "STEWARD_PORT": port},
-                    cwd=Path(__file__).parents[2],
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.DEVNULL,
+            with child_log(f"services.{service}") as log:
+                processes.append(
+                    await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-m",
+                        f"services.{service}",
+                        env={**env, "STEWARD_PORT": port},
+                        cwd=Path(__file__).parents[2],
+                        stdout=log,
+                        stderr=log,
+                    )
                 )
-            )
         async with httpx.AsyncClient(timeout=2) as client:
             for service, base in urls.items():
                 for _ in range(200):

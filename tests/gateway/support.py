@@ -21,7 +21,7 @@ from starlette.routing import Route
 from libs.common.bus import Bus
 from libs.common.events import CloudEvent, EventPayload
 from libs.common.events.catalog import VersionState
-from tests.helpers import free_port
+from tests.helpers import child_log, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,12 +43,11 @@ class Process:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, seconds: float = 20) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.args,
-            cwd=ROOT,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        name = self.args[2] if self.args[1:2] == ["-m"] else Path(self.args[0]).name
+        with child_log(name) as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.args, cwd=ROOT, stdout=log, stderr=log
+            )
         deadline = time.monotonic() + seconds
         while not port_open(self.port):
             if self.proc.returncode is not None:
