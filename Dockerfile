@@ -7,12 +7,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     STEWARD_GATEWAY_CONSOLE_DIR=/app/console
 
 WORKDIR /app
+# Exact versions with hashes first (a layer that changes only with the lock), then Steward itself.
+COPY requirements/runtime.lock requirements/build.lock requirements/
+RUN pip install --no-cache-dir --require-hashes --no-deps \
+        -r requirements/runtime.lock -r requirements/build.lock
 COPY pyproject.toml README.md ./
 COPY libs libs
 COPY services services
 COPY gateway gateway
 COPY cli cli
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && useradd --system --uid 10001 --no-create-home steward
 COPY console console
 

@@ -3,15 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Test modules run in parallel, each in a world of its own (database, NATS namespace, apps).
+TEST_WORKERS ?= 2
 
-.PHONY: run test lint format migrate bench install clean docs
+LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --quiet
 
-$(STAMP): pyproject.toml
+.PHONY: run test lint format migrate bench install clean docs lock lock-upgrade
+
+# Exact versions with hashes from the lock (requirements/), then Steward itself, editable, built
+# with the locked setuptools: nothing floats.
+$(STAMP): pyproject.toml requirements/dev.lock requirements/build.lock
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "Steward needs Python 3.11 or newer (set PYTHON=...)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --require-hashes --no-deps -r requirements/dev.lock \
+		-r requirements/build.lock
+	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -25,7 +32,8 @@ test: install         ## lint, type-check and test against real PostgreSQL and N
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --cov --cov-report=term
+	$(BIN)/python scripts/coverage_floor.py
 
 lint: install
 	$(BIN)/ruff format --check .
@@ -49,6 +57,15 @@ bench: install
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { [ "$$(id -u)" = 0 ] && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; } || true
 	$(BIN)/python bench/gateway.py
+
+lock: install         ## recompile requirements/*.lock after a change to pyproject.toml
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -o requirements/runtime.lock $(UPGRADE)
+	echo 'setuptools>=69' | $(BIN)/uv pip compile - $(LOCK_FLAGS) -o requirements/build.lock $(UPGRADE)
+	$(BIN)/uv pip compile pyproject.toml --extra dev -c requirements/runtime.lock $(LOCK_FLAGS) \
+		-o requirements/dev.lock $(UPGRADE)
+
+lock-upgrade:
+	$(MAKE) lock UPGRADE=--upgrade
 
 clean:
 	rm -rf $(VENV) .steward .mypy_cache .ruff_cache .pytest_cache
