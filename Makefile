@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml requirements/dev.lock requirements/build.lock
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "Steward needs Python 3.11 or newer (set PYTHON=...)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --require-hashes --no-deps -r requirements/dev.lock \
+	@echo "installing the locked dependencies into $(VENV) (a minute or two on a new venv)…"
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/dev.lock \
 		-r requirements/build.lock
-	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -55,10 +55,14 @@ def main() -> int:
         got = percent(data, cov, prefix)
         ok = got >= floor
         failed |= not ok
-        print(f"coverage {prefix or 'total'}: {got:.1f}% (floor {floor:.0f}%) {'ok' if ok else 'LOW'}")
+        print(
+            f"coverage {prefix or 'total'}: {got:.1f}% (floor {floor:.0f}%) {'ok' if ok else 'LOW'}"
+        )
     missed = plugin_methods_missed(data)
     failed |= bool(missed)
-    print(f"Kong plugin's Plugin class: {'every method run' if not missed else f'never run: {missed}'}")
+    print(
+        f"Kong plugin's Plugin class: {'every method run' if not missed else f'never run: {missed}'}"
+    )
     return 1 if failed else 0
 
 
