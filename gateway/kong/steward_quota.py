@@ -6,27 +6,32 @@ tokens (the upstream's ``usage``, else an estimate marked as such) and send a ``
 payload to Steward (``usage_url``: the gateway admin's ``POST /steward/usage``, with the platform
 key from ``STEWARD_USAGE_API_KEY``), from a background thread so no call waits on it.
 
-Run by Kong's plugin server (kong.conf)::
+Run by Kong's plugin server (kong.conf; the server listens on ``<prefix>/steward-quota.sock``
+and a dedicated server dumps its info with ``--dump``)::
 
     pluginserver_names = steward_quota
-    pluginserver_steward_quota_socket = /usr/local/kong/steward_quota.sock
+    pluginserver_steward_quota_socket = /usr/local/kong/steward-quota.sock
     pluginserver_steward_quota_start_cmd = python3 -m gateway.kong.steward_quota -p /usr/local/kong
-    pluginserver_steward_quota_query_cmd = python3 -m gateway.kong.steward_quota --dump-all-plugins
+    pluginserver_steward_quota_query_cmd = python3 -m gateway.kong.steward_quota --dump
     plugins = bundled,steward-quota
 
 The counting and parsing below are plain functions (tested with the gateway); only ``Plugin``
 touches the PDK, which is imported when Kong runs the plugin, never by the gateway itself.
+tests/gateway/test_kong_plugin_server.py runs it under the real plugin server.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
+import sys
 import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,6 +60,13 @@ class TokenBudget:
         self, project: str, limits: dict[str, int | None], now: float
     ) -> tuple[bool, int]:
         """(allowed, seconds until the exhausted window resets)."""
+        spent = self.exhausted(project, limits, now)
+        return (True, 0) if spent is None else (False, spent[1])
+
+    def exhausted(
+        self, project: str, limits: dict[str, int | None], now: float
+    ) -> tuple[int, int] | None:
+        """(limit, whole seconds until it resets) of a spent window; None while all have room."""
         with self._lock:
             for window, size in WINDOWS.items():
                 limit = limits.get(window)
@@ -64,8 +76,9 @@ class TokenBudget:
                 if start != now - now % size:
                     used = 0
                 if used >= limit:
-                    return False, int(start + size - now) or 1
-        return True, 0
+                    # Rounded up, as the gateway does: a client retrying then is not refused again.
+                    return limit, max(1, math.ceil(start + size - now))
+        return None
 
     def add(self, project: str, tokens: int, now: float) -> None:
         with self._lock:
@@ -160,19 +173,28 @@ class _Sender(threading.Thread):
         key = os.environ.get("STEWARD_USAGE_API_KEY", "")
         while True:
             url, payload = self.queue.get()
-            body = json.dumps([payload]).encode()
-            request = urllib.request.Request(  # noqa: S310 - an operator-configured http(s) URL
-                url,
-                data=body,
-                method="POST",
-                headers={"content-type": "application/json", "apikey": key},
-            )
-            for attempt in range(3):
-                try:
-                    with urllib.request.urlopen(request, timeout=5):  # noqa: S310
-                        break
-                except OSError:
-                    time.sleep(0.5 * 2**attempt)
+            try:
+                self._post(url, payload, key)
+            except Exception as error:
+                # One route's bad usage_url (a port left as ${VAR}, say) must not stop usage for
+                # every route. Kong logs what the plugin server prints.
+                print(f"steward-quota: usage not sent to {url}: {error!r}", file=sys.stderr)
+
+    @staticmethod
+    def _post(url: str, payload: dict[str, Any], key: str) -> None:
+        request = urllib.request.Request(  # noqa: S310 - an operator-configured http(s) URL
+            url,
+            data=json.dumps([payload]).encode(),
+            method="POST",
+            headers={"content-type": "application/json", "apikey": key},
+        )
+        for attempt in range(3):
+            try:
+                with urllib.request.urlopen(request, timeout=5):  # noqa: S310
+                    return
+            except OSError:
+                time.sleep(0.5 * 2**attempt)
+        raise OSError("3 attempts failed")
 
 
 BUDGET = TokenBudget()
@@ -187,35 +209,60 @@ def _sender() -> _Sender:
     return _SENDER
 
 
+def _value(answer: Any) -> Any:
+    """A PDK call's result. The plugin server answers Lua-style ``(data, err)`` by default (what
+    the start_cmd above runs) and plain data with ``--no-lua-style``: take either."""
+    if isinstance(answer, tuple):  # msgpack gives lists, so a tuple is the Lua-style pair
+        data, err = answer
+        if err:
+            raise RuntimeError(f"PDK call failed: {err}")
+        return data
+    return answer
+
+
 class Plugin:
-    """The PDK entry point: Kong calls ``access`` before proxying and ``response`` after."""
+    """The PDK entry point: Kong calls ``access`` before proxying and ``response`` after (a
+    ``response`` phase makes Kong buffer the upstream answer, so its body can be counted)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
 
+    def access(self, kong: Any) -> None:
+        _guarded(kong, "access", self._access)
+
+    def response(self, kong: Any) -> None:
+        _guarded(kong, "response", self._response)
+
     def _project(self, kong: Any) -> str:
         if self.config.get("project"):
             return str(self.config["project"])
-        consumer = kong.client.get_consumer() or {}
+        consumer = _value(kong.client.get_consumer()) or {}
         return str(consumer.get("username") or consumer.get("custom_id") or "unknown")
 
-    def access(self, kong: Any) -> None:
-        project = self._project(kong)
+    def _access(self, kong: Any) -> None:
+        now = time.time()
+        # A PDK call before any refusal: kong-pdk's server never forgets an event whose very
+        # first message is kong.response.exit (only its Step drops terminal events).
+        kong.ctx.shared.set("steward_started", now)
         limits = {
             "minute": self.config.get("tokens_per_minute"),
             "day": self.config.get("tokens_per_day"),
         }
-        allowed, retry = BUDGET.remaining(project, limits, time.time())
-        if not allowed:
-            kong.response.exit(
-                429, {"message": "Token quota exceeded"}, {"Retry-After": str(retry)}
-            )
+        spent = BUDGET.exhausted(self._project(kong), limits, now)
+        if spent is not None:
+            limit, retry = spent
+            headers = {
+                "Retry-After": str(retry),
+                "RateLimit-Limit": str(limit),
+                "RateLimit-Remaining": "0",
+                "RateLimit-Reset": str(retry),
+            }
+            kong.response.exit(429, {"message": "Token quota exceeded"}, headers)
             return
-        kong.ctx.shared.set("steward_started", time.time())
         kong.service.request.enable_buffering()
 
-    def response(self, kong: Any) -> None:
-        body = kong.service.response.get_raw_body() or b""
+    def _response(self, kong: Any) -> None:
+        body = _value(kong.service.response.get_raw_body()) or b""
         if isinstance(body, str):
             body = body.encode()
         counts = usage_from_body(body)
@@ -225,9 +272,10 @@ class Plugin:
         BUDGET.add(project, prompt + completion, time.time())
         url = self.config.get("usage_url")
         if url:
-            started = kong.ctx.shared.get("steward_started") or time.time()
-            credential = kong.client.get_credential() or {}
-            service = kong.router.get_service() or {}
+            started = _value(kong.ctx.shared.get("steward_started")) or time.time()
+            credential = _value(kong.client.get_credential()) or {}
+            service = _value(kong.router.get_service()) or {}
+            status = _value(kong.service.response.get_status()) or 0
             _sender().queue.put_nowait(
                 (
                     str(url),
@@ -238,11 +286,20 @@ class Plugin:
                         prompt=prompt,
                         completion=completion,
                         estimated=estimated,
-                        status=int(kong.service.response.get_status() or 0),
+                        status=int(status),
                         duration_ms=(time.time() - float(started)) * 1000,
                     ),
                 )
             )
+
+
+def _guarded(kong: Any, phase: str, handler: Callable[[Any], None]) -> None:
+    """Run a phase, logging what it raises: a phase that raises never answers the plugin
+    server's event, and Kong's call then waits out its socket timeout."""
+    try:
+        handler(kong)
+    except Exception as error:
+        kong.log.err(f"steward-quota {phase}: {error!r}")
 
 
 if __name__ == "__main__":
