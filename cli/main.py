@@ -120,8 +120,10 @@ def up() -> None:
         typer.echo(f"  {'gateway':<10} {proxy}   (OpenAI base_url: {proxy}/v1, admin: {admin})")
         typer.secho(f"\nLogs in {stack.logs}. Press Ctrl-C to stop.", fg="cyan")
         died = stack.watch()
-        if died:
-            typer.secho(f"{died} stopped unexpectedly; see {stack.logs}/{died}.log", fg="red")
+        typer.secho(f"{died} stopped unexpectedly; see {stack.logs}/{died}.log", fg="red")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C (or SIGTERM) at any moment, starting included, is a normal stop
     except RuntimeError as exc:
         typer.secho(str(exc), fg="red")
         raise typer.Exit(1) from exc

@@ -64,6 +64,7 @@ class Stack:
             [nats_binary(), "-js", "-a", host, "-p", str(port), "-sd", str(store)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            process_group=0,
         )
         self._wait(lambda: reachable(host, port), "nats", 15)
         return f"started NATS (JetStream) at {self.settings.nats_url}, data in {store}"
@@ -76,6 +77,9 @@ class Stack:
             env={**os.environ, "STEWARD_DATA_DIR": str(self.settings.data_dir), **env},
             stdout=log,
             stderr=subprocess.STDOUT,
+            # Out of the terminal's process group: Ctrl-C reaches `steward up` alone, which then
+            # stops the services in order (NATS last), rather than every child dying at once.
+            process_group=0,
         )
 
         def ready() -> bool:
@@ -111,16 +115,13 @@ class Stack:
             time.sleep(0.1)
         raise RuntimeError(f"{name} did not become ready in {timeout:.0f}s")
 
-    def watch(self) -> str | None:
-        """Block until a process dies (returns its name) or Ctrl-C (returns None)."""
-        try:
-            while True:
-                for name, process in self.processes.items():
-                    if process.poll() is not None:
-                        return name
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            return None
+    def watch(self) -> str:
+        """Block until a process dies; returns its name (Ctrl-C raises KeyboardInterrupt)."""
+        while True:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    return name
+            time.sleep(0.5)
 
     def stop(self) -> None:
         """Services first, NATS last, each given time to finish cleanly."""

@@ -12,6 +12,7 @@ import os
 import secrets
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -163,7 +164,10 @@ class Settings(BaseSettings):
         return url.replace("{service}", service)
 
     def port_for(self, service: str) -> int:
-        return self.port or SERVICE_PORTS[service]
+        """``port`` when set; else the port of the service's own URL (``authz_url`` …), so the
+        URL others call it on and the port it listens on cannot disagree."""
+        url: str = getattr(self, f"{service}_url")
+        return self.port or urlparse(url).port or SERVICE_PORTS[service]
 
     @cached_property
     def pepper(self) -> bytes:
