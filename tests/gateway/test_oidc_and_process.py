@@ -13,11 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli.stack import SERVICES
 from libs.common.settings import Settings
 from tests.authz.oidc_issuer import Issuer, new_key
 from tests.gateway.conftest import RunningGateway, running_gateway, tenant
 from tests.gateway.support import ROOT, eventually, port_open
-from tests.helpers import bearer, free_port, ok, serve
+from tests.helpers import bearer, child_log, free_port, ok, serve
 
 CHAT = {"model": "echo", "messages": [{"role": "user", "content": "token"}]}
 
@@ -139,21 +140,20 @@ async def test_python_dash_m_gateway_serves_both_ports_and_stops_on_sigterm(
         "STEWARD_NATS_URL": gateway_settings.nats_url,
         "STEWARD_EVENT_NAMESPACE": gateway_settings.event_namespace,
         "STEWARD_API_KEY_PEPPER": "unused-here",
-        "STEWARD_AUTHZ_URL": gateway_settings.authz_url,
-        "STEWARD_CATALOG_URL": gateway_settings.catalog_url,
+        **{
+            f"STEWARD_{service.upper()}_URL": getattr(gateway_settings, f"{service}_url")
+            for service in SERVICES  # none left at a default port a local stack may answer on
+        },
         "STEWARD_GATEWAY_API_KEY": "stw_AAAAAAAA_" + "B" * 32,
         "STEWARD_GATEWAY_PROXY_PORT": str(proxy),
         "STEWARD_GATEWAY_ADMIN_PORT": str(admin),
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    # Its output goes to a log file (attached to a failure), never to a pipe nobody reads: a
+    # full pipe blocks the gateway's next log line, and then its shutdown.
+    with child_log("gateway") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", cwd=ROOT, env=env, stdout=log, stderr=log
+        )
     try:
         await eventually(lambda: port_open(proxy) and port_open(admin), within=20, every=0.1)
         async with httpx.AsyncClient() as client:
