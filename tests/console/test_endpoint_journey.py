@@ -214,6 +214,9 @@ async def test_an_approved_endpoint_becomes_ready_and_its_calls_show_in_the_usag
     await page.get_by_role("button", name="Submit request").click()
     await expect(page.locator("#request-outcome")).to_contain_text("Request filed: endpoint")
 
+    # The developer watches the (still empty) endpoints view while the admin approves.
+    await dev.go("endpoints")
+    await expect(page.locator("#endpoint-list")).to_contain_text("No endpoints yet")
     admin = await console_page(browser, full_stack.url, artifacts)
     await admin.sign_in(admin_key)
     await admin.go("queue")
@@ -221,8 +224,8 @@ async def test_an_approved_endpoint_becomes_ready_and_its_calls_show_in_the_usag
     await card.get_by_role("button", name="Approve").click()
     await expect(card).to_have_count(0)
 
-    # Provisioned with no human step: the endpoint turns ready (the view refreshes itself).
-    await dev.go("endpoints")
+    # Provisioned with no human step: the endpoint appears and turns ready in the open view,
+    # with no reload (the view refreshes itself).
     status = page.locator(".endpoint-status").first
     await expect(status).to_have_attribute("data-status", "ready", timeout=60_000)
     route = await page.locator("#endpoint-list code").first.inner_text()

@@ -55,8 +55,10 @@ export async function render(main, ctx) {
           } }, "Delete")
         : "")],
     ], rows, { empty: "No endpoints yet. Request one from an approved model." }));
+    // Fast while one is changing; slower otherwise, so an endpoint whose approval is still on
+    // its way (provisioning starts from an event) appears without a reload.
     window.clearTimeout(timer);
-    if (rows.some((e) => MOVING.has(e.status))) timer = window.setTimeout(load, 2000);
+    timer = window.setTimeout(load, rows.some((e) => MOVING.has(e.status)) ? 2000 : 5000);
   }
 
   async function loadPool() {
