@@ -180,6 +180,7 @@ async def _move(
     request_id: str | None = None,
 ) -> None:
     sources, destination = MOVES[move]
+    await repo.lock_status(uow.session, version)
     if version.status not in sources:
         raise Conflict(
             f"{target(asset, version)} is {version.status}; {move} needs one of {sorted(sources)}"

@@ -46,6 +46,16 @@ async def version_by_id(session: AsyncSession, version_id: str) -> Row:
     return row[0], row[1]
 
 
+async def lock_status(session: AsyncSession, version: Version) -> None:
+    """Re-read ``version``'s status under a row lock (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite
+    has a single writer): a transition then decides on the last committed status, and a concurrent
+    one waits for this transaction instead of overwriting it (revoked is never lost)."""
+    await session.refresh(version, attribute_names=_STATUS, with_for_update=True)
+
+
+_STATUS = ["status", "status_changed_at", "status_reason", "request_id"]
+
+
 async def versions_of(session: AsyncSession, asset: Asset) -> Sequence[Version]:
     query = select(Version).where(Version.asset_id == asset.id).order_by(Version.id)
     return (await session.scalars(query)).all()
