@@ -82,10 +82,15 @@ async def start(env: dict[str, str]) -> asyncio.subprocess.Process:
 
 
 async def kill(process: asyncio.subprocess.Process) -> None:
-    """Whatever is left of a stack that failed its test: the whole process group."""
+    """Whatever is left of a stack that failed its test. Its children run in process groups of
+    their own, so only ``steward up`` can stop them: SIGTERM first, SIGKILL as a last resort."""
     if process.returncode is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        await process.wait()
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 60)
+        except TimeoutError:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
 
 
 async def test_steward_up_serves_every_service_then_ctrl_c_stops_all_cleanly_and_restarts(

@@ -170,5 +170,10 @@ async def test_python_dash_m_gateway_serves_both_ports_and_stops_on_sigterm(
             assert refused.status_code == 503
     finally:
         process.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(process.wait(), 15)
+        try:
+            code = await asyncio.wait_for(process.wait(), 15)
+        except TimeoutError:
+            process.kill()  # never left running for the rest of the run
+            await process.wait()
+            raise
     assert code == 0
