@@ -73,6 +73,10 @@ class Outbox:
         # One wake-up per outbox table, shared by every Outbox object over it: an event
         # handler that writes through its own Outbox still wakes the service's relay.
         self._wake = _WAKE.setdefault(table, asyncio.Event())
+        # Rounds ``run_relay`` has begun (woken by a commit or by its timer), whatever each one
+        # found to do: a round begun after a commit has dealt with that commit's events by the
+        # time the next one begins. Lets a caller know the relay has been round, without a sleep.
+        self.rounds = 0
 
     async def add(
         self, session: AsyncSession, payload: EventPayload, *, entity: str | None = None
@@ -145,6 +149,7 @@ class Outbox:
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
             self._wake.clear()
+            self.rounds += 1
             if not bus.connected:
                 continue
             try:

@@ -27,6 +27,7 @@ from libs.common.migrate import upgrade_async
 from libs.common.outbox import Outbox
 from libs.common.settings import Settings
 from services.authz.models import Project, bus_tables
+from tests.common.support import consumer_caught_up
 from tests.helpers import NATS_URL, PG_ADMIN_DSN, NatsProcess, delete_streams
 
 
@@ -91,7 +92,10 @@ async def test_an_event_written_while_nats_is_down_is_delivered_once_when_it_ret
 
         async for session in transaction(sessionmaker):
             event = await outbox.add(session, ProjectCreated(project="p1", display_name="P1"))
-        await asyncio.sleep(0.5)  # the relay tries, and cannot publish
+        # The relay has been round since the commit (a round begun after it, and ended), and
+        # could not publish: the event waits in the outbox.
+        begun = outbox.rounds
+        await until(lambda: outbox.rounds >= begun + 2)
         async with sessionmaker() as session:
             pending = await session.scalar(
                 select(func.count()).where(bus_tables.outbox.c.published_at.is_(None))
@@ -168,7 +172,8 @@ async def test_a_redelivered_event_changes_nothing(
         # The same event again under another message id, as a redelivery after a lost ack
         # or a replay would bring it: JetStream cannot de-duplicate it, the inbox must.
         await bus.publish(ProjectCreated.subject, body, f"{event.id}-again")
-        await asyncio.sleep(1.0)
+        # The copy delivered and acknowledged: whatever it was going to do, it has done.
+        await consumer_caught_up(bus, "EVENTS", "inbox-test")
         assert await consumer.apply(event, create_project) is False
         async with sessionmaker() as session:
             count = await session.scalar(
@@ -209,7 +214,8 @@ async def test_a_failing_handler_rolls_back_its_inbox_row_and_is_retried(
     try:
         await bus.publish(ProjectCreated.subject, event.model_dump_json().encode(), event.id)
         await until(lambda: len(attempts) >= 2, seconds=15)
-        await asyncio.sleep(0.3)
+        # Acknowledged after the retry succeeded: nothing is left to be attempted again.
+        await consumer_caught_up(bus, "EVENTS", "retry-test")
         async with sessionmaker() as session:
             count = await session.scalar(
                 select(func.count())
