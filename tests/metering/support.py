@@ -10,12 +10,14 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from nats.js.api import DeliverPolicy
 
 from libs.common.bus import Bus
 from libs.common.db import new_id, utcnow
 from libs.common.events import CloudEvent
 from libs.common.events.usage import UsageRecorded
+from libs.common.settings import Settings
+from services.metering.background import USAGE_DURABLE
+from tests.common.support import Listener, consumer_caught_up, outbox_relayed
 
 
 def credential() -> str:
@@ -130,12 +132,16 @@ def asyncpg_dsn(database_url: str) -> str:
     return database_url.replace("postgresql+asyncpg://", "postgresql://")
 
 
-class Heard:
+class Heard(Listener):
     """The events heard on a subscription, found by subject and the id of what they are about."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, bus: Bus, pattern: str, key: str) -> None:
+        super().__init__(bus, pattern)
         self.key = key
         self.received: list[CloudEvent] = []
+
+    def handle(self, body: bytes) -> None:
+        self.received.append(CloudEvent.model_validate_json(body))
 
     def of(self, subject: str, entity: str) -> list[CloudEvent]:
         return [
@@ -148,19 +154,24 @@ class Heard:
 @contextlib.asynccontextmanager
 async def hearing(bus: Bus, pattern: str, key: str) -> AsyncIterator[Heard]:
     """Every event on ``pattern`` published from now on (a real JetStream subscription)."""
-    heard = Heard(key)
-
-    async def on_msg(msg: Any) -> None:
-        heard.received.append(CloudEvent.model_validate_json(msg.data))
-
-    sub = await bus.js.subscribe(
-        bus.subject(pattern),
-        cb=on_msg,
-        stream=bus.stream("EVENTS"),
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.NEW,
-    )
+    heard = Heard(bus, pattern, key)
+    await heard.start()
     try:
         yield heard
     finally:
-        await sub.unsubscribe()
+        await heard.stop()
+
+
+async def usage_applied(bus: Bus, seconds: float = 15.0) -> None:
+    """Wait until metering's usage consumer on ``bus``'s namespace has applied and acknowledged
+    every usage event published so far: none is left to deliver or to redeliver."""
+    await consumer_caught_up(bus, "USAGE", USAGE_DURABLE, seconds, "every usage event applied")
+
+
+async def metering_settled(bus: Bus, settings: Settings, heard: Heard | None = None) -> None:
+    """Everything the usage published so far can cause has happened: the events applied, the
+    alerts they raised relayed from metering's outbox, and (``heard``) heard."""
+    await usage_applied(bus)
+    await outbox_relayed(settings, "metering")
+    if heard is not None:
+        await heard.caught_up()

@@ -35,6 +35,7 @@ from tests.metering.support import (
     publish,
     publish_raw,
     usage,
+    usage_applied,
 )
 
 
@@ -114,14 +115,9 @@ async def test_a_re_sent_event_is_counted_once_even_past_jetstream_deduplication
     await publish(gateway_bus, events)
     await publish(gateway_bus, events, fresh_msg_id=True)  # the same events, stored again
     await publish(gateway_bus, events[:10] * 3, fresh_msg_id=True)  # repeats within one batch
-    marker = usage(project, prompt=1, completion=0)
-    await publish(gateway_bus, [marker])
-
-    async def marker_counted() -> bool:
-        return (await db_totals(asyncpg_dsn(database_url), project))[0] >= 51
-
-    await eventually(marker_counted, what="all events, once each")
-    await asyncio.sleep(0.3)  # nothing more trickles in
+    await publish(gateway_bus, [usage(project, prompt=1, completion=0)])
+    # Every copy delivered and acknowledged: none is left to be counted later.
+    await usage_applied(gateway_bus)
     assert await db_totals(asyncpg_dsn(database_url), project) == (51, 501, 50)
     raw = await db_count(
         asyncpg_dsn(database_url),
@@ -147,12 +143,9 @@ async def test_bad_events_are_refused_alone_and_change_nothing(
     await publish(gateway_bus, [good[2]])
 
     dsn = asyncpg_dsn(database_url)
-
-    async def good_counted() -> bool:
-        return (await db_totals(dsn, project))[0] >= 3
-
-    await eventually(good_counted, what="the good events")
-    await asyncio.sleep(0.3)
+    # Every event delivered and acknowledged (or terminated): the good ones applied, the bad
+    # ones refused for good rather than waiting to be retried.
+    await usage_applied(gateway_bus)
     assert await db_totals(dsn, project) == (3, 15, 15)
     assert (
         await db_count(
@@ -210,12 +203,9 @@ async def test_restarting_metering_mid_stream_counts_every_event_once(
         assert 0 < counted_while_down < len(events)
 
         async for _ in running(create_app(private_settings, transports=transports)):
-
-            async def all_counted() -> bool:
-                return (await db_totals(dsn, project))[0] >= len(events)
-
-            await eventually(all_counted, seconds=30, what="every event after the restart")
-            await asyncio.sleep(1.5)  # past the ack wait: any redelivery would have landed
+            # Every event acknowledged, the first metering's unacknowledged ones included once
+            # redelivered: nothing is left that could still be counted.
+            await usage_applied(bus, seconds=30)
         assert await db_totals(dsn, project) == (4000, 12000, 8000)
     finally:
         await bus.close()
@@ -324,12 +314,9 @@ async def test_a_killed_metering_process_loses_and_doubles_nothing(
         assert (await db_totals(dsn, project))[0] < len(events)
 
         process = await start()
-
-        async def all_counted() -> bool:
-            return (await db_totals(dsn, project))[0] >= len(events)
-
-        await eventually(all_counted, seconds=30, what="every event after the restart")
-        await asyncio.sleep(1.5)
+        # What the killed process held comes back after the ack wait; once everything is
+        # acknowledged nothing can come back again, and the counts are final.
+        await usage_applied(bus, seconds=30)
         assert await db_totals(dsn, project) == (6000, 12000, 6000)
     finally:
         publisher.cancel()
