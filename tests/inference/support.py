@@ -3,7 +3,6 @@ listening to the endpoint events on the real bus."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import nats
 
+from libs.common.bus import Bus
+from libs.common.settings import Settings
 from tests.approval.support import (
     DEV_SCOPES,
     admitted,
@@ -24,7 +24,8 @@ from tests.approval.support import (
     model,
     uname,
 )
-from tests.helpers import NATS_URL, bearer, member_key, new_project, ok
+from tests.common.support import Listener, outbox_relayed
+from tests.helpers import bearer, member_key, new_project, ok
 
 ADMIN_SCOPES = ["catalog:read", "requests:write", "endpoints:manage"]
 
@@ -149,13 +150,19 @@ async def wait_status(
     return found
 
 
-@dataclass
-class Heard:
-    events: list[dict[str, Any]]
+class Heard(Listener):
+    """The ``inference.endpoint.*`` events stored in the stream, in its order."""
+
+    def __init__(self, bus: Bus) -> None:
+        super().__init__(bus, "inference.endpoint.>")
+        self.events: list[dict[str, Any]] = []
+
+    def handle(self, body: bytes) -> None:
+        self.events.append(json.loads(body))
 
     def about(self, endpoint_id: str) -> list[dict[str, Any]]:
-        """Events about one endpoint, once each: a core subscriber also sees a re-sent event
-        that JetStream itself de-duplicates (same id), as after a relay cut short."""
+        """Events about one endpoint, once each: a relay cut short publishes an event again,
+        and past JetStream's duplicate window the stream keeps both copies."""
         seen: set[str] = set()
         out = []
         for e in self.events:
@@ -169,17 +176,19 @@ class Heard:
 
 
 @asynccontextmanager
-async def listening(namespace: str) -> AsyncIterator[Heard]:
-    """Every ``inference.endpoint.*`` event published while the block runs (core NATS)."""
-    nc = await nats.connect(NATS_URL)
-    heard = Heard([])
-
-    async def on_message(msg: Any) -> None:
-        heard.events.append(json.loads(msg.data))
-
+async def listening(settings: Settings) -> AsyncIterator[Heard]:
+    """Every ``inference.endpoint.*`` event published while the block runs, in ``settings``'
+    world. When the block ends, all of them have been heard: every event the inference service
+    committed by then has left its outbox, and the subscription has caught up with the stream."""
+    bus = Bus(settings.nats_url, settings.event_namespace, name="test-listener")
+    await bus.connect()  # and the streams, if no service has made them yet
+    await bus.wait_ready(10)
+    heard = Heard(bus)
     try:
-        await nc.subscribe(f"{namespace}.inference.endpoint.>", cb=on_message)
+        await heard.start()
         yield heard
+        await outbox_relayed(settings, "inference")
+        await heard.caught_up()
     finally:
-        await asyncio.sleep(0.3)  # let the last relayed events arrive
-        await nc.close()
+        await heard.stop()
+        await bus.close()

@@ -273,7 +273,7 @@ async def test_external_endpoint_keeps_its_credential_sealed_at_rest_and_on_the_
     a, _, name = two_teams
     url, guarded = upstream
     secret = "sk-upstream-42"
-    async with listening(settings.event_namespace) as heard:
+    async with listening(settings) as heard:
         created = await ok(
             await _create(
                 inference,
@@ -338,7 +338,7 @@ async def test_stop_releases_process_and_gpus_and_scaling_up_starts_it_again(
     created = await ok(await _create(inference, a, body), 201)
     base = f"/v1/projects/{a.project}/endpoints/{created['id']}"
     ready = await wait_status(inference, a.dev, a.project, created["id"], "ready")
-    async with listening(settings.event_namespace) as heard:
+    async with listening(settings) as heard:
         stopped = await ok(await inference.post(f"{base}/stop", headers=bearer(a.admin)))
         assert stopped["status"] == "stopped"
         pool = await ok(await inference.get("/v1/gpu-pool", headers=bearer(a.admin)))

@@ -55,7 +55,7 @@ async def test_a_model_that_fails_to_load_is_retried_then_failed_with_its_log(
     settings: Settings,
 ) -> None:
     who, name = await _setup(authz, catalog, approval, admin_key)
-    async with listening(settings.event_namespace) as heard:
+    async with listening(settings) as heard:
         created = await create(inference, who, name, profile="broken")
         failed = await wait_status(inference, who.dev, who.project, created["id"], "failed")
     assert "exited with code 1 before it was healthy" in failed["reason"]
@@ -73,7 +73,7 @@ async def test_a_crashed_server_is_restarted_with_backoff_and_the_route_follows(
     settings: Settings,
 ) -> None:
     who, name = await _setup(authz, catalog, approval, admin_key)
-    async with listening(settings.event_namespace) as heard:
+    async with listening(settings) as heard:
         created = await create(inference, who, name, profile="crash-once")
         first = await wait_status(inference, who.dev, who.project, created["id"], "ready")
 
@@ -108,7 +108,7 @@ async def test_a_server_that_keeps_crashing_fails_after_the_restart_budget(
     settings: Settings,
 ) -> None:
     who, name = await _setup(authz, catalog, approval, admin_key)
-    async with listening(settings.event_namespace) as heard:
+    async with listening(settings) as heard:
         created = await create(inference, who, name, profile="crashy")
         failed = await wait_status(
             inference, who.dev, who.project, created["id"], "failed", within=30
@@ -207,7 +207,7 @@ async def test_an_approved_request_that_does_not_fit_becomes_failed_with_an_even
     settings: Settings,
 ) -> None:
     who, name = await _setup(authz, catalog, approval, admin_key)
-    async with listening(settings.event_namespace) as heard:
+    async with listening(settings) as heard:
         decided = await request_endpoint(
             approval, admin_key, who, name, "kubernetes", gpus=2, gpu_type="tiny", replicas=2
         )

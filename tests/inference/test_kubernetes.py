@@ -44,7 +44,7 @@ async def test_approved_request_becomes_a_ready_kserve_inference_service(
     double, _ = kube
     who = await team(authz, admin_key)
     name = await approved_model(authz, catalog, approval, admin_key, who)
-    async with listening(settings.event_namespace) as heard:
+    async with listening(settings) as heard:
         decided = await request_endpoint(
             approval, admin_key, who, name, "kubernetes", gpus=2, replicas=2
         )
@@ -138,7 +138,7 @@ async def test_a_model_that_fails_to_load_fails_with_kserves_reason(
         ready=False, message="OSError: model.safetensors not found"
     )
     name = await approved_model(authz, catalog, approval, admin_key, who)
-    async with listening(settings.event_namespace) as heard:
+    async with listening(settings) as heard:
         decided = await request_endpoint(approval, admin_key, who, name, "kubernetes")
         found = await endpoint_of_request(inference, who.dev, who.project, decided["id"])
         failed = await wait_status(inference, who.dev, who.project, found["id"], "failed")
@@ -312,7 +312,7 @@ async def test_an_api_server_outage_does_not_take_a_ready_route_away(
         201,
     )
     await wait_status(inference, who.dev, who.project, created["id"], "ready")
-    async with listening(settings.event_namespace) as heard:
+    async with listening(settings) as heard:
         before = len(double.requests)
         await double.set_down(True)
         try:

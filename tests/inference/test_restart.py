@@ -66,7 +66,7 @@ async def test_local_routes_go_when_the_service_stops_and_come_back_when_it_star
     who = await team(authz, admin_key)
     name = await approved_model(authz, catalog, approval, admin_key, who)
     body = {"model_name": name, "version": "1.0.0", "runtime": "local"}
-    async with listening(embedded.event_namespace) as heard:
+    async with listening(embedded) as heard:
         first = _start(embedded, inference_config, authz_app, catalog_app)
         app = await anext(first)
         async with httpx.AsyncClient(
