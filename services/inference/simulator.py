@@ -24,7 +24,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +94,13 @@ def _prompt_of_chat(messages: Any) -> str | None:
     return "\n".join(parts)
 
 
-def create_app(config: SimulatorConfig, on_start: Callable[[], None] | None = None) -> Starlette:
+def create_app(
+    config: SimulatorConfig,
+    on_start: Callable[[], None] | None = None,
+    *,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> Starlette:
+    """``sleep`` makes the time to first token and between tokens pass (a test may record it)."""
     created = int(time.time())
 
     @asynccontextmanager
@@ -173,7 +179,7 @@ def create_app(config: SimulatorConfig, on_start: Callable[[], None] | None = No
         }
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if not body.get("stream"):
-            await asyncio.sleep((config.ttft_ms + config.itl_ms * (count - 1)) / 1000)
+            await sleep((config.ttft_ms + config.itl_ms * (count - 1)) / 1000)
             text = "".join(tokens)
             if chat:
                 choice: dict[str, Any] = {
@@ -244,12 +250,12 @@ def create_app(config: SimulatorConfig, on_start: Callable[[], None] | None = No
                 d["content"] = content
             return {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish_reason}
 
-        await asyncio.sleep(config.ttft_ms / 1000)
+        await sleep(config.ttft_ms / 1000)
         if chat:
             yield chunk([delta("", None, role=True)])
         for i, token in enumerate(tokens):
             if i:
-                await asyncio.sleep(config.itl_ms / 1000)
+                await sleep(config.itl_ms / 1000)
             yield chunk([delta(token, None)])
         yield chunk([delta(None if chat else "", finish)])
         if include_usage:

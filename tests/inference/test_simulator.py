@@ -4,7 +4,6 @@ and OpenAI error objects. It is a simulator and says so."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -28,24 +27,31 @@ async def sim_without_usage() -> AsyncIterator[str]:
         yield url
 
 
-async def test_streams_openai_chunks_with_usage_last_and_a_measurable_ttft(sim: str) -> None:
-    client = openai.AsyncOpenAI(base_url=sim + "/v1", api_key="unused")
-    started = time.monotonic()
-    stream = await client.chat.completions.create(
-        model="sim-model",
-        messages=[{"role": "user", "content": "one two three"}],
-        stream=True,
-        max_tokens=4,
-        stream_options={"include_usage": True},
-    )
-    chunks = [chunk async for chunk in stream]
-    await client.close()
+async def test_streams_openai_chunks_with_usage_last_and_a_measurable_ttft() -> None:
+    waits: list[float] = []  # what the simulator let pass, in order: its clock, not the wall's
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    config = SimulatorConfig("sim-model", ttft_ms=150, itl_ms=5)
+    async with serve(create_app(config, sleep=sleep)) as url:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused")
+        stream = await client.chat.completions.create(
+            model="sim-model",
+            messages=[{"role": "user", "content": "one two three"}],
+            stream=True,
+            max_tokens=4,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        await client.close()
     first_content = next(
         i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.content
     )
     assert first_content == 1  # the role chunk comes first, as OpenAI sends it
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert time.monotonic() - started >= 0.15  # the configured time to first token
+    # The configured time to first token before the first chunk, then one gap between tokens.
+    assert waits == pytest.approx([0.15, 0.005, 0.005, 0.005])
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == []
     assert chunks[-1].usage is not None
