@@ -89,6 +89,8 @@ async def test_chunked_and_connection_delimited_bodies_arrive_whole() -> None:
 
 
 async def test_broken_silent_and_absent_upstreams_raise_upstream_errors() -> None:
+    answer = asyncio.Event()  # the silent upstream says nothing until the client has given up
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await read_request(reader)
         if b"/garbage" in request:
@@ -96,7 +98,7 @@ async def test_broken_silent_and_absent_upstreams_raise_upstream_errors() -> Non
         elif b"/cut" in request:
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
         elif b"/silent" in request:
-            await asyncio.sleep(1)
+            await answer.wait()
         await writer.drain()
         writer.close()
 
@@ -108,8 +110,11 @@ async def test_broken_silent_and_absent_upstreams_raise_upstream_errors() -> Non
         with pytest.raises(UpstreamError, match="closed"):
             await response.read()
         response.close()
-        with pytest.raises(UpstreamTimeout):
-            await upstream.request("POST", url + "/silent", [], b"")
+        try:
+            with pytest.raises(UpstreamTimeout):
+                await upstream.request("POST", url + "/silent", [], b"")
+        finally:
+            answer.set()
         upstream.close()
     with pytest.raises(UpstreamError, match="cannot connect"):
         await pool().request("POST", url + "/gone", [], b"")
