@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -21,6 +23,8 @@ from starlette.routing import Route
 from libs.common.bus import Bus
 from libs.common.events import CloudEvent, EventPayload
 from libs.common.events.catalog import VersionState
+from libs.common.events.usage import UsageRecorded
+from tests.common.support import Listener, until
 from tests.helpers import child_log, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,47 +126,44 @@ async def upstream_json(url: str, path: str) -> Any:
         return response.json()
 
 
+class _UsageReader(Listener):
+    def __init__(self, bus: Bus, project: str) -> None:
+        super().__init__(bus, UsageRecorded.subject, "USAGE", DeliverPolicy.ALL)
+        self.project = project
+        self.found: list[dict[str, Any]] = []
+
+    def handle(self, body: bytes) -> None:
+        try:
+            event = CloudEvent.model_validate_json(body)
+        except ValidationError:
+            return  # metering's tests publish unreadable events on purpose
+        if event.data["project"] == self.project:
+            self.found.append(event.model_dump(mode="json"))
+
+
 async def usage_events(
     nats_url: str, namespace: str, project: str, count: int, *, within: float = 5.0
 ) -> list[dict[str, Any]]:
     """The usage events of ``project`` on the USAGE stream: exactly ``count`` of them.
 
-    Waits until ``count`` arrived, then a little longer to catch any extra (a double count).
+    Reads until ``count`` arrived and every usage event the stream holds by then has been read,
+    so that an extra one (a double count) published with them is seen too.
     """
-    import nats
-    from nats.js.api import DeliverPolicy
-
-    nc = await nats.connect(nats_url)
-    found: list[dict[str, Any]] = []
+    bus = Bus(nats_url, namespace, name="test-usage-reader")
+    await bus.connect()
+    await bus.wait_ready(10)
+    reader = _UsageReader(bus, project)
     try:
-        js = nc.jetstream()
-        sub = await js.subscribe(
-            f"{namespace}.gateway.usage.recorded",
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
-        )
-        deadline = time.monotonic() + within
-        grace: float | None = None
-        while True:
-            now = time.monotonic()
-            if grace is not None and now > grace:
-                break
-            if now > deadline:
-                break
-            try:
-                msg = await sub.next_msg(timeout=0.2)
-            except TimeoutError:
-                continue
-            try:
-                event = CloudEvent.model_validate_json(msg.data)
-            except ValidationError:
-                continue  # metering's tests publish unreadable events on purpose
-            if event.data["project"] == project:
-                found.append(event.model_dump(mode="json"))
-                if len(found) >= count and grace is None:
-                    grace = time.monotonic() + 0.3
-        await sub.unsubscribe()
+        await reader.start()
+
+        async def all_read() -> bool:
+            return len(reader.found) >= count and await reader.heard_all()
+
+        with contextlib.suppress(AssertionError):  # the count below says what is wrong
+            await until(all_read, within, "usage events")
     finally:
-        await nc.close()
+        await reader.stop()
+        await bus.close()
+    found = reader.found
     assert len(found) == count, f"expected {count} usage events, got {len(found)}: {found}"
     return found
