@@ -29,7 +29,7 @@ Worst-case overshoot with R gateway replicas sharing one budget (see README "Quo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -230,8 +230,15 @@ class QuotaLedger:
     that much later (until then it may be counted twice, which only errs towards refusing).
     """
 
-    def __init__(self, *, confirm_margin_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        confirm_margin_seconds: float = 1.0,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.confirm_margin = timedelta(seconds=confirm_margin_seconds)
+        # "Now" when ``reserve`` or ``settle`` is not told: the wall clock, or a test's.
+        self.clock: Callable[[], datetime] = clock or _wall_clock
         self._by_project: dict[str, dict[str, _Entry]] = {}
         self._by_id: dict[str, _Entry] = {}
 
@@ -291,7 +298,7 @@ class QuotaLedger:
         now: datetime | None = None,
     ) -> Reservation:
         """Admit a call if, for every applicable quota and limit, used + estimate <= limit."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         input_tokens, output_tokens = max(0, input_tokens), max(0, output_tokens)
         verdicts = [
             _judge(entry, now, input_tokens, output_tokens)
@@ -348,7 +355,7 @@ class QuotaLedger:
         at: datetime | None = None,
     ) -> None:
         """Replace a call's estimate by its real usage (``at``: the usage event's time)."""
-        at = at or datetime.now(UTC)
+        at = at or self.clock()
         for hold in reservation.holds:
             entry = self._by_id.get(hold.quota_id)
             if entry is None:
@@ -364,6 +371,10 @@ class QuotaLedger:
             amount = entry.pending.setdefault((start, int(at.timestamp())), [0, 0])
             amount[0] += max(0, input_tokens)
             amount[1] += max(0, output_tokens)
+
+
+def _wall_clock() -> datetime:
+    return datetime.now(UTC)
 
 
 def _merge(known: QuotaState, incoming: QuotaState) -> QuotaState:

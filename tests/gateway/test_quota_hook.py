@@ -4,7 +4,7 @@ and settles each call's real usage."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 import httpx
 
@@ -15,8 +15,7 @@ from tests.gateway.test_kong import kong_yml, post_config
 from tests.helpers import bearer, unique
 
 
-def quota(project: str, total: int, used: int = 0) -> QuotaState:
-    now = datetime.now(UTC)
+def quota(project: str, total: int, now: datetime, used: int = 0) -> QuotaState:
     start, end = window_bounds("hour", now)
     return QuotaState(
         quota_id=unique("quota"),
@@ -49,11 +48,16 @@ async def test_quotas_warn_then_refuse_with_ratelimit_headers_on_v1_and_kong_rou
         )
     ).status_code == 201
     ledger = gw.gateway.quota
-    spent_quota, nearly_quota = quota(spent.project, 1000, used=1000), quota(nearly.project, 10_000)
-    kong_quota = quota("kong-team", 500, used=500)
+    # The gateway's "now" stands still for the test: its calls fall in the quotas' hour even if
+    # the wall clock crosses into the next one meanwhile.
+    now, wall_clock = ledger.clock(), ledger.clock
+    spent_quota = quota(spent.project, 1000, now, used=1000)
+    nearly_quota = quota(nearly.project, 10_000, now)
+    kong_quota = quota("kong-team", 500, now, used=500)
     for state in (spent_quota, nearly_quota, kong_quota):
         ledger.apply(state)
     body = {"model": "echo", "messages": [{"role": "user", "content": "quota?"}], "max_tokens": 50}
+    ledger.clock = lambda: now
     try:
         async with httpx.AsyncClient(base_url=gw.url) as client:
             refused = await client.post(
@@ -74,7 +78,7 @@ async def test_quotas_warn_then_refuse_with_ratelimit_headers_on_v1_and_kong_rou
             assert allowed.headers["ratelimit-limit"] == "10000"
             assert "x-steward-quota-warning" in allowed.headers  # past the 80% threshold
             used = allowed.json()["usage"]
-            assert ledger.usage(nearly_quota.quota_id, datetime.now(UTC)) == (
+            assert ledger.usage(nearly_quota.quota_id, now) == (
                 8500 + used["prompt_tokens"],
                 used["completion_tokens"],
             )
@@ -86,3 +90,4 @@ async def test_quotas_warn_then_refuse_with_ratelimit_headers_on_v1_and_kong_rou
     finally:
         for state in (spent_quota, nearly_quota, kong_quota):
             ledger.remove(state.quota_id)
+        ledger.clock = wall_clock
