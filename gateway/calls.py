@@ -101,6 +101,9 @@ class Call:
     model: str
     endpoint: str
     kind: Kind
+    # The catalog asset and version serving the call (what metering prices it by).
+    asset: str | None = None
+    asset_version: str | None = None
     stream: bool = False
     started: float = 0.0  # perf_counter at arrival
     sent_upstream: float | None = None
@@ -130,6 +133,8 @@ class Call:
             subject_id=self.subject,
             model=self.model,
             endpoint=self.endpoint,
+            asset=self.asset,
+            asset_version=self.asset_version,
             kind=self.kind,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,

@@ -37,6 +37,7 @@ from gateway.upstream import (
     UpstreamTimeout,
 )
 from libs.common.auth import Principal, decide
+from libs.common.events.catalog import VersionState
 from libs.common.events.inference import CredentialError, open_credential
 from libs.common.observability import GEN_AI_OPERATIONS
 from libs.common.outbox import current_traceparent
@@ -128,7 +129,7 @@ class InferenceProxy:
         model = request.get("model")
         if not isinstance(model, str) or not model:
             raise Refusal(400, "'model' is required", "invalid_request_error", param="model")
-        route = self._route(project, model)
+        route, version = self._route(project, model)
         call = Call(
             project=project,
             credential_id=principal.credential_id,
@@ -136,6 +137,8 @@ class InferenceProxy:
             model=model,
             endpoint=route.name,
             kind=kind,
+            asset=route.asset_name,
+            asset_version=version.version,
             started=time.perf_counter(),
         )
         span = trace.get_current_span() if self.gw.tracer is not None else None
@@ -182,7 +185,9 @@ class InferenceProxy:
             )
         await send_json(send, 200, card, extra)
 
-    def _route(self, project: str, model: str) -> ModelRoute:
+    def _route(self, project: str, model: str) -> tuple[ModelRoute, VersionState]:
+        """The route serving ``model`` for ``project``, and the approved catalog version it
+        serves (the route's pinned one, else the newest approved)."""
         route = self.gw.routes.models.get(model)
         if route is None or not route.visible_to(project):
             raise Refusal(
@@ -201,14 +206,15 @@ class InferenceProxy:
             )
         if not self.gw.catalog.loaded:
             raise Refusal(503, "the catalog replica is not loaded yet", "service_unavailable")
-        if self.gw.catalog.approved("model", route.asset_name, route.version) is None:
+        version = self.gw.catalog.approved("model", route.asset_name, route.version)
+        if version is None:
             raise Refusal(
                 403,
                 f"the model '{model}' has no approved catalog version",
                 "permission_error",
                 code="not_approved",
             )
-        return route
+        return route, version
 
     async def _call(
         self,

@@ -128,6 +128,8 @@ class McpProxy:
                     model=name,
                     endpoint=f"{name}/{tool}",
                     kind="mcp",
+                    asset=route.asset_name,
+                    asset_version=approved.version,
                     started=time.perf_counter(),
                 )
                 if tool not in allowed_tools:

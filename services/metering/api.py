@@ -36,15 +36,17 @@ from services.metering.models import (
     TTFT_BOUNDS_MS,
     TTFT_BUCKETS,
     EndpointPlan,
-    ModelPrice,
+    Price,
     Quota,
 )
 from services.metering.schemas import (
+    CatalogVersion,
     EndpointCostQuery,
     EndpointCostRead,
     EndpointCostReport,
     EndpointPlanRead,
     Latency,
+    PriceQuery,
     PriceRead,
     PriceSet,
     QuotaCreate,
@@ -159,16 +161,37 @@ async def _quota_reads(
     return [_quota_read(x, s) for x, s in zip(quotas, states, strict=True)]
 
 
-def _price_read(p: ModelPrice, currency: str) -> PriceRead:
-    return PriceRead(
-        model=p.model,
-        currency=currency,
-        input_per_1k=domain.from_nanos(p.input_per_1k_nanos),
-        output_per_1k=domain.from_nanos(p.output_per_1k_nanos),
-        gpu_hour=None if p.gpu_hour_nanos is None else domain.from_nanos(p.gpu_hour_nanos),
-        updated_at=p.updated_at,
-        updated_by=p.updated_by,
-    )
+def _price_reads(
+    rows: Sequence[Price], currency: str, now: datetime, history: bool
+) -> list[PriceRead]:
+    """Rows ordered by asset, version and time; each ends where the next of its key begins.
+    Without ``history``: the price in force now (unless withdrawn) and the scheduled ones."""
+    reads: list[PriceRead] = []
+    for i, p in enumerate(rows):
+        following = rows[i + 1] if i + 1 < len(rows) else None
+        same_key = following is not None and (following.asset, following.version) == (
+            p.asset,
+            p.version,
+        )
+        until = following.effective_from if following is not None and same_key else None
+        if not history and (p.withdrawn or (until is not None and until <= now)):
+            continue
+        reads.append(
+            PriceRead(
+                model=p.asset,
+                version=p.version or None,
+                currency=currency,
+                input_per_1k=domain.from_nanos(p.input_per_1k_nanos),
+                output_per_1k=domain.from_nanos(p.output_per_1k_nanos),
+                gpu_hour=None if p.gpu_hour_nanos is None else domain.from_nanos(p.gpu_hour_nanos),
+                effective_from=p.effective_from,
+                effective_until=until,
+                withdrawn=p.withdrawn,
+                created_at=p.created_at,
+                created_by=p.created_by,
+            )
+        )
+    return reads
 
 
 # -- usage -------------------------------------------------------------------------------------
@@ -529,12 +552,26 @@ async def delete_quota(
 
 
 @router.get("/prices", tags=["prices"])
-async def list_prices(principal: Reader, session: SessionDep, ctx: ContextDep) -> list[PriceRead]:
-    currency = ctx.settings.metering_currency
-    return [_price_read(p, currency) for p in await repo.all_prices(session)]
+async def list_prices(
+    query: Annotated[PriceQuery, Query()],
+    principal: Reader,
+    session: SessionDep,
+    ctx: ContextDep,
+    clock: ClockDep,
+) -> list[PriceRead]:
+    """Prices by catalog asset (and version): the one in force now and those scheduled, or
+    (``history``) every one since the first."""
+    rows = await repo.all_prices(session, query.model)
+    return _price_reads(rows, ctx.settings.metering_currency, clock(), query.history)
 
 
-@router.put("/prices/{model:path}", tags=["prices"])
+VersionQuery = Annotated[
+    CatalogVersion | None,
+    Query(description="Price this version of the asset only (it beats the asset's price)"),
+]
+
+
+@router.put("/prices/{model:path}", tags=["prices"], responses=problem_responses(Conflict))
 async def set_price(
     model: ModelPath,
     body: PriceSet,
@@ -542,18 +579,28 @@ async def set_price(
     uow: UnitOfWorkDep,
     ctx: ContextDep,
     clock: ClockDep,
+    version: VersionQuery = None,
 ) -> PriceRead:
-    """Set a model's price; usage ingested from now on is priced with it."""
-    price = await domain.set_price(uow, model, body, clock())
-    return _price_read(price, ctx.settings.metering_currency)
+    """Price a catalog asset (``model`` is its catalog name, whatever route or endpoint serves
+    it), or one version of it, from ``effective_from`` (default now) on. Usage is priced at the
+    price in force at its own time; an ``effective_from`` in the past is refused (409)."""
+    now = clock()
+    price = await domain.set_price(uow, model, version, body, now)
+    mine = [r for r in await repo.all_prices(uow.session, model) if r.version == price.version]
+    reads = _price_reads(mine, ctx.settings.metering_currency, now, True)
+    return next(r for r in reads if r.effective_from == price.effective_from)
 
 
 @router.delete(
     "/prices/{model:path}", status_code=204, tags=["prices"], responses=problem_responses(NotFound)
 )
-async def delete_price(model: ModelPath, principal: Manager, uow: UnitOfWorkDep) -> Response:
-    price = await repo.price(uow.session, model)
-    if price is None:
-        raise NotFound(f"model {model!r} has no price")
-    await domain.delete_price(uow, price)
+async def delete_price(
+    model: ModelPath,
+    principal: Manager,
+    uow: UnitOfWorkDep,
+    clock: ClockDep,
+    version: VersionQuery = None,
+) -> Response:
+    """Withdraw the price from now on (scheduled ones are dropped); past usage keeps its cost."""
+    await domain.withdraw_price(uow, model, version, clock())
     return Response(status_code=204)

@@ -33,7 +33,8 @@ from libs.common.outbox import Outbox
 from libs.common.settings import Settings
 from libs.common.uow import UnitOfWork
 from services.metering import repository as repo
-from services.metering.models import ModelPrice, Quota, WebhookDelivery
+from services.metering.models import Price, Quota, WebhookDelivery
+from services.metering.pricing import ANY_VERSION
 from services.metering.schemas import PriceSet, QuotaCreate, QuotaUpdate
 
 log = logging.getLogger("steward.metering")
@@ -365,45 +366,102 @@ def to_nanos(value: Decimal) -> int:
 
 
 def from_nanos(value: int) -> Decimal:
-    return (Decimal(value) / NANOS).normalize()
+    """Nano-units as a decimal without trailing zeros, and without an exponent (100, not 1E+2)."""
+    amount = (Decimal(value) / NANOS).normalize()
+    return amount.quantize(Decimal(1)) if amount == amount.to_integral_value() else amount
 
 
-def cost_nanos(price: ModelPrice | None, prompt_tokens: int, completion_tokens: int) -> int:
-    """The cost of one call at the model's current price (0 when the model has none)."""
-    if price is None:
-        return 0
-    per_1k = (
-        prompt_tokens * price.input_per_1k_nanos + completion_tokens * price.output_per_1k_nanos
-    )
-    return (per_1k + 500) // 1000
-
-
-def _price_dict(p: ModelPrice) -> dict[str, Any]:
+def _price_dict(p: Price) -> dict[str, Any]:
     return {
+        "version": p.version or None,
+        "effective_from": p.effective_from.isoformat(),
         "input_per_1k": str(from_nanos(p.input_per_1k_nanos)),
         "output_per_1k": str(from_nanos(p.output_per_1k_nanos)),
         "gpu_hour": None if p.gpu_hour_nanos is None else str(from_nanos(p.gpu_hour_nanos)),
+        "withdrawn": p.withdrawn,
     }
 
 
-async def set_price(uow: UnitOfWork, model: str, body: PriceSet, now: datetime) -> ModelPrice:
-    price = await repo.price(uow.session, model)
-    before = _price_dict(price) if price else None
+def _price_target(asset: str, version: str | None) -> str:
+    return f"price/{asset}" + (f"@{version}" if version else "")
+
+
+def _in_force(history: Sequence[Price], now: datetime) -> Price | None:
+    """The row of ``history`` (oldest first) in force at ``now``, withdrawn or not."""
+    return next((r for r in reversed(history) if r.effective_from <= now), None)
+
+
+async def set_price(
+    uow: UnitOfWork, asset: str, version: str | None, body: PriceSet, now: datetime
+) -> Price:
+    """Price a catalog asset (or one version of it) from ``body.effective_from`` (default now).
+
+    A new row, never an edit of one in force: usage counted before keeps the price it was
+    counted at. A time in the past is refused, since usage up to now is priced already and
+    reports never re-price it; a price scheduled for the same instant is replaced.
+    """
+    at = body.effective_from or now
+    if at < now:
+        raise Conflict(
+            f"effective_from {at.isoformat()} is in the past: usage up to now is priced already"
+            " and is never re-priced; give a time from now on, or none for now"
+        )
+    key = version or ANY_VERSION
+    history = await repo.price_history(uow.session, asset, key)
+    current = _in_force(history, now)
+    before = _price_dict(current) if current is not None and not current.withdrawn else None
+    price = next((r for r in history if r.effective_from == at), None)
     if price is None:
-        price = ModelPrice(model=model)
+        price = Price(asset=asset, version=key, effective_from=at)
         uow.session.add(price)
     price.input_per_1k_nanos = to_nanos(body.input_per_1k)
     price.output_per_1k_nanos = to_nanos(body.output_per_1k)
     price.gpu_hour_nanos = None if body.gpu_hour is None else to_nanos(body.gpu_hour)
-    price.updated_at = now
-    price.updated_by = uow.actor
+    price.withdrawn = False
+    price.created_at = now
+    price.created_by = uow.actor
     await uow.session.flush()
-    await uow.audit("price.set", f"price/{model}", before=before, after=_price_dict(price))
+    await uow.audit(
+        "price.set", _price_target(asset, version), before=before, after=_price_dict(price)
+    )
     return price
 
 
-async def delete_price(uow: UnitOfWork, price: ModelPrice) -> None:
-    before = _price_dict(price)
-    await uow.session.delete(price)
+async def withdraw_price(uow: UnitOfWork, asset: str, version: str | None, now: datetime) -> None:
+    """No price for the asset (or version) from now on: scheduled prices are dropped (they
+    never applied) and the one in force ends now; the past keeps its price."""
+    key = version or ANY_VERSION
+    history = await repo.price_history(uow.session, asset, key)
+    current = _in_force(history, now)
+    scheduled = [r for r in history if r.effective_from > now]
+    active = current is not None and not current.withdrawn
+    if not active and not scheduled:
+        what = f"version {version!r} of {asset!r}" if version else f"model {asset!r}"
+        raise NotFound(f"{what} has no price")
+    before = _price_dict(current) if current is not None and active else None
+    for row in scheduled:
+        await uow.session.delete(row)
+    if current is not None and active:
+        if current.effective_from == now:
+            current.withdrawn = True
+        else:
+            uow.session.add(
+                Price(
+                    asset=asset,
+                    version=key,
+                    effective_from=now,
+                    input_per_1k_nanos=0,
+                    output_per_1k_nanos=0,
+                    gpu_hour_nanos=None,
+                    withdrawn=True,
+                    created_at=now,
+                    created_by=uow.actor,
+                )
+            )
     await uow.session.flush()
-    await uow.audit("price.delete", f"price/{price.model}", before=before)
+    await uow.audit(
+        "price.delete",
+        _price_target(asset, version),
+        before=before,
+        after={"withdrawn_at": now.isoformat(), "scheduled_dropped": len(scheduled)},
+    )

@@ -6,10 +6,11 @@ pool counts an endpoint's GPUs as held (``HOLDS_GPUS``: provisioning, ready, del
 stop or a deletion closes it. Times are the events' own (when inference committed the change),
 so a scale, which leaves the status as it was, is timed as well as a status change.
 
-A period is priced at the model's GPU-hour price in the price table when it began, else at the
-rate approved in the request's cost & security plan. An endpoint is **over plan** once its cost
-passes the approved estimate, or its GPU-hours the planned GPU-hours (a longer or bigger run
-than approved); ``metering.endpoint.over_plan`` then announces it once.
+A period is priced at the GPU-hour price in force when it began for the endpoint's catalog asset
+and version (``pricing.PriceBook``, the lookup token usage is priced by too; never by route
+name), else at the rate approved in the request's cost & security plan. An endpoint is **over
+plan** once its cost passes the approved estimate, or its GPU-hours the planned GPU-hours (a
+longer or bigger run than approved); ``metering.endpoint.over_plan`` then announces it once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from libs.common.events.inference import HOLDS_GPUS, EndpointState
 from libs.common.events.metering import EndpointOverPlan
 from libs.common.settings import Settings
 from libs.common.uow import UnitOfWork
+from services.metering import pricing
 from services.metering import repository as repo
 from services.metering.domain import from_nanos, queue_webhooks, to_nanos
 from services.metering.models import EndpointPlan, EndpointRun, GpuPeriod
@@ -82,9 +84,11 @@ async def apply_endpoint_event(session: AsyncSession, state: EndpointState, at: 
     held = state.gpus * state.replicas if state.status in HOLDS_GPUS else 0
     closes = current is not None and current.gpus != held
     opens = held > 0 and (current is None or closes)
-    rate = (
-        await repo.gpu_hour_price(session, (state.route_name, state.asset_name)) if opens else None
-    )
+    rate = None
+    if opens:
+        # By the catalog asset and version it serves, never its route name (``pricing``).
+        book = await repo.price_book(session, [state.asset_name])
+        rate = pricing.gpu_hour_nanos(book.at(state.asset_name, state.version, at))
     if run is None:
         run = EndpointRun(endpoint_id=state.endpoint_id, over_plan_at=None)
         session.add(run)

@@ -23,7 +23,7 @@ from libs.common.events import CloudEvent
 from libs.common.events.usage import UsageRecorded
 from libs.common.outbox import Outbox
 from libs.common.settings import Settings
-from services.metering import domain, metrics
+from services.metering import domain, metrics, pricing
 from services.metering import repository as repo
 from services.metering.domain import Clock
 from services.metering.models import (
@@ -145,13 +145,17 @@ class Ingest:
             usages.append(usage)
         if not usages:
             return
-        prices = await repo.prices_for(session, sorted({u.model for u in usages}))
-        costs: list[int] = []
-        for u in usages:
-            price = prices.get(u.model)
-            costs.append(
-                domain.cost_nanos(price, u.prompt_tokens, u.completion_tokens) if price else 0
+        # Priced by the catalog asset and version that served each call (the model name for
+        # events without them), at the price in force at the call's time.
+        book = await repo.price_book(session, sorted({u.asset or u.model for u in usages}))
+        costs = [
+            pricing.cost_nanos(
+                book.at(u.asset or u.model, u.asset_version, u.time),
+                u.prompt_tokens,
+                u.completion_tokens,
             )
+            for u in usages
+        ]
         rows = [raw_values(i, u, c) for i, u, c in zip(ids, usages, costs, strict=True)]
         kept = await repo.insert_events(session, rows, now)
         if len(kept) < len(rows):

@@ -1,5 +1,5 @@
 """Metering tables: raw usage events, per-minute aggregates, quotas and their counters, alerts,
-webhook deliveries and the price table.
+webhook deliveries and the price history.
 
 The two usage tables are SQLAlchemy Core tables: they are written in bulk by the ingest (one
 statement per batch), never row by row through the ORM. Money is stored in integer nano-units
@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -207,20 +208,29 @@ class WebhookDelivery(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class ModelPrice(Base):
-    """What a model costs, in nano-units of the configured currency, from ``updated_at`` on.
+class Price(Base):
+    """One version in time of a catalog asset's price (or of one version of it).
 
-    Usage is priced when it is ingested: a price change applies to usage from then on.
+    Prices are versioned in time: a change adds a row from its ``effective_from`` on, and usage
+    is priced with the row in force at the usage's own time (``services.metering.pricing``),
+    so a report never prices the past at today's price. ``version`` is "" for the asset's price
+    (every version); a version's own price beats it. A ``withdrawn`` row ends a price: from
+    then on the asset (or version) has none. Money in nano-units of the configured currency.
     """
 
-    __tablename__ = "model_prices"
+    __tablename__ = "prices"
+    __table_args__ = (UniqueConstraint("asset", "version", "effective_from"),)
 
-    model: Mapped[str] = mapped_column(String(255), primary_key=True)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    asset: Mapped[str] = mapped_column(String(255))
+    version: Mapped[str] = mapped_column(String(100), default="")
+    effective_from: Mapped[datetime]
     input_per_1k_nanos: Mapped[int] = mapped_column(BigInteger)
     output_per_1k_nanos: Mapped[int] = mapped_column(BigInteger)
     gpu_hour_nanos: Mapped[int | None] = mapped_column(BigInteger)
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
-    updated_by: Mapped[str] = mapped_column(String(255))
+    withdrawn: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(255))
 
 
 class EndpointPlan(Base):
@@ -284,5 +294,6 @@ class GpuPeriod(Base):
     gpus: Mapped[int] = mapped_column(Integer)  # per replica, times replicas
     started_at: Mapped[datetime]
     ended_at: Mapped[datetime | None]
-    # The price table's GPU-hour price when the period began; None: the approved plan's rate.
+    # The GPU-hour price in force when the period began (``pricing.PriceBook``, by the
+    # endpoint's asset and version); None: the approved plan's rate.
     rate_nanos: Mapped[int | None] = mapped_column(BigInteger)

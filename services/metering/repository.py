@@ -38,7 +38,7 @@ from services.metering.models import (
     EndpointPlan,
     EndpointRun,
     GpuPeriod,
-    ModelPrice,
+    Price,
     Quota,
     QuotaAlert,
     QuotaCounter,
@@ -47,6 +47,7 @@ from services.metering.models import (
     usage_events,
     usage_minutes,
 )
+from services.metering.pricing import PriceBook
 from services.metering.schemas import UsageFilter
 
 # -- tenant filtering: the one place -----------------------------------------------------------
@@ -203,11 +204,11 @@ async def add_minutes(session: AsyncSession, rows: Sequence[Mapping[str, Any]]) 
     await session.execute(statement, ordered)
 
 
-async def prices_for(session: AsyncSession, models: Sequence[str]) -> dict[str, ModelPrice]:
-    if not models:
-        return {}
-    found = await session.scalars(select(ModelPrice).where(ModelPrice.model.in_(models)))
-    return {p.model: p for p in found}
+async def price_book(session: AsyncSession, assets: Sequence[str]) -> PriceBook:
+    """The whole price history of ``assets`` (every version of each): a small table."""
+    if not assets:
+        return PriceBook(())
+    return PriceBook(await session.scalars(select(Price).where(Price.asset.in_(assets))))
 
 
 async def quotas_of_projects(session: AsyncSession, projects: Sequence[str]) -> Sequence[Quota]:
@@ -369,12 +370,22 @@ async def quotas_by_id(session: AsyncSession, ids: Sequence[str]) -> Sequence[Qu
 # -- prices ------------------------------------------------------------------------------------
 
 
-async def price(session: AsyncSession, model: str) -> ModelPrice | None:
-    return await session.get(ModelPrice, model)
+async def price_history(session: AsyncSession, asset: str, version: str) -> Sequence[Price]:
+    """The rows of one asset's (or one version's) price, oldest first."""
+    query = (
+        select(Price)
+        .where(Price.asset == asset, Price.version == version)
+        .order_by(Price.effective_from)
+    )
+    return (await session.scalars(query)).all()
 
 
-async def all_prices(session: AsyncSession) -> Sequence[ModelPrice]:
-    return (await session.scalars(select(ModelPrice).order_by(ModelPrice.model))).all()
+async def all_prices(session: AsyncSession, asset: str | None = None) -> Sequence[Price]:
+    """Every price row (of one asset), by asset, version and time."""
+    query = select(Price).order_by(Price.asset, Price.version, Price.effective_from)
+    if asset is not None:
+        query = query.where(Price.asset == asset)
+    return (await session.scalars(query)).all()
 
 
 # -- dedicated endpoints ---------------------------------------------------------------------
@@ -393,15 +404,6 @@ async def open_period(session: AsyncSession, endpoint_id: str) -> GpuPeriod | No
         GpuPeriod.endpoint_id == endpoint_id, GpuPeriod.ended_at.is_(None)
     )
     return (await session.scalars(query)).one_or_none()
-
-
-async def gpu_hour_price(session: AsyncSession, names: Sequence[str]) -> int | None:
-    """The GPU-hour price of the first of ``names`` that has one (route name, then asset)."""
-    prices = await prices_for(session, names)
-    return next(
-        (p.gpu_hour_nanos for n in names if (p := prices.get(n)) and p.gpu_hour_nanos is not None),
-        None,
-    )
 
 
 @dataclass(frozen=True)

@@ -369,17 +369,41 @@ class QuotaSnapshot(BaseModel):
 # -- prices ------------------------------------------------------------------------------------
 
 
+# A catalog version, as the catalog names it (e.g. "1.0.0").
+CatalogVersion = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._+-]+$")]
+
+
 class PriceSet(Input):
     input_per_1k: Price = Field(description="Per 1,000 prompt tokens")
     output_per_1k: Price = Field(description="Per 1,000 completion tokens")
     gpu_hour: Price | None = Field(default=None, description="Per GPU-hour (dedicated endpoints)")
+    effective_from: Annotated[datetime | None, AfterValidator(_zoned)] = Field(
+        default=None,
+        description="When the price starts to apply (default now; never in the past: usage "
+        "already counted keeps the price it was counted at)",
+    )
+
+
+class PriceQuery(Input):
+    model: ModelName | None = Field(default=None, description="Only this catalog asset's prices")
+    history: bool = Field(
+        default=False,
+        description="Also the prices no longer in force, and withdrawals (default: the price "
+        "in force now and those scheduled)",
+    )
 
 
 class PriceRead(BaseModel):
-    model: str
+    """One version in time of a catalog asset's price (or of one version of it)."""
+
+    model: str = Field(description="The catalog asset")
+    version: str | None = Field(description="The asset version it prices; None: every version")
     currency: str
     input_per_1k: Decimal
     output_per_1k: Decimal
     gpu_hour: Decimal | None
-    updated_at: datetime
-    updated_by: str
+    effective_from: datetime
+    effective_until: datetime | None = Field(description="When the next price takes over")
+    withdrawn: bool = Field(description="Marks the end of a price: none from effective_from")
+    created_at: datetime
+    created_by: str

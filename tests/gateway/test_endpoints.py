@@ -14,8 +14,9 @@ from libs.common.events.inference import (
     EndpointStopped,
     seal_credential,
 )
+from libs.common.settings import Settings
 from tests.gateway.conftest import RunningGateway, tenant
-from tests.gateway.support import eventually, publish, upstream_json
+from tests.gateway.support import eventually, publish, upstream_json, usage_events
 from tests.gateway.test_openai import client
 
 
@@ -46,6 +47,7 @@ async def test_a_ready_endpoint_is_routed_for_its_project_until_it_stops(
     admin_key: str,
     bus: Bus,
     upstream: str,
+    settings: Settings,
 ) -> None:
     owner = await tenant(authz, admin_key, gw, ["echo"])
     neighbour = await tenant(authz, admin_key, gw, ["echo"])
@@ -63,6 +65,14 @@ async def test_a_ready_endpoint_is_routed_for_its_project_until_it_stops(
         r for r in await upstream_json(upstream, "/_log") if r["body"].get("model") == "echo-served"
     ]
     assert seen[-1]["headers"]["authorization"] == "Bearer sk-upstream"
+    # Metered under the route name, and carrying the catalog asset and version it is priced by.
+    [event] = await usage_events(settings.nats_url, settings.event_namespace, owner.project, 1)
+    assert {k: event["data"][k] for k in ("model", "endpoint", "asset", "asset_version")} == {
+        "model": name,
+        "endpoint": name,
+        "asset": "echo",
+        "asset_version": "1.0",
+    }
     listed = await client(gw, owner.key).models.list()
     assert name in {m.id for m in listed.data}
 

@@ -79,6 +79,8 @@ def endpoint_state(
     gpus: int = 2,
     replicas: int = 1,
     request_id: str | None = None,
+    asset: str = "llama-3-8b",
+    version: str = "1.0.0",
 ) -> EventPayload:
     """An ``inference.endpoint.<status>`` event as the inference service publishes it."""
     return EVENTS_BY_STATUS[status](
@@ -87,8 +89,8 @@ def endpoint_state(
         status=status,
         route_name=route,
         served_model_name=route,
-        asset_name="llama-3-8b",
-        version="1.0.0",
+        asset_name=asset,
+        version=version,
         runtime="kubernetes",
         upstream_url="http://llama.example/v1" if status == "ready" else None,
         replicas=replicas,
@@ -231,26 +233,37 @@ async def test_gpu_hours_follow_starts_scales_and_stops_and_are_held_to_the_plan
     assert len(over_plan_events.of(OVER_PLAN, endpoint)) == 1
 
 
-async def test_the_price_tables_gpu_hour_price_wins_over_the_plans_rate(
+async def test_the_assets_gpu_hour_price_wins_over_the_plans_rate(
     authz: httpx.AsyncClient,
     metering: httpx.AsyncClient,
     gateway_bus: Bus,
     admin_key: str,
     clock: Clock,
 ) -> None:
+    """The price is set on the catalog asset; the endpoint serves it under a route name of its
+    own, and its GPU-hours are priced by the asset all the same."""
     project = await new_project(authz, admin_key, "gpuprice")
-    route = unique("priced")
+    asset = unique("acme/priced")
+    route = f"{project}/{asset}"
     await ok(
         await metering.put(
-            f"/v1/prices/{route}",
+            f"/v1/prices/{asset}",
             json={"input_per_1k": "0", "output_per_1k": "0", "gpu_hour": "2.5"},
             headers=bearer(admin_key),
         )
     )
+    # The endpoint runs after the price took effect: move the clock past its whole life.
+    t0 = clock() + timedelta(minutes=1)
+    clock.travel(5 * 3600)
     approved = approved_endpoint_request(project, gpus=1, replicas=1, hours=20, rate=1.0)
     await send(gateway_bus, approved, approved.decided_at)
-    endpoint, t0 = new_id(), clock() - 4 * HOUR
-    kw: dict[str, Any] = {"route": route, "gpus": 1, "request_id": approved.request_id}
+    endpoint = new_id()
+    kw: dict[str, Any] = {
+        "route": route,
+        "asset": asset,
+        "gpus": 1,
+        "request_id": approved.request_id,
+    }
     await send(gateway_bus, endpoint_state("provisioning", project, endpoint, **kw), t0)
     await send(gateway_bus, endpoint_state("deleting", project, endpoint, **kw), t0 + 2 * HOUR)
     await send(gateway_bus, endpoint_state("deleted", project, endpoint, **kw), t0 + 3 * HOUR)
@@ -262,9 +275,10 @@ async def test_the_price_tables_gpu_hour_price_wins_over_the_plans_rate(
     await eventually(deleted, what="the deleted endpoint")
     found = await endpoint_in(metering, admin_key, project, endpoint)
     assert found is not None
+    assert (found["model"], found["asset_name"]) == (route, asset)
     # Held while provisioning and deleting (the pool counts them), not after deletion.
     assert found["gpu_hours"] == pytest.approx(3.0)
-    assert found["cost"] == pytest.approx(7.5)  # at 2.5 from the table, not the plan's 1.0
+    assert found["cost"] == pytest.approx(7.5)  # at 2.5 from the asset's price, not the plan's 1.0
     assert found["plan"]["estimated_cost"] == 20.0
     assert found["plan_used"] == pytest.approx(0.375)
     assert found["over_plan"] is None

@@ -28,6 +28,11 @@ class UsageRecorded(EventPayload):
     model: str
     # The route (model endpoint or MCP server) the call went to.
     endpoint: str
+    # The catalog asset the route serves and the approved version that answered: what metering
+    # prices the call by. Added later (additive, same schema version): None in events from older
+    # gateways, which metering then prices by ``model``.
+    asset: str | None = None
+    asset_version: str | None = None
     kind: Literal["chat", "completion", "embedding", "mcp"] = "chat"
     prompt_tokens: int = 0
     completion_tokens: int = 0
