@@ -138,7 +138,7 @@ class Reconciler:
             else:
                 self._release(endpoint, runtime)
         for endpoint_id in [i for i in self.workers if i not in listed]:
-            self.workers.pop(endpoint_id).task.cancel()
+            self._retire(self.workers.pop(endpoint_id).task)
         for endpoint_id in [i for i, t in self.cleaning.items() if t.done() and i not in listed]:
             del self.cleaning[endpoint_id]
 
@@ -172,7 +172,15 @@ class Reconciler:
             self.cleaning[endpoint.id] = task
 
     def _side(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+        self._track(asyncio.create_task(coro))
+
+    def _retire(self, task: asyncio.Task[None]) -> None:
+        """Cancel a worker and keep it tracked until it has finished: a cancelled worker may
+        still be finishing a shielded report, which ``close`` must wait for."""
+        task.cancel()
+        self._track(task)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
@@ -187,13 +195,16 @@ class Reconciler:
             try:
                 await runtime.provision(spec)
                 last: RuntimeStatus | None = None
-                async for status in runtime.watch(spec):
-                    attempt = 0
-                    if status != last:
-                        last = status
-                        await self._report(spec.endpoint_id, status)
-                    if status.state == "failed":
-                        return
+                # Closed here, on cancel too: a watch left to the garbage collector is closed
+                # later, mid-request, and its HTTP stream with it.
+                async with contextlib.aclosing(runtime.watch(spec)) as statuses:
+                    async for status in statuses:
+                        attempt = 0
+                        if status != last:
+                            last = status
+                            await self._report(spec.endpoint_id, status)
+                        if status.state == "failed":
+                            return
                 return
             except asyncio.CancelledError:
                 raise

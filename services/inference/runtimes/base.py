@@ -6,7 +6,7 @@ changes; a runtime knows nothing of the database or the bus.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -56,7 +56,7 @@ class Runtime(Protocol):
     async def provision(self, spec: EndpointSpec) -> None:
         """Create what serves the endpoint; idempotent (it may already exist)."""
 
-    def watch(self, spec: EndpointSpec) -> AsyncIterator[RuntimeStatus]:
+    def watch(self, spec: EndpointSpec) -> AsyncGenerator[RuntimeStatus, None]:
         """Report the endpoint's state as it changes, until cancelled or ``failed``."""
         ...
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from ipaddress import IPv4Network, IPv6Network
 from urllib.parse import urlsplit
 
@@ -81,7 +81,7 @@ class ExternalRuntime:
             "pending", reason=f"probe of {url}/models answered {response.status_code}"
         )
 
-    async def watch(self, spec: EndpointSpec) -> AsyncIterator[RuntimeStatus]:
+    async def watch(self, spec: EndpointSpec) -> AsyncGenerator[RuntimeStatus, None]:
         """Probe quickly until ready, then every probe interval; three misses in a row drop it."""
         delay, misses, ready = 0.2, 0, False
         while True:

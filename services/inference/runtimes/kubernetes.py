@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from kubernetes_asyncio import client, config, watch
@@ -245,7 +245,7 @@ class KubernetesRuntime:
             return RuntimeStatus("failed", reason="the object is gone from the cluster")
         return interpret(found, self.openai_path)
 
-    async def watch(self, spec: EndpointSpec) -> AsyncIterator[RuntimeStatus]:
+    async def watch(self, spec: EndpointSpec) -> AsyncGenerator[RuntimeStatus, None]:
         """GET, then watch from its resourceVersion; on a dropped or expired watch, again."""
         namespace = self.namespace(spec)
         while True:

@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -256,7 +256,7 @@ class LocalRuntime:
         server.command()  # a bad placeholder fails now, not in the supervisor
         self.servers[spec.endpoint_id] = server
 
-    async def watch(self, spec: EndpointSpec) -> AsyncIterator[RuntimeStatus]:
+    async def watch(self, spec: EndpointSpec) -> AsyncGenerator[RuntimeStatus, None]:
         server = self.servers.get(spec.endpoint_id)
         if server is None:
             raise RuntimeFailure("the endpoint was not provisioned on this host")
