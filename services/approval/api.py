@@ -14,7 +14,6 @@ from libs.common.auth import (
     credential_from,
     decide,
 )
-from libs.common.db import utcnow
 from libs.common.errors import Conflict, Forbidden, NotFound, problem_responses
 from libs.common.events.approval import RequestKind, RequestStatus
 from libs.common.names import ProjectPath
@@ -71,6 +70,15 @@ def _config(request: Request) -> ApprovalConfig:
 ConfigDep = Annotated[ApprovalConfig, Depends(_config)]
 
 
+def _now(request: Request) -> datetime:
+    """The time of this call, read once from the service's clock (the wall clock, or a test's)."""
+    clock: domain.Clock = request.app.state.clock
+    return clock()
+
+
+NowDep = Annotated[datetime, Depends(_now)]
+
+
 def _catalog(request: Request) -> domain.CatalogLookup:
     """Catalog look-ups made with the caller's own credential (never more power than theirs)."""
     credential = credential_from(request) or ""
@@ -85,8 +93,7 @@ def _catalog(request: Request) -> domain.CatalogLookup:
 CatalogDep = Annotated[domain.CatalogLookup, Depends(_catalog)]
 
 
-def request_read(row: RequestRow, now: datetime | None = None) -> RequestRead:
-    now = now or utcnow()
+def request_read(row: RequestRow, now: datetime) -> RequestRead:
     cost = None
     if row.kind == "endpoint":
         plan = row.payload["plan"]
@@ -106,7 +113,7 @@ def request_read(row: RequestRow, now: datetime | None = None) -> RequestRead:
         created_at=row.created_at,
         due_at=row.due_at,
         expires_at=row.expires_at,
-        overdue=row.status == "pending" and row.due_at < now,
+        overdue=domain.overdue(row, now),
         age_seconds=((row.decided_at or now) - row.created_at).total_seconds(),
         decided_at=row.decided_at,
         decided_by=row.decided_by,
@@ -120,9 +127,9 @@ def _comment_read(c: Comment) -> CommentRead:
     return CommentRead(id=c.id, author=c.author, body=c.body, created_at=c.created_at)
 
 
-async def _detail(session: SessionDep, row: RequestRow) -> RequestDetail:
+async def _detail(session: SessionDep, row: RequestRow, now: datetime) -> RequestDetail:
     comments = [_comment_read(c) for c in await repo.comments_of(session, row)]
-    return RequestDetail(**request_read(row).model_dump(), comments=comments)
+    return RequestDetail(**request_read(row, now).model_dump(), comments=comments)
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -141,18 +148,18 @@ async def file_request(
     uow: UnitOfWorkDep,
     catalog: CatalogDep,
     config: ConfigDep,
+    now: NowDep,
 ) -> RequestDetail:
     """File a request for the project. A matching auto-approve policy decides it at once."""
     row = await domain.file_request(
-        uow, principal, project, body.kind, body.payload, catalog, config
+        uow, principal, project, body.kind, body.payload, catalog, config, now=now
     )
-    return await _detail(uow.session, row)
+    return await _detail(uow.session, row, now)
 
 
-def _page(rows: list[RequestRow] | Any, limit: int) -> RequestPage:
+def _page(rows: list[RequestRow] | Any, limit: int, now: datetime) -> RequestPage:
     items = list(rows)[:limit]
     more = len(rows) > limit
-    now = utcnow()
     return RequestPage(
         items=[request_read(r, now) for r in items], next_cursor=items[-1].id if more else None
     )
@@ -163,6 +170,7 @@ async def list_project_requests(
     project: str,
     principal: Reader,
     session: SessionDep,
+    now: NowDep,
     status: Annotated[list[RequestStatus] | None, Query()] = None,
     kind: Annotated[list[RequestKind] | None, Query()] = None,
     cursor: Annotated[str | None, Query(max_length=36)] = None,
@@ -170,15 +178,16 @@ async def list_project_requests(
 ) -> RequestPage:
     filters = repo.RequestFilters(status=status or (), kind=kind or (), project=project)
     rows = await repo.list_requests(
-        session, principal, filters, newest_first=True, cursor=cursor, limit=limit
+        session, principal, filters, newest_first=True, cursor=cursor, limit=limit, now=now
     )
-    return _page(rows, limit)
+    return _page(rows, limit, now)
 
 
 @router.get("/requests", tags=["requests"])
 async def list_requests(
     principal: Reader,
     session: SessionDep,
+    now: NowDep,
     status: Annotated[list[RequestStatus] | None, Query()] = None,
     kind: Annotated[list[RequestKind] | None, Query()] = None,
     project: Annotated[str | None, Query(max_length=63)] = None,
@@ -194,19 +203,25 @@ async def list_requests(
         status=status or (), kind=kind or (), project=project, requester=requester, overdue=overdue
     )
     rows = await repo.list_requests(
-        session, principal, filters, newest_first=order == "newest", cursor=cursor, limit=limit
+        session,
+        principal,
+        filters,
+        newest_first=order == "newest",
+        cursor=cursor,
+        limit=limit,
+        now=now,
     )
-    return _page(rows, limit)
+    return _page(rows, limit, now)
 
 
 @router.get("/requests/stats", tags=["requests"])
 async def request_stats(
     principal: Reader,
     session: SessionDep,
+    now: NowDep,
     days: Annotated[int, Query(ge=1, le=3650, description="Decisions in the last N days")] = 90,
 ) -> Stats:
     """Lead time (median, p90) per kind, and the pending/overdue queue per project."""
-    now = utcnow()
     since = now - timedelta(days=days)
     rows = await repo.for_stats(session, principal, since)
     by_kind: dict[str, KindStats] = {}
@@ -223,7 +238,7 @@ async def request_stats(
             approved=sum(r.status == "approved" for r in decided),
             rejected=sum(r.status == "rejected" for r in decided),
             pending=len(pending),
-            overdue=sum(r.due_at < now for r in pending),
+            overdue=sum(domain.overdue(r, now) for r in pending),
             lead_time_median_seconds=domain.median(lead),
             lead_time_p90_seconds=domain.percentile(lead, 90),
         )
@@ -234,7 +249,7 @@ async def request_stats(
             r.project, ProjectQueue(pending=0, overdue=0, oldest_pending_at=None)
         )
         queue.pending += 1
-        queue.overdue += r.due_at < now
+        queue.overdue += domain.overdue(r, now)
         if queue.oldest_pending_at is None or r.created_at < queue.oldest_pending_at:
             queue.oldest_pending_at = r.created_at
     return Stats(since=since, by_kind=by_kind, by_project=dict(sorted(by_project.items())))
@@ -242,9 +257,9 @@ async def request_stats(
 
 @router.get("/requests/{request_id}", responses=problem_responses(NotFound), tags=["requests"])
 async def get_request(
-    request_id: RequestIdPath, principal: Reader, session: SessionDep
+    request_id: RequestIdPath, principal: Reader, session: SessionDep, now: NowDep
 ) -> RequestDetail:
-    return await _detail(session, await repo.request_for(session, principal, request_id))
+    return await _detail(session, await repo.request_for(session, principal, request_id), now)
 
 
 @router.post(
@@ -257,12 +272,13 @@ async def approve_request(
     principal: Annotated[Principal, Authorized("request.review")],
     uow: UnitOfWorkDep,
     catalog: CatalogDep,
+    now: NowDep,
     body: Decision | None = None,
 ) -> RequestDetail:
     """Approve (never one's own request); the owning service acts on the event."""
     row = await repo.request_for(uow.session, principal, request_id)
-    await domain.approve(uow, principal, row, body.comment if body else "", catalog)
-    return await _detail(uow.session, row)
+    await domain.approve(uow, principal, row, body.comment if body else "", catalog, now=now)
+    return await _detail(uow.session, row, now)
 
 
 @router.post(
@@ -275,10 +291,11 @@ async def reject_request(
     body: Rejection,
     principal: Annotated[Principal, Authorized("request.review")],
     uow: UnitOfWorkDep,
+    now: NowDep,
 ) -> RequestDetail:
     row = await repo.request_for(uow.session, principal, request_id)
-    await domain.reject(uow, principal, row, body.comment)
-    return await _detail(uow.session, row)
+    await domain.reject(uow, principal, row, body.comment, now=now)
+    return await _detail(uow.session, row, now)
 
 
 @router.post(
@@ -290,11 +307,12 @@ async def withdraw_request(
     request_id: RequestIdPath,
     principal: Annotated[Principal, Authorized("request.write")],
     uow: UnitOfWorkDep,
+    now: NowDep,
     body: Decision | None = None,
 ) -> RequestDetail:
     row = await repo.request_for(uow.session, principal, request_id)
-    await domain.withdraw(uow, principal, row, body.comment if body else "")
-    return await _detail(uow.session, row)
+    await domain.withdraw(uow, principal, row, body.comment if body else "", now=now)
+    return await _detail(uow.session, row, now)
 
 
 @router.post(
@@ -308,9 +326,10 @@ async def comment_request(
     body: CommentCreate,
     principal: Annotated[Principal, Authorized("request.write")],
     uow: UnitOfWorkDep,
+    now: NowDep,
 ) -> CommentRead:
     row = await repo.request_for(uow.session, principal, request_id)
-    return _comment_read(await domain.add_comment(uow, row, body.body))
+    return _comment_read(await domain.add_comment(uow, row, body.body, now=now))
 
 
 # -- policies ---------------------------------------------------------------------------------
@@ -334,9 +353,10 @@ async def put_policy(
     principal: Annotated[Principal, Authorized("policy.write")],
     uow: UnitOfWorkDep,
     response: Response,
+    now: NowDep,
 ) -> PolicyRead:
     """Create or replace an auto-approve policy (audited like every change)."""
-    policy, created = await domain.put_policy(uow, name, body)
+    policy, created = await domain.put_policy(uow, name, body, now=now)
     response.status_code = 201 if created else 200
     return _policy_read(policy)
 

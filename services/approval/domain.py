@@ -2,6 +2,9 @@
 
 Each change emits its ``approval.request.*`` event and an audit record in the same transaction;
 the owning service (catalog, authz, inference, metering) acts on the event.
+
+Time comes in as ``now``, read once per call from the service's clock (``Clock``: the wall clock
+in production, one a test moves), never from the wall clock here.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.common.auth import Principal, Role
-from libs.common.db import utcnow
 from libs.common.errors import Conflict, Forbidden, NotFound, Unprocessable
 from libs.common.events.approval import (
     PAYLOADS,
@@ -37,6 +39,9 @@ from services.approval.config import ApprovalConfig
 from services.approval.models import Comment, Policy, Request
 from services.approval.policies import Rule, matches
 from services.approval.schemas import PAYLOAD_INPUTS
+
+# Where "now" comes from: ``libs.common.db.utcnow`` unless a test injects its own.
+Clock = Callable[[], datetime]
 
 # Looks an asset up in the catalog (with the caller's credential): the asset and its versions.
 CatalogLookup = Callable[[str, str], Awaitable[dict[str, Any] | None]]
@@ -187,10 +192,11 @@ async def file_request(
     payload: dict[str, Any],
     catalog: CatalogLookup,
     config: ApprovalConfig,
+    *,
+    now: datetime,
 ) -> Request:
     given = parse_payload(kind, payload)
     stored, key = await _enrich(uow.session, catalog, kind, project, given)
-    now = utcnow()
     due = now + timedelta(days=config.sla_for(kind))
     request = Request(
         kind=kind,
@@ -214,7 +220,7 @@ async def file_request(
         project=project,
         after={"kind": kind, "status": "pending", "payload": stored, "due_at": due.isoformat()},
     )
-    policy = await _matching_policy(uow.session, request)
+    policy = await _matching_policy(uow.session, request, now)
     if policy is not None:
         await _decide(
             uow,
@@ -223,11 +229,12 @@ async def file_request(
             by=f"policy:{policy.name}",
             comment=f"auto-approved by policy {policy.name!r}",
             policy=policy.name,
+            now=now,
         )
     return request
 
 
-async def _matching_policy(session: AsyncSession, request: Request) -> Policy | None:
+async def _matching_policy(session: AsyncSession, request: Request, now: datetime) -> Policy | None:
     for policy in await repo.policies(session, request.kind):
         rule = Rule.model_validate(policy.rule)
         if not matches(rule, request.kind, request.project, request.payload):
@@ -235,7 +242,7 @@ async def _matching_policy(session: AsyncSession, request: Request) -> Policy | 
         if policy.updated_by == request.requester:
             continue  # nobody approves their own request, not even through a policy they wrote
         if rule.require_good_standing and await repo.recently_rejected(
-            session, request.project, repo.lookback(rule.lookback_days)
+            session, request.project, now - timedelta(days=rule.lookback_days)
         ):
             continue
         return policy
@@ -257,10 +264,9 @@ async def _decide(
     *,
     by: str,
     comment: str,
+    now: datetime,
     policy: str | None = None,
-    now: datetime | None = None,
 ) -> Request:
-    now = now or utcnow()
     request.status = status
     request.decided_at = now
     request.decided_by = by
@@ -298,33 +304,41 @@ _VERB = {"approved": "approve", "rejected": "reject", "withdrawn": "withdraw", "
 
 
 async def approve(
-    uow: UnitOfWork, principal: Principal, request: Request, comment: str, catalog: CatalogLookup
+    uow: UnitOfWork,
+    principal: Principal,
+    request: Request,
+    comment: str,
+    catalog: CatalogLookup,
+    *,
+    now: datetime,
 ) -> Request:
     _pending(request)
     if request.requester == principal.subject:
         raise Forbidden("a requester can never approve their own request")
     await _still_valid(request, catalog)
-    return await _decide(uow, request, "approved", by=principal.subject, comment=comment)
+    return await _decide(uow, request, "approved", by=principal.subject, comment=comment, now=now)
 
 
-async def reject(uow: UnitOfWork, principal: Principal, request: Request, comment: str) -> Request:
+async def reject(
+    uow: UnitOfWork, principal: Principal, request: Request, comment: str, *, now: datetime
+) -> Request:
     _pending(request)
-    return await _decide(uow, request, "rejected", by=principal.subject, comment=comment)
+    return await _decide(uow, request, "rejected", by=principal.subject, comment=comment, now=now)
 
 
 async def withdraw(
-    uow: UnitOfWork, principal: Principal, request: Request, comment: str
+    uow: UnitOfWork, principal: Principal, request: Request, comment: str, *, now: datetime
 ) -> Request:
     _pending(request)
     role = principal.role_in(request.project)
     is_admin = role is not None and role.at_least(Role.PROJECT_ADMIN)
     if request.requester != principal.subject and not is_admin:
         raise Forbidden("only the requester or a project-admin may withdraw a request")
-    return await _decide(uow, request, "withdrawn", by=principal.subject, comment=comment)
+    return await _decide(uow, request, "withdrawn", by=principal.subject, comment=comment, now=now)
 
 
-async def add_comment(uow: UnitOfWork, request: Request, body: str) -> Comment:
-    comment = Comment(request_id=request.id, author=uow.actor, body=body)
+async def add_comment(uow: UnitOfWork, request: Request, body: str, *, now: datetime) -> Comment:
+    comment = Comment(request_id=request.id, author=uow.actor, body=body, created_at=now)
     uow.session.add(comment)
     await uow.session.flush()
     await uow.audit(
@@ -334,10 +348,9 @@ async def add_comment(uow: UnitOfWork, request: Request, body: str) -> Comment:
 
 
 async def expire_due(
-    sessionmaker: async_sessionmaker[AsyncSession], outbox: Outbox, now: datetime | None = None
+    sessionmaker: async_sessionmaker[AsyncSession], outbox: Outbox, now: datetime
 ) -> int:
-    """Expire every pending request past its expiry; returns how many."""
-    now = now or utcnow()
+    """Expire every pending request past its expiry at ``now``; returns how many."""
     async with sessionmaker() as session, session.begin():
         uow = UnitOfWork(session, outbox, actor=SYSTEM)
         due = await repo.expiring(session, now)
@@ -353,7 +366,12 @@ async def expire_due(
     return len(due)
 
 
-# -- statistics -------------------------------------------------------------------------------
+# -- the SLA clock and statistics -------------------------------------------------------------
+
+
+def overdue(request: Request, now: datetime) -> bool:
+    """Still pending past its due date (``repository.list_requests`` filters the same way)."""
+    return request.status == "pending" and request.due_at < now
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -378,19 +396,27 @@ def median(values: Sequence[float]) -> float | None:
 # -- policies ---------------------------------------------------------------------------------
 
 
-async def put_policy(uow: UnitOfWork, name: str, rule: Rule) -> tuple[Policy, bool]:
+async def put_policy(
+    uow: UnitOfWork, name: str, rule: Rule, *, now: datetime
+) -> tuple[Policy, bool]:
     existing = await repo.policy(uow.session, name)
     before = existing.rule if existing else None
     body = rule.model_dump(mode="json")
     if existing is None:
         policy = Policy(
-            name=name, kind=rule.kind, rule=body, enabled=rule.enabled, updated_by=uow.actor
+            name=name,
+            kind=rule.kind,
+            rule=body,
+            enabled=rule.enabled,
+            created_at=now,
+            updated_at=now,
+            updated_by=uow.actor,
         )
         uow.session.add(policy)
     else:
         policy = existing
         policy.kind, policy.rule, policy.enabled = rule.kind, body, rule.enabled
-        policy.updated_at, policy.updated_by = utcnow(), uow.actor
+        policy.updated_at, policy.updated_by = now, uow.actor
     await uow.session.flush()
     await uow.audit("policy.put", f"policy/{name}", before=before, after=body)
     return policy, existing is None

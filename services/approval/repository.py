@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.common.auth import Principal
-from libs.common.db import utcnow
 from libs.common.errors import BadRequest, NotFound
 from services.approval.models import AuditHead, AuditRecord, Comment, Policy, Request
 
@@ -85,8 +84,10 @@ async def list_requests(
     newest_first: bool,
     cursor: str | None,
     limit: int,
+    now: datetime,
 ) -> Sequence[Request]:
-    """Requests by age (ids are time-ordered); ``limit + 1`` rows tell whether more follow."""
+    """Requests by age (ids are time-ordered); ``limit + 1`` rows tell whether more follow.
+    ``overdue`` is judged at ``now`` (as ``domain.overdue`` does)."""
     query = visible(select(Request), principal)
     if filters.status:
         query = query.where(Request.status.in_(list(filters.status)))
@@ -96,7 +97,6 @@ async def list_requests(
         query = query.where(Request.project == filters.project)
     if filters.requester:
         query = query.where(Request.requester == filters.requester)
-    now = utcnow()
     if filters.overdue is True:
         query = query.where(Request.status == "pending", Request.due_at < now)
     elif filters.overdue is False:
@@ -218,7 +218,3 @@ def parse_cursor(cursor: str | None) -> int | None:
     if not cursor.isdigit():
         raise BadRequest("invalid cursor; pass back next_cursor unchanged")
     return int(cursor)
-
-
-def lookback(days: int) -> datetime:
-    return utcnow() - timedelta(days=days)

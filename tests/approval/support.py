@@ -1,15 +1,22 @@
-"""Helpers for catalog/approval tests: catalog files with unique names, and waiting on events."""
+"""Helpers for catalog/approval tests: catalog files with unique names, waiting on events, and an
+approval service on a clock the test moves."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import httpx
 import yaml
+from fastapi import FastAPI
 
+from libs.common.db import utcnow
+from libs.common.settings import Settings
+from services.approval.config import ApprovalConfig
+from tests.conftest import running
 from tests.helpers import bearer, ok
 
 T = TypeVar("T")
@@ -28,6 +35,42 @@ async def eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.1)
+
+
+class Clock:
+    """A clock that stands still until the test moves it: what approval reads as "now" when
+    built with ``create_app(clock=...)``. It starts at the wall time it was made and only ever
+    goes forward."""
+
+    def __init__(self) -> None:
+        self.now = utcnow()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, by: timedelta) -> datetime:
+        self.now += by
+        return self.now
+
+
+async def clocked_approval(
+    settings: Settings, authz_app: FastAPI, catalog_app: FastAPI, clock: Clock
+) -> AsyncIterator[FastAPI]:
+    """The approval service with production SLA settings on ``clock``; its expiry loop looks
+    every 0.1 s instead of every minute, so a test moving the clock waits milliseconds."""
+    from services.approval.app import create_app
+
+    app = create_app(
+        settings,
+        config=ApprovalConfig(expiry_poll_seconds=0.1),
+        transports={
+            "authz": httpx.ASGITransport(app=authz_app),
+            "catalog": httpx.ASGITransport(app=catalog_app),
+        },
+        clock=clock,
+    )
+    async for started in running(app):
+        yield started
 
 
 def model(name: str, **extra: Any) -> dict[str, Any]:

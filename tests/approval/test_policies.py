@@ -1,13 +1,24 @@
-"""Auto-approve policies: declarative, audited, and never a way around a reviewer's judgement."""
+"""Auto-approve policies: declarative, audited, and never a way around a reviewer's judgement.
+
+The approval service here runs on a clock the tests move (``clock``): good standing looks back
+``lookback_days`` on it."""
 
 from __future__ import annotations
 
-import httpx
+from collections.abc import AsyncIterator
+from datetime import timedelta
 
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from libs.common.settings import Settings
 from tests.approval.support import (
     DEV_SCOPES,
+    Clock,
     admitted,
     catalog_yaml,
+    clocked_approval,
     eventually,
     file_request,
     import_yaml,
@@ -15,6 +26,20 @@ from tests.approval.support import (
     uname,
 )
 from tests.helpers import bearer, member_key, new_project, ok
+
+
+@pytest.fixture(scope="module")
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(scope="module")
+async def approval_app(
+    settings: Settings, authz_app: FastAPI, catalog_app: FastAPI, clock: Clock
+) -> AsyncIterator[FastAPI]:
+    """This module's approval service (``approval`` talks to it) runs on ``clock``."""
+    async for app in clocked_approval(settings, authz_app, catalog_app, clock):
+        yield app
 
 
 async def _general_model(
@@ -37,6 +62,7 @@ async def test_access_to_a_general_asset_is_auto_approved_for_a_project_in_good_
     catalog: httpx.AsyncClient,
     approval: httpx.AsyncClient,
     admin_key: str,
+    clock: Clock,
 ) -> None:
     name = await _general_model(authz, catalog, approval, admin_key)
     good, bad = await new_project(authz, admin_key, "good"), await new_project(authz, admin_key)
@@ -48,6 +74,7 @@ async def test_access_to_a_general_asset_is_auto_approved_for_a_project_in_good_
         "kind": "access",
         "tags_any": ["general"],
         "projects": [good, bad],
+        "lookback_days": 7,
     }
     created = await approval.put(f"/v1/policies/{policy}", json=rule, headers=bearer(admin_key))
     assert created.status_code == 201
@@ -99,6 +126,15 @@ async def test_access_to_a_general_asset_is_auto_approved_for_a_project_in_good_
         } <= actions
 
     await eventually(audited, what="the policy and its decision in the audit log")
+
+    # Once the rejection is older than lookback_days, the project is in good standing again.
+    await ok(await approval.post(f"/v1/requests/{pending['id']}/withdraw", headers=bearer(bad_dev)))
+    clock.advance(timedelta(days=7, seconds=1))
+    again = await file_request(
+        approval, bad_dev, bad, "access", {"asset_kind": "model", "asset_name": name}
+    )
+    assert again["status"] == "approved"
+    assert again["decided_by"] == f"policy:{policy}"
 
 
 async def test_a_policy_never_approves_a_request_of_its_own_author(

@@ -1,20 +1,26 @@
-"""Requests: typed payloads, decisions and their rules, SLA clocks, queues and statistics."""
+"""Requests: typed payloads, decisions and their rules, SLA clocks, queues and statistics.
+
+The approval service here runs on a clock the tests move (``clock``): SLA, overdue, lead time and
+expiry are decided on it, never on how much wall time a test happened to take."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
 from libs.common.settings import Settings
-from services.approval.config import ApprovalConfig
 from tests.approval.support import (
     DEV_SCOPES,
+    Clock,
     admitted,
     approve,
     catalog_yaml,
+    clocked_approval,
     eventually,
     file_request,
     import_yaml,
@@ -23,8 +29,21 @@ from tests.approval.support import (
     version_status,
     wait_status,
 )
-from tests.conftest import running
 from tests.helpers import bearer, member_key, new_project, ok
+
+
+@pytest.fixture(scope="module")
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(scope="module")
+async def approval_app(
+    settings: Settings, authz_app: FastAPI, catalog_app: FastAPI, clock: Clock
+) -> AsyncIterator[FastAPI]:
+    """This module's approval service (``approval`` talks to it) runs on ``clock``."""
+    async for app in clocked_approval(settings, authz_app, catalog_app, clock):
+        yield app
 
 
 @pytest.fixture
@@ -242,48 +261,91 @@ async def test_a_quota_request_is_validated_and_decided(
 
 
 async def test_the_sla_clock_runs_five_days_and_the_queue_shows_age_and_projects(
-    catalog: httpx.AsyncClient, approval: httpx.AsyncClient, admin_key: str, team: dict[str, str]
+    catalog: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    admin_key: str,
+    team: dict[str, str],
+    clock: Clock,
 ) -> None:
     project = team["project"]
     name = await _draft(catalog, admin_key)
     request = await file_request(approval, team["dev"], project, "asset", _asset(name))
     created = datetime.fromisoformat(request["created_at"])
     due = datetime.fromisoformat(request["due_at"])
+    assert created == clock.now
     assert due - created == timedelta(days=5)
     assert request["overdue"] is False
+    assert request["age_seconds"] == 0
 
-    queue = await ok(
-        await approval.get(
-            "/v1/requests",
-            params={"status": "pending", "project": project},
-            headers=bearer(admin_key),
+    async def queue(**params: str) -> list[dict[str, Any]]:
+        page = await ok(
+            await approval.get(
+                "/v1/requests", params={"project": project, **params}, headers=bearer(admin_key)
+            )
         )
-    )
-    assert [r["id"] for r in queue["items"]] == [request["id"]]
-    overdue = await ok(
-        await approval.get(
-            "/v1/requests",
-            params={"overdue": "true", "project": project},
-            headers=bearer(admin_key),
+        items: list[dict[str, Any]] = page["items"]
+        return items
+
+    async def stats() -> dict[str, Any]:
+        # The developer sees their own project only: this test's requests, nobody else's.
+        found: dict[str, Any] = await ok(
+            await approval.get("/v1/requests/stats", headers=bearer(team["dev"]))
         )
-    )
-    assert overdue["items"] == []
-    stats = await ok(await approval.get("/v1/requests/stats", headers=bearer(admin_key)))
-    assert stats["by_project"][project]["pending"] == 1
+        return found
+
+    assert [r["id"] for r in await queue(status="pending")] == [request["id"]]
+    assert await queue(overdue="true") == []
+    assert (await stats())["by_project"] == {
+        project: {"pending": 1, "overdue": 0, "oldest_pending_at": request["created_at"]}
+    }
+
+    # One second before the due date it is still on time; one second after, it is overdue.
+    clock.advance(due - created - timedelta(seconds=1))
+    shown = await ok(await approval.get(f"/v1/requests/{request['id']}", headers=bearer(admin_key)))
+    assert shown["overdue"] is False
+    assert await queue(overdue="true") == []
+    clock.advance(timedelta(seconds=2))
+    shown = await ok(await approval.get(f"/v1/requests/{request['id']}", headers=bearer(admin_key)))
+    assert shown["overdue"] is True
+    assert shown["status"] == "pending"
+    assert shown["age_seconds"] == timedelta(days=5, seconds=1).total_seconds()
+    assert [r["id"] for r in await queue(overdue="true")] == [request["id"]]
+    assert await queue(overdue="false") == []
+    after = await stats()
+    assert after["by_project"] == {
+        project: {"pending": 1, "overdue": 1, "oldest_pending_at": request["created_at"]}
+    }
+    assert after["by_kind"]["asset"] == {
+        "decided": 0,
+        "approved": 0,
+        "rejected": 0,
+        "pending": 1,
+        "overdue": 1,
+        "lead_time_median_seconds": None,
+        "lead_time_p90_seconds": None,
+    }
 
 
 async def test_lead_time_statistics_give_median_and_p90_per_kind(
-    approval: httpx.AsyncClient, admin_key: str, team: dict[str, str]
+    approval: httpx.AsyncClient, admin_key: str, team: dict[str, str], clock: Clock
 ) -> None:
-    for _ in range(3):
-        request = await file_request(
+    """Filed together, decided one, two and four hours later: the lead times are exactly those."""
+    requests = [
+        await file_request(
             approval, team["dev"], team["project"], "quota", {"window": "hour", "token_limit": 10}
         )
-        await approve(approval, admin_key, request["id"])
-    stats = await ok(await approval.get("/v1/requests/stats", headers=bearer(admin_key)))
+        for _ in range(3)
+    ]
+    for request, hours in zip(requests, (1, 1, 2), strict=True):
+        clock.advance(timedelta(hours=hours))
+        decided = await approve(approval, admin_key, request["id"])
+        assert datetime.fromisoformat(decided["decided_at"]) == clock.now
+    # The developer sees their own project only: these three decisions, nobody else's.
+    stats = await ok(await approval.get("/v1/requests/stats", headers=bearer(team["dev"])))
     quota = stats["by_kind"]["quota"]
-    assert quota["approved"] >= 3
-    assert 0 <= quota["lead_time_median_seconds"] <= quota["lead_time_p90_seconds"] < 60
+    assert (quota["decided"], quota["approved"], quota["pending"]) == (3, 3, 0)
+    assert quota["lead_time_median_seconds"] == 2 * 3600
+    assert quota["lead_time_p90_seconds"] == 4 * 3600
 
 
 async def test_comments_are_kept_in_order_on_the_request(
@@ -310,42 +372,32 @@ async def test_comments_are_kept_in_order_on_the_request(
 
 
 async def test_pending_requests_expire_after_their_deadline(
-    settings: Settings,
-    authz_app: FastAPI,
-    catalog_app: FastAPI,
     catalog: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
     admin_key: str,
     team: dict[str, str],
+    clock: Clock,
 ) -> None:
-    from services.approval.app import create_app
+    name = await _draft(catalog, admin_key)
+    request = await file_request(approval, team["dev"], team["project"], "asset", _asset(name))
+    await wait_status(catalog, admin_key, "model", name, "1.0.0", "submitted")
+    due = datetime.fromisoformat(request["due_at"])
+    expires = datetime.fromisoformat(request["expires_at"])
+    assert expires - due == timedelta(days=30)
 
-    # An instance whose clock is minutes long: a request is due in ~1 s and expires ~1 s later.
-    config = ApprovalConfig(
-        sla_days=1 / 86400, expire_after_days=1 / 86400, expiry_poll_seconds=0.2
-    )
-    transports = {
-        "authz": httpx.ASGITransport(app=authz_app),
-        "catalog": httpx.ASGITransport(app=catalog_app),
-    }
-    app = create_app(settings, config=config, transports=transports)
-    async for started in running(app):
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=started), base_url="http://approval"
-        ) as client:
-            name = await _draft(catalog, admin_key)
-            request = await file_request(
-                client, team["dev"], team["project"], "asset", _asset(name)
-            )
-            await wait_status(catalog, admin_key, "model", name, "1.0.0", "submitted")
+    # Past its expiry on the service's clock; the expiry loop (every 0.1 s here) acts on it.
+    clock.advance(expires - clock.now + timedelta(seconds=1))
+    path = f"/v1/requests/{request['id']}"
 
-            path = f"/v1/requests/{request['id']}"
+    async def expired() -> dict[str, Any] | None:
+        found = await ok(await approval.get(path, headers=bearer(admin_key)))
+        return found if found["status"] == "expired" else None
 
-            async def expired(path: str = path) -> dict[str, object] | None:
-                found = await ok(await client.get(path, headers=bearer(admin_key)))
-                return found if found["status"] == "expired" else None
-
-            found = await eventually(expired, what="the request to expire")
-            assert found["decided_by"] == "steward-approval"
-            assert found["overdue"] is False
-            await wait_status(catalog, admin_key, "model", name, "1.0.0", "draft")
+    found = await eventually(expired, what="the expiry loop to expire the request")
+    assert found["decided_by"] == "steward-approval"
+    assert datetime.fromisoformat(found["decided_at"]) == clock.now
+    created = datetime.fromisoformat(request["created_at"])
+    assert found["lead_time_seconds"] == (clock.now - created).total_seconds()
+    assert found["overdue"] is False
+    await wait_status(catalog, admin_key, "model", name, "1.0.0", "draft")
     assert await version_status(catalog, admin_key, "model", name, "1.0.0") == "draft"
