@@ -10,8 +10,9 @@ the one served name (``owned_by: steward-simulator``); ``/health`` answers 200.
 
 For demos, tests and benchmarks: ``python -m services.inference.simulator --port 9000``.
 Failure knobs for supervision tests: ``--fail-to-load`` (exit before serving, as a model that
-cannot load), ``--exit-after`` (crash after serving that long; with ``--crash-once-file``, only
-on the first start).
+cannot load), ``--exit-after`` (crash that long after the first answered health check, so a
+supervisor has seen it healthy whatever the machine's load; with ``--crash-once-file``, only on
+the first start).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,20 +96,19 @@ def _prompt_of_chat(messages: Any) -> str | None:
 
 def create_app(
     config: SimulatorConfig,
-    on_start: Callable[[], None] | None = None,
+    on_healthy: Callable[[], None] | None = None,
     *,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Starlette:
     """``sleep`` makes the time to first token and between tokens pass (a test may record it)."""
     created = int(time.time())
 
-    @asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        if on_start is not None:
-            on_start()
-        yield
+    healthy_once: list[Callable[[], None]] = [on_healthy] if on_healthy is not None else []
 
     async def health(_request: Request) -> Response:
+        # The first answered health check: whoever supervises this server has seen it healthy.
+        while healthy_once:
+            healthy_once.pop()()
         return JSONResponse({"status": "ok", "simulator": True})
 
     async def models(_request: Request) -> Response:
@@ -269,7 +268,7 @@ def create_app(
             Route(f"{prefix}/chat/completions", chat, methods=["POST"]),
             Route(f"{prefix}/completions", completions, methods=["POST"]),
         ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes)
 
 
 def _crash_later(seconds: float, once_file: Path | None) -> None:
@@ -280,7 +279,7 @@ def _crash_later(seconds: float, once_file: Path | None) -> None:
 
     async def crash() -> None:
         await asyncio.sleep(seconds)
-        print(f"simulator: crashing on purpose after {seconds}s (--exit-after)", flush=True)
+        print(f"simulator: crashing on purpose {seconds}s after healthy (--exit-after)", flush=True)
         os._exit(3)
 
     asyncio.get_running_loop().create_task(crash())
@@ -298,7 +297,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--itl-ms", type=float, default=10.0, help="delay between tokens")
     parser.add_argument("--usage", choices=["auto", "never"], default="auto")
     parser.add_argument("--fail-to-load", action="store_true", help="exit 1 before serving")
-    parser.add_argument("--exit-after", type=float, default=None, help="crash after N seconds")
+    parser.add_argument(
+        "--exit-after",
+        type=float,
+        default=None,
+        help="crash N seconds after the first answered health check",
+    )
     parser.add_argument("--crash-once-file", type=Path, default=None)
     args = parser.parse_args(argv)
     print(
@@ -314,8 +318,8 @@ def main(argv: list[str] | None = None) -> None:
 
     config = SimulatorConfig(args.served_model_name, args.ttft_ms, args.itl_ms, args.usage)
     exit_after, once_file = args.exit_after, args.crash_once_file
-    on_start = None if exit_after is None else (lambda: _crash_later(exit_after, once_file))
-    app = create_app(config, on_start)
+    on_healthy = None if exit_after is None else (lambda: _crash_later(exit_after, once_file))
+    app = create_app(config, on_healthy)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 
