@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.common.bus import Bus
-from libs.common.db import utcnow
+from libs.common.db import Clock, utcnow
 from libs.common.events import CloudEvent, stream_for
 
 log = logging.getLogger("steward.consumer")
@@ -195,7 +195,7 @@ class BatchConsumer(Consumer):
         handlers: Mapping[str, BatchHandler],
         batch: int = 1000,
         ack_wait: float = 30,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Clock = utcnow,
     ) -> None:
         super().__init__(
             bus=bus,

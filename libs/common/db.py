@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,6 +63,11 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# Where a service's "now" comes from: ``utcnow`` in production, a clock the test moves in tests.
+# Services take one in ``create_app(clock=...)`` and decide expiries and deadlines on it.
+Clock = Callable[[], datetime]
 
 
 def new_id() -> str:

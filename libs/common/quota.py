@@ -29,10 +29,11 @@ Worst-case overshoot with R gateway replicas sharing one budget (see README "Quo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from libs.common.db import Clock, utcnow
 from libs.common.events.metering import (
     Dimension,
     QuotaLimits,
@@ -234,11 +235,11 @@ class QuotaLedger:
         self,
         *,
         confirm_margin_seconds: float = 1.0,
-        clock: Callable[[], datetime] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.confirm_margin = timedelta(seconds=confirm_margin_seconds)
         # "Now" when ``reserve`` or ``settle`` is not told: the wall clock, or a test's.
-        self.clock: Callable[[], datetime] = clock or _wall_clock
+        self.clock: Clock = clock or utcnow
         self._by_project: dict[str, dict[str, _Entry]] = {}
         self._by_id: dict[str, _Entry] = {}
 
@@ -371,10 +372,6 @@ class QuotaLedger:
             amount = entry.pending.setdefault((start, int(at.timestamp())), [0, 0])
             amount[0] += max(0, input_tokens)
             amount[1] += max(0, output_tokens)
-
-
-def _wall_clock() -> datetime:
-    return datetime.now(UTC)
 
 
 def _merge(known: QuotaState, incoming: QuotaState) -> QuotaState:

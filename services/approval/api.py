@@ -14,6 +14,7 @@ from libs.common.auth import (
     credential_from,
     decide,
 )
+from libs.common.db import Clock
 from libs.common.errors import Conflict, Forbidden, NotFound, problem_responses
 from libs.common.events.approval import RequestKind, RequestStatus
 from libs.common.names import ProjectPath
@@ -72,7 +73,7 @@ ConfigDep = Annotated[ApprovalConfig, Depends(_config)]
 
 def _now(request: Request) -> datetime:
     """The time of this call, read once from the service's clock (the wall clock, or a test's)."""
-    clock: domain.Clock = request.app.state.clock
+    clock: Clock = request.app.state.clock
     return clock()
 
 

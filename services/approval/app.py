@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
-from libs.common.db import utcnow
+from libs.common.db import Clock, utcnow
 from libs.common.service import ServiceContext, ServiceSpec, create_service_app
 from libs.common.settings import Settings
 from services.approval import domain
@@ -22,7 +22,7 @@ from services.approval.models import bus_tables
 log = logging.getLogger("steward.approval")
 
 
-async def _expire_forever(ctx: ServiceContext, clock: domain.Clock, every: float) -> None:
+async def _expire_forever(ctx: ServiceContext, clock: Clock, every: float) -> None:
     while True:
         try:
             expired = await domain.expire_due(ctx.sessionmaker, ctx.outbox, clock())
@@ -37,7 +37,7 @@ def make_spec(config: ApprovalConfig) -> ServiceSpec:
     @asynccontextmanager
     async def setup(ctx: ServiceContext, app: FastAPI) -> AsyncIterator[None]:
         app.state.approval_config = config
-        clock: domain.Clock = getattr(app.state, "clock", utcnow)
+        clock: Clock = getattr(app.state, "clock", utcnow)
         app.state.clock = clock  # the API reads it too (``python -m`` builds the app from SPEC)
         ctx.spawn(_expire_forever(ctx, clock, config.expiry_poll_seconds), "expiry")
         yield
@@ -60,7 +60,7 @@ def create_app(
     *,
     config: ApprovalConfig | None = None,
     transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
-    clock: domain.Clock | None = None,
+    clock: Clock | None = None,
 ) -> FastAPI:
     """``clock`` replaces the wall clock (tests move it past a request's due date and expiry)."""
     spec = make_spec(config) if config is not None else SPEC

@@ -3,8 +3,8 @@
 Each change emits its ``approval.request.*`` event and an audit record in the same transaction;
 the owning service (catalog, authz, inference, metering) acts on the event.
 
-Time comes in as ``now``, read once per call from the service's clock (``Clock``: the wall clock
-in production, one a test moves), never from the wall clock here.
+Time comes in as ``now``, read once per call from the service's clock (``libs.common.db.Clock``:
+the wall clock in production, one a test moves), never from the wall clock here.
 """
 
 from __future__ import annotations
@@ -39,9 +39,6 @@ from services.approval.config import ApprovalConfig
 from services.approval.models import Comment, Policy, Request
 from services.approval.policies import Rule, matches
 from services.approval.schemas import PAYLOAD_INPUTS
-
-# Where "now" comes from: ``libs.common.db.utcnow`` unless a test injects its own.
-Clock = Callable[[], datetime]
 
 # Looks an asset up in the catalog (with the caller's credential): the asset and its versions.
 CatalogLookup = Callable[[str, str], Awaitable[dict[str, Any] | None]]

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from libs.common.auth import Authorized, Principal, credential_from
+from libs.common.db import Clock
 from libs.common.errors import (
     Conflict,
     Forbidden,
@@ -29,7 +30,6 @@ from libs.common.names import PROJECT_PATTERN, AssetPath, ProjectPath, UUIDPath
 from libs.common.service import ContextDep, SessionDep, UnitOfWorkDep
 from services.metering import domain, endpoints
 from services.metering import repository as repo
-from services.metering.domain import Clock
 from services.metering.models import (
     DURATION_BOUNDS_MS,
     DURATION_BUCKETS,

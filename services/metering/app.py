@@ -12,12 +12,11 @@ import httpx
 from fastapi import FastAPI
 
 from libs.common.consumer import BatchConsumer, Consumer
-from libs.common.db import utcnow
+from libs.common.db import Clock, utcnow
 from libs.common.service import ServiceContext, ServiceSpec, create_service_app
 from libs.common.settings import Settings
 from services.metering.api import router
 from services.metering.background import USAGE_DURABLE, PlanWatch, QuotaPublisher, Retention
-from services.metering.domain import Clock
 from services.metering.events import control_handlers, usage_handlers
 from services.metering.ingest import Ingest
 from services.metering.models import bus_tables

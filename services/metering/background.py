@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.common.bus import Bus, BusUnavailable
+from libs.common.db import Clock
 from libs.common.events import CloudEvent
 from libs.common.events.metering import QuotaConsumed
 from libs.common.outbox import Outbox
@@ -18,7 +19,6 @@ from libs.common.settings import Settings
 from libs.common.uow import UnitOfWork
 from services.metering import domain, endpoints
 from services.metering import repository as repo
-from services.metering.domain import Clock
 from services.metering.ingest import Ingest
 from services.metering.models import (
     QuotaAlert,

@@ -8,7 +8,7 @@ gateway, so both sides agree on what "80% of the hour" means.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -39,7 +39,6 @@ from services.metering.schemas import PriceSet, QuotaCreate, QuotaUpdate
 
 log = logging.getLogger("steward.metering")
 
-Clock = Callable[[], datetime]
 NANOS = Decimal(1_000_000_000)
 
 

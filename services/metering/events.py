@@ -15,6 +15,7 @@ import logging
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.common.consumer import BatchHandler, Handler
+from libs.common.db import Clock
 from libs.common.events import CloudEvent, EventPayload
 from libs.common.events.approval import RequestApproved
 from libs.common.events.audit import AuditRecorded
@@ -32,7 +33,6 @@ from libs.common.outbox import Outbox
 from libs.common.settings import Settings
 from libs.common.uow import UnitOfWork
 from services.metering import domain, endpoints
-from services.metering.domain import Clock
 from services.metering.ingest import Ingest
 from services.metering.models import bus_tables
 

@@ -19,13 +19,13 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.common import quota as q
+from libs.common.db import Clock
 from libs.common.events import CloudEvent
 from libs.common.events.usage import UsageRecorded
 from libs.common.outbox import Outbox
 from libs.common.settings import Settings
 from services.metering import domain, metrics, pricing
 from services.metering import repository as repo
-from services.metering.domain import Clock
 from services.metering.models import (
     DURATION_BOUNDS_MS,
     DURATION_BUCKETS,

@@ -19,11 +19,11 @@ import httpx
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from libs.common.db import Clock
 from libs.common.settings import Settings
 from services.metering import metrics
 from services.metering import repository as repo
 from services.metering.background import stop_if_cancelled
-from services.metering.domain import Clock
 from services.metering.models import WebhookDelivery
 
 log = logging.getLogger("steward.metering.webhooks")
