@@ -12,6 +12,7 @@ import contextlib
 import logging
 import re
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,6 +395,15 @@ def server_config(app: ASGIApp, settings: Settings, port: int) -> uvicorn.Config
     )
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: print every asyncio task's stack to stderr — what a stuck gateway is waiting on
+    (an operator's ``kill -USR1``; the tests send it when a shutdown overruns)."""
+    for task in asyncio.all_tasks():
+        print(f"--- task {task.get_name()}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
+
+
 async def serve(settings: Settings) -> None:
     """Run the gateway until SIGINT/SIGTERM: both listeners, then a clean shutdown."""
     from gateway.admin import create_admin_app
@@ -412,6 +422,7 @@ async def serve(settings: Settings) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     try:
         await asyncio.gather(*(server.serve() for server in servers))
     finally:

@@ -4,6 +4,7 @@ the process operators run (``python -m gateway``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -171,9 +172,14 @@ async def test_python_dash_m_gateway_serves_both_ports_and_stops_on_sigterm(
     finally:
         process.send_signal(signal.SIGTERM)
         try:
-            code = await asyncio.wait_for(process.wait(), 15)
+            code = await asyncio.wait_for(process.wait(), 30)
         except TimeoutError:
-            process.kill()  # never left running for the rest of the run
+            # Stuck: have it print its tasks' stacks into its log (attached to this failure),
+            # then kill it, never leaving it running for the rest of the run.
+            process.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 2)
+            process.kill()
             await process.wait()
             raise
     assert code == 0
