@@ -25,6 +25,8 @@ ASYMMETRIC = frozenset(
 )
 
 JWKSFetcher = Callable[[], Awaitable[Mapping[str, Any]]]
+# Seconds from an arbitrary origin, never going back: ``time.monotonic``, or a test's clock.
+Monotonic = Callable[[], float]
 
 
 class InvalidToken(Exception):
@@ -38,17 +40,28 @@ class SigningKey:
 
 
 class JWKSCache:
-    def __init__(self, fetch: JWKSFetcher, *, ttl: float, min_refresh: float) -> None:
+    """Keys are refetched once older than ``ttl`` seconds, or for an unknown ``kid`` once
+    ``min_refresh`` seconds have passed since the last fetch; both measured on ``monotonic``."""
+
+    def __init__(
+        self,
+        fetch: JWKSFetcher,
+        *,
+        ttl: float,
+        min_refresh: float,
+        monotonic: Monotonic = time.monotonic,
+    ) -> None:
         self._fetch = fetch
         self._ttl = ttl
         self._min_refresh = min_refresh
+        self._monotonic = monotonic
         self._keys: dict[str, SigningKey] = {}
         self._fetched_at = float("-inf")
         self._lock = asyncio.Lock()
         self.fetch_count = 0
 
     async def _refresh(self) -> None:
-        self._fetched_at = time.monotonic()
+        self._fetched_at = self._monotonic()
         self.fetch_count += 1
         jwks = await self._fetch()
         keys: dict[str, SigningKey] = {}
@@ -63,7 +76,7 @@ class JWKSCache:
 
     async def get(self, kid: str) -> SigningKey | None:
         async with self._lock:
-            now = time.monotonic()
+            now = self._monotonic()
             stale = now - self._fetched_at > self._ttl
             unknown = kid not in self._keys and now - self._fetched_at >= self._min_refresh
             if stale or unknown:
@@ -203,8 +216,12 @@ class OIDCVerifier:
         return claims
 
 
-def verifier_from_settings(settings: Settings, client: httpx.AsyncClient) -> OIDCVerifier | None:
-    """The configured verifier, or None when no identity provider is configured."""
+def verifier_from_settings(
+    settings: Settings, client: httpx.AsyncClient, *, monotonic: Monotonic = time.monotonic
+) -> OIDCVerifier | None:
+    """The configured verifier, or None when no identity provider is configured.
+
+    ``monotonic`` times the JWKS cache (its lifetime and refetch interval)."""
     if settings.oidc_provider == "keycloak" and settings.keycloak_url and settings.keycloak_realm:
         issuer = f"{settings.keycloak_url.rstrip('/')}/realms/{settings.keycloak_realm}"
         fetch = keycloak_fetcher(
@@ -219,6 +236,7 @@ def verifier_from_settings(settings: Settings, client: httpx.AsyncClient) -> OID
         fetch,
         ttl=settings.oidc_jwks_ttl_seconds,
         min_refresh=settings.oidc_jwks_min_refresh_seconds,
+        monotonic=monotonic,
     )
     return OIDCVerifier(
         issuer=settings.oidc_issuer or issuer,

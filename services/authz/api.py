@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 
 from libs.common.auth import Authorized, Principal, PrincipalDep, Role, decide
-from libs.common.db import utcnow
+from libs.common.db import Clock
 from libs.common.errors import Forbidden, NotFound, problem_responses
 from libs.common.events.authz import EntitlementState, KeyState
 from libs.common.names import AssetPath, KeyIdPath, SubjectPath
@@ -45,6 +46,31 @@ def _pepper(request: Request) -> bytes:
 PepperDep = Annotated[bytes, Depends(_pepper)]
 
 
+def _now(request: Request) -> datetime:
+    """The time of this call, read once from the service's clock (the wall clock, or a test's)."""
+    clock: Clock = request.app.state.clock
+    return clock()
+
+
+NowDep = Annotated[datetime, Depends(_now)]
+
+
+def _ahead(expires_at: datetime | None, now: datetime) -> datetime | None:
+    """A new key's expiry must lie ahead of ``now``; refused like any other invalid field."""
+    if expires_at is not None and expires_at <= now:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("body", "expires_at"),
+                    "msg": "Value error, is in the past",
+                    "input": expires_at.isoformat(),
+                }
+            ]
+        )
+    return expires_at
+
+
 def _grace(request: Request, body: KeyRotate | None = None) -> timedelta:
     """The rotation grace period asked for, or the configured default."""
     if body is not None and body.grace_seconds is not None:
@@ -68,7 +94,7 @@ def _project_read(p: Project) -> ProjectRead:
     )
 
 
-def _key_read(key: ApiKey, project: str | None) -> KeyRead:
+def _key_read(key: ApiKey, project: str | None, now: datetime) -> KeyRead:
     return KeyRead(
         id=key.id,
         name=key.name,
@@ -76,7 +102,7 @@ def _key_read(key: ApiKey, project: str | None) -> KeyRead:
         owner=key.owner,
         role=key.role,
         scopes=list(key.scopes),
-        status=domain.key_status(key),
+        status=domain.key_status(key, now),
         created_at=key.created_at,
         created_by=key.created_by,
         expires_at=key.expires_at,
@@ -86,8 +112,8 @@ def _key_read(key: ApiKey, project: str | None) -> KeyRead:
     )
 
 
-def _issued(issued: domain.IssuedKey) -> KeyCreated:
-    return KeyCreated(**_key_read(issued.key, issued.project).model_dump(), key=issued.secret)
+def _issued(issued: domain.IssuedKey, now: datetime) -> KeyCreated:
+    return KeyCreated(**_key_read(issued.key, issued.project, now).model_dump(), key=issued.secret)
 
 
 def _entitlement_read(e: Entitlement, project: str) -> EntitlementRead:
@@ -170,8 +196,9 @@ async def put_member(
     principal: Annotated[Principal, Authorized("member.write")],
     project: ProjectDep,
     uow: UnitOfWorkDep,
+    now: NowDep,
 ) -> MemberRead:
-    member = await domain.put_member(uow, project, subject, Role(body.role))
+    member = await domain.put_member(uow, project, subject, Role(body.role), now=now)
     return MemberRead(subject=member.subject, role=member.role, created_at=member.created_at)
 
 
@@ -181,8 +208,9 @@ async def remove_member(
     principal: Annotated[Principal, Authorized("member.write")],
     project: ProjectDep,
     uow: UnitOfWorkDep,
+    now: NowDep,
 ) -> Response:
-    await domain.remove_member(uow, project, subject)
+    await domain.remove_member(uow, project, subject, now=now)
     return Response(status_code=204)
 
 
@@ -194,11 +222,12 @@ async def list_keys(
     principal: Annotated[Principal, Authorized("key.read")],
     project: ProjectDep,
     session: SessionDep,
+    now: NowDep,
 ) -> list[KeyRead]:
     """Project-admins see every key of the project; others see their own."""
     role = principal.role_in(project.name)
     owner = None if role and role.at_least(Role.PROJECT_ADMIN) else principal.subject
-    return [_key_read(k, project.name) for k in await repo.keys_in(session, project, owner)]
+    return [_key_read(k, project.name, now) for k in await repo.keys_in(session, project, owner)]
 
 
 @router.post("/projects/{project}/keys", status_code=201, tags=["keys"])
@@ -208,6 +237,7 @@ async def create_key(
     project: ProjectDep,
     uow: UnitOfWorkDep,
     pepper: PepperDep,
+    now: NowDep,
 ) -> KeyCreated:
     issued = await domain.create_project_key(
         uow,
@@ -218,9 +248,10 @@ async def create_key(
         scopes=body.scopes,
         role=Role(body.role) if body.role else None,
         owner=body.owner,
-        expires_at=body.expires_at,
+        expires_at=_ahead(body.expires_at, now),
+        now=now,
     )
-    return _issued(issued)
+    return _issued(issued, now)
 
 
 @router.post("/projects/{project}/keys/{key_id}/rotate", status_code=201, tags=["keys"])
@@ -231,9 +262,10 @@ async def rotate_key(
     uow: UnitOfWorkDep,
     pepper: PepperDep,
     grace: GraceDep,
+    now: NowDep,
 ) -> KeyCreated:
     key = await domain.find_key(uow, principal, project, key_id)
-    return _issued(await domain.rotate_key(uow, pepper, key, project, grace))
+    return _issued(await domain.rotate_key(uow, pepper, key, project, grace, now=now), now)
 
 
 @router.delete("/projects/{project}/keys/{key_id}", tags=["keys"])
@@ -242,9 +274,11 @@ async def revoke_key(
     principal: Annotated[Principal, Authorized("key.write")],
     project: ProjectDep,
     uow: UnitOfWorkDep,
+    now: NowDep,
 ) -> KeyRead:
     key = await domain.find_key(uow, principal, project, key_id)
-    return _key_read(await domain.revoke_key(uow, key, project.name), project.name)
+    revoked = await domain.revoke_key(uow, key, project.name, now=now)
+    return _key_read(revoked, project.name, now)
 
 
 # -- platform keys (act as platform-admin; only platform-admins manage them) ------------------
@@ -252,9 +286,11 @@ async def revoke_key(
 
 @router.get("/platform/keys", tags=["keys"])
 async def list_platform_keys(
-    principal: Annotated[Principal, Authorized("platform_key.write")], session: SessionDep
+    principal: Annotated[Principal, Authorized("platform_key.write")],
+    session: SessionDep,
+    now: NowDep,
 ) -> list[KeyRead]:
-    return [_key_read(k, None) for k in await repo.keys_in(session, None)]
+    return [_key_read(k, None, now) for k in await repo.keys_in(session, None)]
 
 
 @router.post("/platform/keys", status_code=201, tags=["keys"])
@@ -263,11 +299,18 @@ async def create_platform_key(
     principal: Annotated[Principal, Authorized("platform_key.write")],
     uow: UnitOfWorkDep,
     pepper: PepperDep,
+    now: NowDep,
 ) -> KeyCreated:
     issued = await domain.create_platform_key(
-        uow, pepper, principal, name=body.name, scopes=body.scopes, expires_at=body.expires_at
+        uow,
+        pepper,
+        principal,
+        name=body.name,
+        scopes=body.scopes,
+        expires_at=_ahead(body.expires_at, now),
+        now=now,
     )
-    return _issued(issued)
+    return _issued(issued, now)
 
 
 @router.post("/platform/keys/{key_id}/rotate", status_code=201, tags=["keys"])
@@ -277,9 +320,10 @@ async def rotate_platform_key(
     uow: UnitOfWorkDep,
     pepper: PepperDep,
     grace: GraceDep,
+    now: NowDep,
 ) -> KeyCreated:
     key = await domain.find_key(uow, principal, None, key_id)
-    return _issued(await domain.rotate_key(uow, pepper, key, None, grace))
+    return _issued(await domain.rotate_key(uow, pepper, key, None, grace, now=now), now)
 
 
 @router.delete("/platform/keys/{key_id}", tags=["keys"])
@@ -287,9 +331,10 @@ async def revoke_platform_key(
     key_id: KeyIdPath,
     principal: Annotated[Principal, Authorized("platform_key.write")],
     uow: UnitOfWorkDep,
+    now: NowDep,
 ) -> KeyRead:
     key = await domain.find_key(uow, principal, None, key_id)
-    return _key_read(await domain.revoke_key(uow, key, None), None)
+    return _key_read(await domain.revoke_key(uow, key, None, now=now), None, now)
 
 
 # -- entitlements -----------------------------------------------------------------------------
@@ -346,13 +391,14 @@ async def revoke_entitlement(
 
 @router.get("/snapshot", tags=["replica"])
 async def snapshot(
-    principal: Annotated[Principal, Authorized("key.snapshot")], session: SessionDep
+    principal: Annotated[Principal, Authorized("key.snapshot")],
+    session: SessionDep,
+    now: NowDep,
 ) -> Snapshot:
     """Active keys (digests only) and entitlements; the gateway follows ``authz.*`` events after."""
-    generated_at = utcnow()
-    keys = [KeyState(**domain.key_state(k, p)) for k, p in await repo.active_keys(session)]
+    keys = [KeyState(**domain.key_state(k, p)) for k, p in await repo.active_keys(session, now)]
     entitlements = [
         EntitlementState(project=p, asset_kind=e.asset_kind, asset_name=e.asset_name)
         for e, p in await repo.all_entitlements(session)
     ]
-    return Snapshot(generated_at=generated_at, keys=keys, entitlements=entitlements)
+    return Snapshot(generated_at=now, keys=keys, entitlements=entitlements)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
 
-from libs.common.oidc import verifier_from_settings
+from libs.common.db import Clock, utcnow
+from libs.common.oidc import Monotonic, verifier_from_settings
 from libs.common.service import ServiceContext, ServiceSpec, create_service_app
 from libs.common.settings import Settings
 from services.authz.api import router
@@ -20,13 +22,17 @@ from services.authz.principals import AuthzResolver, LastUsed
 
 @asynccontextmanager
 async def setup(ctx: ServiceContext, app: FastAPI) -> AsyncIterator[None]:
+    clock: Clock = getattr(app.state, "clock", utcnow)
+    app.state.clock = clock  # the API reads it too (``python -m`` builds the app from SPEC)
+    monotonic: Monotonic = getattr(app.state, "monotonic", time.monotonic)
     async with httpx.AsyncClient(timeout=5.0) as http:
-        last_used = LastUsed()
+        last_used = LastUsed(clock)
         app.state.principal_resolver = AuthzResolver(
             ctx.sessionmaker,
             ctx.settings.pepper,
-            verifier_from_settings(ctx.settings, http),
+            verifier_from_settings(ctx.settings, http, monotonic=monotonic),
             last_used,
+            clock,
         )
         ctx.spawn(
             last_used.run(ctx.sessionmaker, ctx.settings.key_last_used_flush_seconds), "last-used"
@@ -48,8 +54,19 @@ SPEC = ServiceSpec(
 )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    return create_service_app(SPEC, settings)
+def create_app(
+    settings: Settings | None = None,
+    *,
+    clock: Clock | None = None,
+    monotonic: Monotonic | None = None,
+) -> FastAPI:
+    """``clock`` replaces the wall clock (key expiry, rotation grace, revocation and last-use
+    times); ``monotonic`` replaces ``time.monotonic`` for the OIDC JWKS cache. Tests move them
+    instead of waiting."""
+    app = create_service_app(SPEC, settings)
+    app.state.clock = clock or utcnow
+    app.state.monotonic = monotonic or time.monotonic
+    return app
 
 
 async def bootstrap(settings: Settings) -> str | None:
@@ -73,12 +90,18 @@ async def bootstrap(settings: Settings) -> str | None:
     try:
         async for session in transaction(make_sessionmaker(engine)):
             uow = UnitOfWork(session, Outbox(bus_tables.outbox, "authz"), actor="steward-bootstrap")
+            now = utcnow()
             issued = await bootstrap_admin(
-                uow, settings.pepper, configured.get_secret_value() if configured else None
+                uow,
+                settings.pepper,
+                configured.get_secret_value() if configured else None,
+                now=now,
             )
             for service, key in service_keys.items():
                 if key is not None:
-                    await install_service_key(uow, settings.pepper, service, key.get_secret_value())
+                    await install_service_key(
+                        uow, settings.pepper, service, key.get_secret_value(), now=now
+                    )
     finally:
         await engine.dispose()
     return issued.secret if issued is not None and configured is None else None

@@ -1,5 +1,10 @@
 """Authz rules and state changes. Every change emits its events and an audit record in the same
-transaction, through the unit of work."""
+transaction, through the unit of work.
+
+Time comes in as ``now``, read once per call from the service's clock (``libs.common.db.Clock``:
+the wall clock in production, one a test moves): key expiry, rotation grace and revocation times
+are decided on it, never on the wall clock here.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,6 @@ from typing import Any
 
 from libs.common import apikeys
 from libs.common.auth import SCOPES, Principal, Role
-from libs.common.db import utcnow
 from libs.common.errors import Conflict, Forbidden, NotFound, Unprocessable
 from libs.common.events.authz import (
     EntitlementGranted,
@@ -47,7 +51,9 @@ async def create_project(uow: UnitOfWork, name: str, display_name: str | None) -
     return project
 
 
-async def put_member(uow: UnitOfWork, project: Project, subject: str, role: Role) -> Member:
+async def put_member(
+    uow: UnitOfWork, project: Project, subject: str, role: Role, *, now: datetime
+) -> Member:
     """Add a member or change its role. Lowering a role revokes the member's stronger keys."""
     member = await repo.member(uow.session, project, subject)
     before = {"role": member.role} if member else None
@@ -60,7 +66,7 @@ async def put_member(uow: UnitOfWork, project: Project, subject: str, role: Role
         member.role = role.value
         for key in await repo.keys_in(uow.session, project, owner=subject):
             if Role(key.role).rank > role.rank:
-                await _revoke(uow, key, project.name, reason="owner's role lowered")
+                await _revoke(uow, key, project.name, reason="owner's role lowered", now=now)
     await uow.session.flush()
     await uow.emit(
         MemberChanged(project=project.name, member=subject, role=role.value), entity=subject
@@ -75,13 +81,13 @@ async def put_member(uow: UnitOfWork, project: Project, subject: str, role: Role
     return member
 
 
-async def remove_member(uow: UnitOfWork, project: Project, subject: str) -> None:
+async def remove_member(uow: UnitOfWork, project: Project, subject: str, *, now: datetime) -> None:
     """Remove a member; the keys they own in the project stop working with them."""
     member = await repo.member(uow.session, project, subject)
     if member is None:
         raise NotFound(f"{subject!r} is not a member of project {project.name!r}")
     for key in await repo.keys_in(uow.session, project, owner=subject):
-        await _revoke(uow, key, project.name, reason="owner removed from project")
+        await _revoke(uow, key, project.name, reason="owner removed from project", now=now)
     await uow.session.delete(member)
     await uow.session.flush()
     await uow.emit(MemberChanged(project=project.name, member=subject, role=None), entity=subject)
@@ -96,10 +102,11 @@ async def remove_member(uow: UnitOfWork, project: Project, subject: str) -> None
 # -- API keys ---------------------------------------------------------------------------------
 
 
-def key_status(key: ApiKey, now: datetime | None = None) -> str:
+def key_status(key: ApiKey, now: datetime) -> str:
+    """``expired`` from the instant ``expires_at`` is reached."""
     if key.revoked_at is not None:
         return "revoked"
-    if key.expires_at is not None and key.expires_at <= (now or utcnow()):
+    if key.expires_at is not None and key.expires_at <= now:
         return "expired"
     return "active"
 
@@ -116,7 +123,7 @@ def key_state(key: ApiKey, project: str | None) -> dict[str, Any]:
     }
 
 
-def _summary(key: ApiKey) -> dict[str, Any]:
+def _summary(key: ApiKey, now: datetime) -> dict[str, Any]:
     """What the audit log keeps of a key: never the digest or the secret."""
     return {
         "name": key.name,
@@ -124,7 +131,7 @@ def _summary(key: ApiKey) -> dict[str, Any]:
         "role": key.role,
         "scopes": list(key.scopes),
         "expires_at": key.expires_at.isoformat() if key.expires_at else None,
-        "status": key_status(key),
+        "status": key_status(key, now),
     }
 
 
@@ -166,6 +173,7 @@ async def _issue(
     role: Role,
     scopes: Sequence[str],
     expires_at: datetime | None,
+    now: datetime,
     full_key: str | None = None,
 ) -> IssuedKey:
     if full_key is None:
@@ -192,7 +200,7 @@ async def _issue(
     await uow.session.flush()
     project_name = project.name if project else None
     await uow.emit(KeyCreated(**key_state(key, project_name)), entity=key.id)
-    await uow.audit("key.create", f"key/{key.id}", project=project_name, after=_summary(key))
+    await uow.audit("key.create", f"key/{key.id}", project=project_name, after=_summary(key, now))
     return IssuedKey(key=key, project=project_name, secret=full_key)
 
 
@@ -207,6 +215,7 @@ async def create_project_key(
     role: Role | None,
     owner: str | None,
     expires_at: datetime | None,
+    now: datetime,
 ) -> IssuedKey:
     owner = owner or principal.subject
     allowed = await _owner_role(uow, principal, project, owner)
@@ -223,6 +232,7 @@ async def create_project_key(
         role=role,
         scopes=scopes,
         expires_at=expires_at,
+        now=now,
     )
 
 
@@ -234,6 +244,7 @@ async def create_platform_key(
     name: str,
     scopes: Sequence[str],
     expires_at: datetime | None,
+    now: datetime,
 ) -> IssuedKey:
     _check_scopes(principal, scopes)
     return await _issue(
@@ -245,6 +256,7 @@ async def create_platform_key(
         role=Role.PLATFORM_ADMIN,
         scopes=scopes,
         expires_at=expires_at,
+        now=now,
     )
 
 
@@ -272,9 +284,11 @@ async def find_key(
     return key
 
 
-async def _revoke(uow: UnitOfWork, key: ApiKey, project: str | None, *, reason: str) -> None:
-    before = _summary(key)
-    key.revoked_at = utcnow()
+async def _revoke(
+    uow: UnitOfWork, key: ApiKey, project: str | None, *, reason: str, now: datetime
+) -> None:
+    before = _summary(key, now)
+    key.revoked_at = now
     await uow.session.flush()
     await uow.emit(KeyRevoked(key_id=key.id, project=project), entity=key.id)
     await uow.audit(
@@ -282,22 +296,29 @@ async def _revoke(uow: UnitOfWork, key: ApiKey, project: str | None, *, reason: 
         f"key/{key.id}",
         project=project,
         before=before,
-        after={**_summary(key), "reason": reason},
+        after={**_summary(key, now), "reason": reason},
     )
 
 
-async def revoke_key(uow: UnitOfWork, key: ApiKey, project: str | None) -> ApiKey:
+async def revoke_key(uow: UnitOfWork, key: ApiKey, project: str | None, *, now: datetime) -> ApiKey:
     if key.revoked_at is None:
-        await _revoke(uow, key, project, reason="revoked by " + uow.actor)
+        await _revoke(uow, key, project, reason="revoked by " + uow.actor, now=now)
     return key
 
 
 async def rotate_key(
-    uow: UnitOfWork, pepper: bytes, key: ApiKey, project: Project | None, grace: timedelta
+    uow: UnitOfWork,
+    pepper: bytes,
+    key: ApiKey,
+    project: Project | None,
+    grace: timedelta,
+    *,
+    now: datetime,
 ) -> IssuedKey:
     """A new key with the same grants; the old one keeps working for the grace period."""
-    if key_status(key) != "active":
-        raise Conflict(f"key {key.id} is {key_status(key)}; only an active key can be rotated")
+    status = key_status(key, now)
+    if status != "active":
+        raise Conflict(f"key {key.id} is {status}; only an active key can be rotated")
     if key.rotated_to is not None:
         raise Conflict(f"key {key.id} was already rotated to {key.rotated_to}")
     issued = await _issue(
@@ -309,9 +330,10 @@ async def rotate_key(
         role=Role(key.role),
         scopes=key.scopes,
         expires_at=key.expires_at,
+        now=now,
     )
-    before = _summary(key)
-    grace_end = utcnow() + grace
+    before = _summary(key, now)
+    grace_end = now + grace
     key.expires_at = min(key.expires_at, grace_end) if key.expires_at else grace_end
     key.rotated_to = issued.key.id
     await uow.session.flush()
@@ -321,7 +343,7 @@ async def rotate_key(
         f"key/{key.id}",
         project=issued.project,
         before=before,
-        after={**_summary(key), "rotated_to": issued.key.id},
+        after={**_summary(key, now), "rotated_to": issued.key.id},
     )
     return issued
 
@@ -388,7 +410,9 @@ SERVICE_KEY_SCOPES: dict[str, tuple[str, ...]] = {
 }
 
 
-async def install_service_key(uow: UnitOfWork, pepper: bytes, service: str, full_key: str) -> bool:
+async def install_service_key(
+    uow: UnitOfWork, pepper: bytes, service: str, full_key: str, *, now: datetime
+) -> bool:
     """Install a configured service key as a platform key; True when it was new.
 
     Idempotent: the same key twice changes nothing. A different key under the same id is refused
@@ -411,12 +435,15 @@ async def install_service_key(uow: UnitOfWork, pepper: bytes, service: str, full
         role=Role.PLATFORM_ADMIN,
         scopes=SERVICE_KEY_SCOPES[service],
         expires_at=None,
+        now=now,
         full_key=full_key,
     )
     return True
 
 
-async def bootstrap(uow: UnitOfWork, pepper: bytes, configured_key: str | None) -> IssuedKey | None:
+async def bootstrap(
+    uow: UnitOfWork, pepper: bytes, configured_key: str | None, *, now: datetime
+) -> IssuedKey | None:
     """On the very first start: the platform admin and a platform key with every scope.
 
     Returns the issued key (whose secret the caller shows once), or None when the installation
@@ -436,5 +463,6 @@ async def bootstrap(uow: UnitOfWork, pepper: bytes, configured_key: str | None) 
         role=Role.PLATFORM_ADMIN,
         scopes=sorted(SCOPES),
         expires_at=None,
+        now=now,
         full_key=configured_key,
     )

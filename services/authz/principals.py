@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.common import apikeys
 from libs.common.auth import Principal, Role
-from libs.common.db import utcnow
+from libs.common.db import Clock, utcnow
 from libs.common.errors import Unauthorized
 from libs.common.oidc import InvalidToken, OIDCVerifier, identity_from_claims
 from services.authz import repository as repo
@@ -20,13 +20,16 @@ log = logging.getLogger("steward.authz")
 
 
 class LastUsed:
-    """Remembers key use in memory and writes it in batches: no database write per request."""
+    """Remembers key use in memory and writes it in batches: no database write per request.
 
-    def __init__(self) -> None:
+    The time of use is read from ``clock`` (the service's clock)."""
+
+    def __init__(self, clock: Clock = utcnow) -> None:
+        self.clock = clock
         self._pending: dict[str, datetime] = {}
 
     def record(self, key_id: str) -> None:
-        self._pending[key_id] = utcnow()
+        self._pending[key_id] = self.clock()
 
     async def flush(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
         pending, self._pending = self._pending, {}
@@ -43,17 +46,21 @@ class LastUsed:
 
 
 class AuthzResolver:
+    """Whether a key has expired is decided on ``clock`` (the service's clock)."""
+
     def __init__(
         self,
         sessionmaker: async_sessionmaker[AsyncSession],
         pepper: bytes,
         verifier: OIDCVerifier | None,
         last_used: LastUsed,
+        clock: Clock = utcnow,
     ) -> None:
         self.sessionmaker = sessionmaker
         self.pepper = pepper
         self.verifier = verifier
         self.last_used = last_used
+        self.clock = clock
 
     async def resolve(self, credential: str) -> Principal:
         if credential.startswith(apikeys.PREFIX):
@@ -71,7 +78,7 @@ class AuthzResolver:
         if not apikeys.matches(self.pepper, credential, stored) or found is None:
             raise Unauthorized("invalid API key")
         key, project = found
-        status = key_status(key)
+        status = key_status(key, self.clock())
         if status != "active":
             raise Unauthorized(f"API key {status}")
         self.last_used.record(key.id)

@@ -9,7 +9,6 @@ from sqlalchemy import Select, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.common.auth import Principal, Role
-from libs.common.db import utcnow
 from libs.common.errors import NotFound
 from services.authz.models import ApiKey, Entitlement, Member, PlatformAdmin, Project
 
@@ -86,8 +85,8 @@ async def keys_in(
     return (await session.scalars(query)).all()
 
 
-async def active_keys(session: AsyncSession) -> Sequence[tuple[ApiKey, str | None]]:
-    now = utcnow()
+async def active_keys(session: AsyncSession, now: datetime) -> Sequence[tuple[ApiKey, str | None]]:
+    """Keys neither revoked nor expired at ``now``."""
     query = _keys().where(
         ApiKey.revoked_at.is_(None),
         (ApiKey.expires_at.is_(None)) | (ApiKey.expires_at > now),

@@ -1,9 +1,13 @@
-"""API key lifecycle: issue, use, rotate with grace, expire, revoke — and the limits on issuing."""
+"""API key lifecycle: issue, use, rotate with grace, expire, revoke — and the limits on issuing.
+
+Expiry and grace are decided on the service's clock: those tests run an authz on a clock they
+move (``clocked``), never waiting for time to pass.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -11,7 +15,31 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import event
 
+from libs.common.settings import Settings
+from tests.authz.support import ManualClock, client_of, clocked_authz
+from tests.common.support import until
 from tests.helpers import add_member, bearer, issue_key, member_key, new_project, ok
+
+MICROSECOND = timedelta(microseconds=1)
+
+
+@pytest.fixture(scope="module")
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture(scope="module")
+async def clocked_app(settings: Settings, clock: ManualClock) -> AsyncIterator[FastAPI]:
+    """A second authz on ``clock``. Its last-use flush loop waits a day, so key use is written
+    only when a test flushes it (as the loop does every interval)."""
+    async for app in clocked_authz(settings, clock, key_last_used_flush_seconds=24 * 3600.0):
+        yield app
+
+
+@pytest.fixture(scope="module")
+async def clocked(clocked_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async for client in client_of(clocked_app):
+        yield client
 
 
 async def status_of(client: httpx.AsyncClient, key: str) -> int:
@@ -21,6 +49,10 @@ async def status_of(client: httpx.AsyncClient, key: str) -> int:
 async def keys_of(client: httpx.AsyncClient, admin: str, project: str) -> dict[str, Any]:
     listed = await ok(await client.get(f"/v1/projects/{project}/keys", headers=bearer(admin)))
     return {k["id"]: k for k in listed}
+
+
+def at(value: str) -> datetime:
+    return datetime.fromisoformat(value)
 
 
 @pytest.mark.parametrize("header", ["apikey", "x-api-key", "authorization"])
@@ -52,46 +84,96 @@ async def test_a_key_with_a_right_id_but_a_wrong_secret_is_refused(
 
 
 async def test_rotation_keeps_the_old_key_working_for_the_grace_period_only(
-    authz: httpx.AsyncClient, admin_key: str
+    clocked: httpx.AsyncClient, clock: ManualClock, admin_key: str
 ) -> None:
-    project = await new_project(authz, admin_key, "rotate")
-    old = await issue_key(authz, admin_key, project, ["projects:read"])
+    project = await new_project(clocked, admin_key, "rotate")
+    old = await issue_key(clocked, admin_key, project, ["projects:read"])
     rotated = await ok(
-        await authz.post(
+        await clocked.post(
             f"/v1/projects/{project}/keys/{old['id']}/rotate",
-            json={"grace_seconds": 1},
+            json={"grace_seconds": 3600},
             headers=bearer(admin_key),
         ),
         201,
     )
+    grace_end = clock() + timedelta(hours=1)
     assert rotated["id"] != old["id"]
     assert rotated["scopes"] == old["scopes"] and rotated["role"] == old["role"]
-    assert await status_of(authz, old["key"]) == 200
-    assert await status_of(authz, rotated["key"]) == 200
-    listed = await keys_of(authz, admin_key, project)
+    assert await status_of(clocked, old["key"]) == 200
+    assert await status_of(clocked, rotated["key"]) == 200
+    listed = await keys_of(clocked, admin_key, project)
     assert listed[old["id"]]["rotated_to"] == rotated["id"]
+    assert at(listed[old["id"]]["expires_at"]) == grace_end
 
-    await asyncio.sleep(1.2)
-    response = await authz.get("/v1/whoami", headers=bearer(old["key"]))
+    clock.advance(grace_end - MICROSECOND - clock())  # the grace period's last instant
+    assert await status_of(clocked, old["key"]) == 200
+    clock.advance(MICROSECOND)
+    response = await clocked.get("/v1/whoami", headers=bearer(old["key"]))
     assert response.status_code == 401 and response.json()["detail"] == "API key expired"
-    assert await status_of(authz, rotated["key"]) == 200
+    assert await status_of(clocked, rotated["key"]) == 200
 
-    again = await authz.post(
+    again = await clocked.post(
         f"/v1/projects/{project}/keys/{old['id']}/rotate", headers=bearer(admin_key)
     )
     assert again.status_code == 409
+    assert "is expired" in again.json()["detail"]
+
+
+async def snapshot_ids(client: httpx.AsyncClient, admin: str) -> set[str]:
+    snapshot = await ok(await client.get("/v1/snapshot", headers=bearer(admin)))
+    return {k["key_id"] for k in snapshot["keys"]}
 
 
 async def test_a_key_stops_working_when_it_expires(
-    authz: httpx.AsyncClient, admin_key: str
+    clocked: httpx.AsyncClient, clock: ManualClock, admin_key: str
 ) -> None:
-    project = await new_project(authz, admin_key, "expiry")
-    soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
-    key = await issue_key(authz, admin_key, project, ["projects:read"], expires_at=soon)
-    assert await status_of(authz, key["key"]) == 200
-    await asyncio.sleep(1.2)
-    assert await status_of(authz, key["key"]) == 401
-    assert (await keys_of(authz, admin_key, project))[key["id"]]["status"] == "expired"
+    project = await new_project(clocked, admin_key, "expiry")
+    expires = clock() + timedelta(hours=1)
+    key = await issue_key(
+        clocked, admin_key, project, ["projects:read"], expires_at=expires.isoformat()
+    )
+    assert at(key["expires_at"]) == expires
+
+    clock.advance(expires - MICROSECOND - clock())  # its last instant
+    assert await status_of(clocked, key["key"]) == 200
+    assert (await keys_of(clocked, admin_key, project))[key["id"]]["status"] == "active"
+    assert key["id"] in await snapshot_ids(clocked, admin_key)
+
+    clock.advance(MICROSECOND)
+    response = await clocked.get("/v1/whoami", headers=bearer(key["key"]))
+    assert response.status_code == 401 and response.json()["detail"] == "API key expired"
+    assert (await keys_of(clocked, admin_key, project))[key["id"]]["status"] == "expired"
+    assert key["id"] not in await snapshot_ids(clocked, admin_key)
+
+
+async def test_a_new_key_must_expire_after_now_on_the_service_clock(
+    clocked: httpx.AsyncClient, clock: ManualClock, admin_key: str
+) -> None:
+    """The service's clock says what "now" is, not the wall clock: moved a day ahead, it
+    refuses an expiry that the wall clock would still call the future."""
+    project = await new_project(clocked, admin_key, "ahead")
+    clock.advance(timedelta(days=1))
+    for expires in (clock(), clock() - timedelta(hours=1)):
+        for url in (f"/v1/projects/{project}/keys", "/v1/platform/keys"):
+            response = await clocked.post(
+                url,
+                json={"name": "x", "scopes": ["projects:read"], "expires_at": expires.isoformat()},
+                headers=bearer(admin_key),
+            )
+            assert response.status_code == 422, response.text
+            problem = response.json()
+            assert response.headers["content-type"] == "application/problem+json"
+            assert problem["detail"] == "expires_at: Value error, is in the past"
+            assert problem["errors"] == [
+                {
+                    "field": "expires_at",
+                    "message": "Value error, is in the past",
+                    "type": "value_error",
+                }
+            ]
+    assert await keys_of(clocked, admin_key, project) == {}
+    later = (clock() + MICROSECOND).isoformat()
+    await issue_key(clocked, admin_key, project, ["projects:read"], expires_at=later)
 
 
 async def test_revocation_is_immediate_and_idempotent(
@@ -249,24 +331,43 @@ async def test_a_duplicate_project_is_a_409(authz: httpx.AsyncClient, admin_key:
 
 
 async def test_last_use_is_recorded_in_batches_not_one_write_per_request(
-    authz: httpx.AsyncClient, authz_app: FastAPI, admin_key: str
+    clocked: httpx.AsyncClient, clocked_app: FastAPI, clock: ManualClock, admin_key: str
 ) -> None:
-    project = await new_project(authz, admin_key, "lastused")
-    key = await issue_key(authz, admin_key, project, ["projects:read"])
+    project = await new_project(clocked, admin_key, "lastused")
+    key = await issue_key(clocked, admin_key, project, ["projects:read"])
+    last_used = clocked_app.state.principal_resolver.last_used
+    sessionmaker = clocked_app.state.ctx.sessionmaker
+    await last_used.flush(sessionmaker)  # the admin's calls so far
     updates: list[str] = []
 
     def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if statement.lstrip().upper().startswith("UPDATE API_KEYS"):
             updates.append(statement)
 
-    engine = authz_app.state.ctx.engine.sync_engine
+    engine = clocked_app.state.ctx.engine.sync_engine
     event.listen(engine, "before_cursor_execute", count)
     try:
         for _ in range(100):
-            assert await status_of(authz, key["key"]) == 200
-        await asyncio.sleep(0.5)  # a couple of flush intervals
+            assert await status_of(clocked, key["key"]) == 200
+        used_at = clock()
+        await last_used.flush(sessionmaker)  # what the flush loop does every interval
     finally:
         event.remove(engine, "before_cursor_execute", count)
-    assert 1 <= len(updates) < 20
-    listed = await keys_of(authz, admin_key, project)
-    assert listed[key["id"]]["last_used_at"] is not None
+    assert len(updates) == 1  # one write for a hundred uses
+    listed = await keys_of(clocked, admin_key, project)
+    assert at(listed[key["id"]]["last_used_at"]) == used_at
+
+
+async def test_the_flush_loop_writes_last_use_on_its_own(
+    authz: httpx.AsyncClient, admin_key: str
+) -> None:
+    project = await new_project(authz, admin_key, "flushloop")
+    key = await issue_key(authz, admin_key, project, ["projects:read"])
+    assert (await keys_of(authz, admin_key, project))[key["id"]]["last_used_at"] is None
+    assert await status_of(authz, key["key"]) == 200
+
+    async def recorded() -> bool:
+        listed = await keys_of(authz, admin_key, project)
+        return listed[key["id"]]["last_used_at"] is not None
+
+    await until(recorded, what="the key's last use written by the flush loop")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from libs.common.settings import Settings
 from tests.authz.conftest import authz_trusting
 from tests.authz.oidc_issuer import Issuer, SigningKey, new_key
+from tests.authz.support import ManualClock, client_of, clocked_authz
 from tests.helpers import add_member, bearer, new_project, ok
 
 
@@ -131,33 +132,49 @@ async def test_a_token_without_exp_is_refused(
 
 
 @pytest.fixture
-async def half_second_refresh_authz(
-    settings: Settings, issuer: Issuer
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def clocked_oidc_authz(
+    settings: Settings, issuer: Issuer, clock: ManualClock
 ) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in authz_trusting(
-        settings,
-        oidc_issuer=issuer.issuer,
-        oidc_audience="steward",
-        oidc_jwks_min_refresh_seconds=0.5,
+    """A fresh authz trusting the issuer, its JWKS cache on ``clock`` with the configured
+    lifetime and refetch interval (the production defaults)."""
+    async for app in clocked_authz(
+        settings, clock, oidc_issuer=issuer.issuer, oidc_audience="steward"
     ):
-        yield client
+        async for client in client_of(app):
+            yield client
 
 
 async def test_an_unknown_kid_refetches_the_jwks_once_per_interval(
-    half_second_refresh_authz: httpx.AsyncClient, issuer: Issuer, rsa_key: SigningKey
+    clocked_oidc_authz: httpx.AsyncClient,
+    clock: ManualClock,
+    settings: Settings,
+    issuer: Issuer,
+    rsa_key: SigningKey,
 ) -> None:
-    client = half_second_refresh_authz
+    client = clocked_oidc_authz
+    interval = timedelta(seconds=settings.oidc_jwks_min_refresh_seconds)
     await ok(await whoami(client, issuer.token(rsa_key)))  # keys are cached now
-    await asyncio.sleep(0.6)  # the refresh interval has passed
     rotated = issuer.add(new_key("ec-2", "ES256"))
     before = issuer.jwks_hits
-    # The new key is unknown to the cache: one refetch finds it.
+    # Within the refresh interval the new key stays unknown: no refetch.
+    clock.advance(interval - timedelta(seconds=1))
+    assert (await whoami(client, issuer.token(rotated))).status_code == 401
+    assert issuer.jwks_hits == before
+    # Once the interval has passed, one refetch finds it.
+    clock.advance(timedelta(seconds=1))
     await ok(await whoami(client, issuer.token(rotated)))
     assert issuer.jwks_hits == before + 1
-    # Forged kids within the refresh interval do not reach the identity provider again.
+    # Forged kids within the next interval do not reach the identity provider again.
     stranger = new_key("stranger")
     for _ in range(5):
         assert (await whoami(client, issuer.token(stranger))).status_code == 401
+    clock.advance(interval - timedelta(seconds=1))
+    assert (await whoami(client, issuer.token(stranger))).status_code == 401
     assert issuer.jwks_hits == before + 1
 
 
@@ -169,27 +186,19 @@ async def test_a_token_signed_with_a_key_of_the_wrong_type_is_refused(
     assert (await whoami(oidc_authz, issuer.token(impostor))).status_code == 401
 
 
-@pytest.fixture
-async def short_cache_authz(settings: Settings, issuer: Issuer) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in authz_trusting(
-        settings,
-        oidc_issuer=issuer.issuer,
-        oidc_audience="steward",
-        oidc_jwks_ttl_seconds=0.3,
-        oidc_jwks_min_refresh_seconds=0.1,
-    ):
-        yield client
-
-
-async def test_a_key_removed_from_the_jwks_stops_verifying(
-    short_cache_authz: httpx.AsyncClient, issuer: Issuer
+async def test_a_key_removed_from_the_jwks_stops_verifying_once_the_cache_expires(
+    clocked_oidc_authz: httpx.AsyncClient, clock: ManualClock, settings: Settings, issuer: Issuer
 ) -> None:
+    client = clocked_oidc_authz
+    lifetime = timedelta(seconds=settings.oidc_jwks_ttl_seconds)
     leaving = issuer.add(new_key("leaving"))
     token = issuer.token(leaving)
-    await ok(await whoami(short_cache_authz, token))
+    await ok(await whoami(client, token))  # keys are cached now
     issuer.remove("leaving")
-    await asyncio.sleep(0.4)  # past the cache's lifetime
-    assert (await whoami(short_cache_authz, token)).status_code == 401
+    clock.advance(lifetime)  # the cache's last instant: still the keys it holds
+    await ok(await whoami(client, token))
+    clock.advance(timedelta(seconds=1))  # past its lifetime: refetched, the key is gone
+    assert (await whoami(client, token)).status_code == 401
 
 
 @pytest.fixture
