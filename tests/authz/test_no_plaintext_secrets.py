@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 
@@ -13,6 +12,7 @@ import pytest
 
 from libs.common.observability import JSONFormatter
 from libs.common.settings import Settings
+from tests.common.support import outbox_relayed, until
 from tests.helpers import NATS_URL, bearer, issue_key, new_project, ok
 
 
@@ -87,7 +87,20 @@ async def test_keys_leave_no_plaintext_in_database_events_or_logs(
         for key in keys:
             await authz.get("/v1/whoami", headers=bearer(key))
             await authz.get("/v1/whoami", headers=bearer(key[:-1] + "x"))  # failed attempts too
-        await asyncio.sleep(1.0)  # let the outbox relay publish, and last-use flush
+        # What the dumps must cover: every event relayed, and the keys' last use written.
+        await outbox_relayed(settings, "authz")
+        used = {k["id"] for k in (*issued, rotated, platform)}
+
+        async def last_use_written() -> bool:
+            listed = [
+                *await ok(
+                    await authz.get(f"/v1/projects/{project}/keys", headers=bearer(admin_key))
+                ),
+                *await ok(await authz.get("/v1/platform/keys", headers=bearer(admin_key))),
+            ]
+            return used <= {k["id"] for k in listed if k["last_used_at"] is not None}
+
+        await until(last_use_written, what="the last use of every key written")
     finally:
         root.removeHandler(handler)
 
