@@ -43,7 +43,7 @@ from gateway.upstream import UpstreamPool
 from gateway.usage import UsageRecorder
 from libs.common.bus import Bus
 from libs.common.clients import AuthzClient, CatalogClient, ServiceClient
-from libs.common.db import new_id
+from libs.common.db import Clock, new_id, utcnow
 from libs.common.oidc import verifier_from_settings
 from libs.common.service import settle_heap
 from libs.common.settings import Settings
@@ -94,7 +94,9 @@ class Gateway:
     tracer: trace.Tracer | None = None
 
     @classmethod
-    async def start(cls, settings: Settings) -> Gateway:
+    async def start(cls, settings: Settings, *, clock: Clock = utcnow) -> Gateway:
+        """``clock`` is the gateway's "now" for key expiry and quota windows: the wall clock,
+        or one a test moves instead of waiting."""
         bus = Bus(settings.nats_url, settings.event_namespace, name="steward-gateway")
         await bus.connect()
         tracer = configured_tracer()
@@ -102,7 +104,7 @@ class Gateway:
         # carries the request's trace context; the service clients (authz's whoami for a new
         # token) inject it themselves.
         hooks: dict[str, list[Any]] = {"request": [inject_httpx]} if tracer is not None else {}
-        auth = AuthReplica(settings.pepper)
+        auth = AuthReplica(settings.pepper, clock)
         catalog = CatalogReplica()
         key = settings.gateway_api_key.get_secret_value() if settings.gateway_api_key else None
         if key is None:
@@ -112,7 +114,7 @@ class Gateway:
         inference_client = InferenceClient(settings.inference_url, timeout=10.0)
         routes = RouteTable.from_file(settings.gateway_routes_file)
         metering_client = MeteringClient(settings.metering_url, timeout=10.0)
-        quota = QuotaLedger()
+        quota = QuotaLedger(clock=clock)
         syncer = Syncer(
             bus,
             [

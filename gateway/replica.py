@@ -8,13 +8,13 @@ harmless. The request path reads them without awaiting anything.
 from __future__ import annotations
 
 import hmac
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 from libs.common import apikeys
 from libs.common.auth import Principal, Role
+from libs.common.db import Clock, utcnow
 from libs.common.events.authz import EntitlementState, KeyState
 from libs.common.events.catalog import VersionState
 
@@ -69,10 +69,14 @@ class KeyRejected(Exception):
 
 
 class AuthReplica:
-    """API keys (digests only) and entitlements, as authz last told us."""
+    """API keys (digests only) and entitlements, as authz last told us.
 
-    def __init__(self, pepper: bytes) -> None:
+    Whether a key has expired is decided on ``clock`` (the gateway's clock: the wall clock, or a
+    test's), read only for keys that expire."""
+
+    def __init__(self, pepper: bytes, clock: Clock = utcnow) -> None:
         self._pepper = pepper
+        self.clock = clock
         self._keys: dict[str, KeyRecord] = {}
         # key id → the full key last verified against that record: a later request with the
         # same key costs a dict lookup and a constant-time compare instead of an HMAC.
@@ -120,7 +124,7 @@ class AuthReplica:
                 raise KeyRejected("Invalid authentication credentials")
             record = found
             self._verified[key_id] = (record, key)
-        if record.expires_at is not None and record.expires_at <= time.time():
+        if record.expires_at is not None and record.expires_at <= self.clock().timestamp():
             raise KeyRejected("API key expired")
         return record.principal
 
