@@ -14,8 +14,15 @@ from typing import TYPE_CHECKING
 
 from starlette.types import Receive, Scope, Send
 
-from gateway.http import BodyTooLarge, ClientGone, Headers, read_body, send_bytes, upstream_headers
-from gateway.kong.proxy import VIA, kong_error_body, send_kong_error
+from gateway.http import (
+    BodyError,
+    ClientGone,
+    Headers,
+    read_body,
+    send_bytes,
+    upstream_headers,
+)
+from gateway.kong.proxy import VIA, body_refusal, kong_error_body, send_kong_error
 from gateway.kong.runtime import KongError
 from gateway.relay import Outcome, forward
 
@@ -23,6 +30,11 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 SERVICES = ("authz", "catalog", "approval", "inference", "metering")
+# What the public proxy forwards to a service: its versioned API, nothing else. A service's
+# probes, /metrics (token totals by project and model), /openapi.json and /docs are for the
+# operator's network (Prometheus scrapes the services directly), so they answer 404 here like
+# any path no route matches; an allow-list, so a new unversioned route is private by default.
+PUBLIC_PREFIX = "v1/"
 
 
 class ApiProxy:
@@ -35,14 +47,19 @@ class ApiProxy:
         started = time.perf_counter()
         service, _, rest = scope["path"][len("/api/") :].partition("/")
         base = self.urls.get(service)
-        if base is None:
+        if base is None or not rest.startswith(PUBLIC_PREFIX):
             error = KongError(404, "no Route matched with those values")
             await send_kong_error(send, error, rid, started)
             return
         try:
-            body = await read_body(scope, receive, self.gw.settings.gateway_max_request_bytes)
-        except BodyTooLarge:
-            await send_kong_error(send, KongError(413, "Request size limit exceeded"), rid, started)
+            body = await read_body(
+                scope,
+                receive,
+                self.gw.settings.gateway_max_request_bytes,
+                self.gw.settings.gateway_body_timeout_seconds,
+            )
+        except BodyError as exc:
+            await send_kong_error(send, body_refusal(exc), rid, started)
             return
         except ClientGone:
             return

@@ -13,6 +13,7 @@ import logging
 import re
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.api import SERVICES, ApiProxy, console
 from gateway.authn import Authenticator
-from gateway.http import openai_error, send_bytes, send_json
+from gateway.http import bad_path, openai_error, send_bytes, send_json
 from gateway.inference import ENDPOINTS, InferenceProxy
 from gateway.kong.config import load_file, load_state
-from gateway.kong.proxy import KongProxy
-from gateway.kong.runtime import KongRuntime
-from gateway.mcp import McpProxy
+from gateway.kong.proxy import KongProxy, send_kong_error
+from gateway.kong.runtime import KongError, KongRuntime
+from gateway.listener import guarded_protocol
+from gateway.mcp import INVALID_REQUEST, McpProxy, rpc_error
 from gateway.quota import QuotaLedger
 from gateway.replica import AuthReplica, CatalogReplica
 from gateway.routes import RouteTable
@@ -270,7 +272,11 @@ class ProxyApp:
 
         area = "other"
         try:
-            if path.startswith("/v1/"):
+            refused = bad_path(path)
+            if refused is not None:
+                area = "refused"
+                await refuse_path(path, refused, send_counted, rid)
+            elif path.startswith("/v1/"):
                 area = "v1"
                 await self.inference(scope, receive, send_counted, rid)
             elif path.startswith("/mcp/"):
@@ -342,6 +348,17 @@ class ProxyApp:
             span.end()
 
 
+async def refuse_path(path: str, reason: str, send: Send, rid: bytes) -> None:
+    """400 for a path no proxy may join into an upstream URL, in the words of its area."""
+    headers = [(b"x-request-id", rid)]
+    if path.startswith("/v1/"):
+        await send_json(send, 400, openai_error(reason, "invalid_request_error"), headers)
+    elif path.startswith("/mcp/"):
+        await send_json(send, 400, rpc_error(reason, INVALID_REQUEST), headers)
+    else:
+        await send_kong_error(send, KongError(400, reason), rid, time.perf_counter())
+
+
 def _traced(path: str) -> bool:
     """Probes and the console's static files are not worth a span."""
     return path not in PROBES and not (path == "/console" or path.startswith("/console/"))
@@ -381,18 +398,23 @@ class _Server(uvicorn.Server):
 
 
 def server_config(app: ASGIApp, settings: Settings, port: int) -> uvicorn.Config:
+    """A listener's limits on its clients: the request head within the header timeout
+    (gateway/listener.py), the body within the body timeout (read_body: 408), idle kept-alive
+    connections closed after ``gateway_keep_alive_seconds``, and past
+    ``gateway_max_connections`` open connections (or requests in flight) a 503."""
     return uvicorn.Config(
         app,
         host=settings.host,
         port=port,
         loop="none",
-        http="httptools",
+        http=guarded_protocol(settings.gateway_header_timeout_seconds),
         lifespan="off",
         log_config=None,
         access_log=False,
         proxy_headers=False,
         server_header=False,
-        timeout_keep_alive=75,
+        timeout_keep_alive=settings.gateway_keep_alive_seconds,
+        limit_concurrency=settings.gateway_max_connections,
         backlog=4096,
     )
 

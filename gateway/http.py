@@ -3,6 +3,7 @@ framework spends routing and validating is added to every model call."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -30,10 +31,28 @@ HOP_BY_HOP = frozenset(
 CREDENTIAL_HEADERS = frozenset({b"authorization", b"apikey", b"x-api-key", b"cookie"})
 
 
-class BodyTooLarge(Exception):
+class BodyError(Exception):
+    """A request body the gateway refuses to read further; ``status`` says why (413, 408)."""
+
+    status = 400
+
+
+class BodyTooLarge(BodyError):
+    status = 413
+
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body exceeds {limit} bytes")
         self.limit = limit
+
+
+class BodyTimeout(BodyError):
+    """The body did not arrive in time: a client trickling bytes holds a connection and a task,
+    so the whole body has one deadline, however busy the socket looks."""
+
+    status = 408
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the request body did not arrive within {seconds:g} seconds")
 
 
 class ClientGone(Exception):
@@ -47,11 +66,38 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body, refusing more than ``limit`` bytes before reading them."""
+# Sent with a refusal that leaves the request body unread: the connection cannot be reused.
+CLOSE: Headers = [(b"connection", b"close")]
+
+
+def bad_path(path: str) -> str | None:
+    """Why a (percent-decoded) request path is refused, or None. The proxies join paths into
+    upstream URLs: a control character (NUL…) is not a URL, ``?``/``#`` would start a query or
+    fragment the client did not send, and a ``.``/``..`` segment would climb out of the prefix
+    a route maps (``/mcp/x/../../admin``) once the URL is normalised."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        return "the request path contains a control character"
+    if "?" in path or "#" in path:
+        return "the request path contains an encoded '?' or '#'"
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return "the request path contains a '.' or '..' segment"
+    return None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int, seconds: float) -> bytes:
+    """The whole request body, refusing more than ``limit`` bytes before reading them, and a
+    body that takes longer than ``seconds`` in all (BodyTooLarge, BodyTimeout)."""
     length = header(scope, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise BodyTooLarge(limit)
+    try:
+        async with asyncio.timeout(seconds):
+            return await _read(receive, limit)
+    except TimeoutError:
+        raise BodyTimeout(seconds) from None
+
+
+async def _read(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -61,11 +107,17 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         if chunk:
             size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(limit)
-            chunks.append(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            else:
+                chunks.clear()  # past the cap: the rest is read and dropped (below)
         if not message.get("more_body", False):
             break
+    if size > limit:
+        # Only now: a client still sending when the 413 and the close come may never read
+        # them (its unread data makes the close a reset), so the rest of a body that outgrew
+        # the cap is drained, within the body's deadline, before the refusal.
+        raise BodyTooLarge(limit)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

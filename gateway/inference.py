@@ -17,12 +17,14 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.authn import AuthFailure, project_of
 from gateway.calls import Call, Kind, until_disconnect
+from gateway.egress import MODEL
 from gateway.http import (
+    CLOSE,
+    BodyError,
     BodyTooLarge,
     ClientGone,
     openai_error,
     read_body,
-    response_headers,
     send_json,
     upstream_header_list,
 )
@@ -120,9 +122,20 @@ class InferenceProxy:
         if not decision.allowed:
             raise Refusal(403, decision.reason, "permission_error", code="forbidden")
         try:
-            body = await read_body(scope, receive, self.gw.settings.gateway_max_request_bytes)
+            body = await read_body(
+                scope,
+                receive,
+                self.gw.settings.gateway_max_request_bytes,
+                self.gw.settings.gateway_body_timeout_seconds,
+            )
         except BodyTooLarge as exc:
-            raise Refusal(413, str(exc), "invalid_request_error", code="request_too_large") from exc
+            raise Refusal(
+                413, str(exc), "invalid_request_error", code="request_too_large", headers=CLOSE
+            ) from exc
+        except BodyError as exc:
+            raise Refusal(
+                exc.status, str(exc), "invalid_request_error", code="timeout", headers=CLOSE
+            ) from exc
         except ClientGone:
             return
         request = _parse(body)
@@ -344,7 +357,10 @@ class InferenceProxy:
         )
         try:
             call.http_status = response.status
-            out = response_headers(response.headers) + extra
+            if not MODEL.relayed(response.status):
+                await self._replace(send, response, extra, url, call, request, state)
+                return
+            out = MODEL.headers(response.headers) + extra
             content_type = response.header(b"content-type") or b""
             if call.stream and response.status == 200 and content_type.startswith(SSE):
                 await self._relay_stream(send, response, out, call, request, strip_usage, state)
@@ -363,6 +379,30 @@ class InferenceProxy:
                 _account(call, response.status, payload, request)
         finally:
             response.close()
+
+    async def _replace(
+        self,
+        send: Send,
+        response: UpstreamResponse,
+        extra: list[tuple[bytes, bytes]],
+        url: str,
+        call: Call,
+        request: dict[str, Any],
+        state: _Progress,
+    ) -> None:
+        """A non-2xx answer: the client gets what gateway/egress.py keeps of it."""
+        redirect = response.status < 400
+        raw = b"" if redirect else await response.read()
+        status, body = MODEL.replaced(response.status, raw, url)
+        if redirect:
+            call.fail(status, "upstream_redirect")
+        else:
+            _account(call, response.status, raw, request)
+        state.started = True
+        headers = MODEL.error_headers(response.headers, body) + extra
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        state.complete = True
 
     async def _relay_stream(
         self,
@@ -429,6 +469,8 @@ class _Progress:
 def _parse(body: bytes) -> dict[str, Any]:
     try:
         request = json.loads(body)
+    except RecursionError:
+        raise Refusal(400, "the body is nested too deeply", "invalid_request_error") from None
     except ValueError:
         raise Refusal(400, "the body is not valid JSON", "invalid_request_error") from None
     if not isinstance(request, dict):
@@ -455,12 +497,12 @@ def _account(call: Call, status: int, payload: bytes, request: dict[str, Any]) -
             error = json.loads(payload).get("error")
             if isinstance(error, dict) and isinstance(error.get("type"), str):
                 call.error_type = error["type"]
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             pass
         return
     try:
         response = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         response = None
     counts = _usage_counts(response.get("usage")) if isinstance(response, dict) else None
     if counts is not None:

@@ -19,8 +19,10 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.authn import AuthFailure, project_of
 from gateway.calls import Call
+from gateway.egress import MCP
 from gateway.http import (
-    BodyTooLarge,
+    CLOSE,
+    BodyError,
     ClientGone,
     Headers,
     read_body,
@@ -50,10 +52,13 @@ def _error_body(status: int, message: str) -> tuple[bytes, bytes]:
 
 
 class McpRefusal(Exception):
-    def __init__(self, status: int, message: str, kind: str, id_: Any = None) -> None:
+    def __init__(
+        self, status: int, message: str, kind: str, id_: Any = None, headers: Headers | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.kind = kind
+        self.headers = headers or []
         self.body = rpc_error(message, REFUSED if status != 400 else INVALID_REQUEST, id_)
 
 
@@ -68,7 +73,7 @@ class McpProxy:
         try:
             await self._handle(scope, receive, send, extra)
         except McpRefusal as refusal:
-            headers = extra
+            headers = extra + refusal.headers
             if refusal.status == 401:
                 headers = [*extra, (b"www-authenticate", b'Bearer realm="steward"')]
             await send_json(send, refusal.status, refusal.body, headers)
@@ -108,9 +113,14 @@ class McpProxy:
         call: Call | None = None
         if method == "POST":
             try:
-                body = await read_body(scope, receive, self.gw.settings.gateway_max_request_bytes)
-            except BodyTooLarge as exc:
-                raise McpRefusal(413, str(exc), "too_large") from None
+                body = await read_body(
+                    scope,
+                    receive,
+                    self.gw.settings.gateway_max_request_bytes,
+                    self.gw.settings.gateway_body_timeout_seconds,
+                )
+            except BodyError as exc:
+                raise McpRefusal(exc.status, str(exc), "bad_body", headers=CLOSE) from None
             except ClientGone:
                 return
             messages = _messages(body)
@@ -155,6 +165,7 @@ class McpProxy:
             request,
             extra_headers=lambda _: extra,
             error_body=_error_body,
+            egress=MCP,
         )
         self._track_session(method, session, outcome, project)
         if call is not None:
@@ -195,7 +206,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 def _messages(body: bytes) -> list[dict[str, Any]]:
     try:
         parsed = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise McpRefusal(400, "the body is not valid JSON-RPC", "invalid") from None
     items = parsed if isinstance(parsed, list) else [parsed]
     if not items or not all(isinstance(m, dict) for m in items):

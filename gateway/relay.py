@@ -14,6 +14,7 @@ import httpx
 from starlette.types import Receive, Send
 
 from gateway.calls import until_disconnect
+from gateway.egress import READ_BYTES, Egress
 from gateway.http import Headers, response_headers
 
 # (status, message) → (body, content type): each area words its own errors.
@@ -38,7 +39,11 @@ async def forward(
     *,
     extra_headers: Callable[[Outcome], Headers],
     error_body: ErrorBody,
+    egress: Egress | None = None,
 ) -> Outcome:
+    """Relay ``request``'s answer. With ``egress`` (an upstream not trusted with the client's
+    side, gateway/egress.py) only its allowed headers and 2xx bodies pass; without (``/api``'s
+    own services, Kong routes as Kong would), the answer passes minus hop-by-hop headers."""
     outcome = Outcome()
     started = False
 
@@ -50,7 +55,14 @@ async def forward(
             outcome.upstream_latency = time.perf_counter() - sent
             outcome.status = response.status_code
             outcome.response_headers = response.headers
-            headers = response_headers(response.headers.raw) + extra_headers(outcome)
+            if egress is not None and not egress.relayed(response.status_code):
+                await _replace(egress, response, request, send, outcome, extra_headers)
+                started = outcome.started
+                return
+            if egress is not None:
+                headers = egress.headers(response.headers.raw) + extra_headers(outcome)
+            else:
+                headers = response_headers(response.headers.raw) + extra_headers(outcome)
             await send(
                 {"type": "http.response.start", "status": response.status_code, "headers": headers}
             )
@@ -77,6 +89,32 @@ async def forward(
             outcome,
         )
     return outcome
+
+
+async def _replace(
+    egress: Egress,
+    response: httpx.Response,
+    request: httpx.Request,
+    send: Send,
+    outcome: Outcome,
+    extra_headers: Callable[[Outcome], Headers],
+) -> None:
+    raw = b""
+    if response.status_code >= 400:
+        async for chunk in response.aiter_bytes():
+            raw += chunk
+            if len(raw) >= READ_BYTES:
+                break
+    status, body = egress.replaced(
+        response.status_code, raw, str(request.url.copy_with(query=None))
+    )
+    if response.status_code < 400:
+        outcome.error_type = "upstream_redirect"
+    outcome.status = status
+    headers = egress.error_headers(response.headers.raw, body) + extra_headers(outcome)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    outcome.started = True
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _fail(

@@ -86,7 +86,7 @@ class StreamRelay:
             return True
         try:
             event = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             self.malformed += 1
             return True
         if not isinstance(event, dict):

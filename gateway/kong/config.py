@@ -18,6 +18,10 @@ def decode(text: str | bytes) -> Any:
     """YAML is a superset of JSON: one parser reads both, as ``kong config parse`` does."""
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise InvalidConfig(
+            {"@entity": ["failed parsing declarative configuration: nested too deeply"]}
+        ) from None
     except yaml.YAMLError as exc:
         raise InvalidConfig(
             {"@entity": [f"failed parsing declarative configuration: {exc}"]}

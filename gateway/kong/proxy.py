@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.http import (
     HOP_BY_HOP,
+    BodyError,
     BodyTooLarge,
     ClientGone,
     Headers,
@@ -59,6 +60,14 @@ async def send_kong_error(send: Send, error: KongError, rid: bytes, started: flo
     ]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def body_refusal(exc: BodyError) -> KongError:
+    """Kong's words for a body it will not read (nginx's ``client_max_body_size`` and
+    ``client_body_timeout``)."""
+    message = "Request size limit exceeded" if isinstance(exc, BodyTooLarge) else "Request timeout"
+    # The rest of the body stays unread: the connection cannot carry another request.
+    return KongError(exc.status, message, {"connection": "close"})
 
 
 def _ms(seconds: float) -> bytes:
@@ -147,9 +156,14 @@ class KongProxy:
             if not reservation.allowed:
                 raise KongError(429, "Token quota exceeded", dict(reservation.headers))
         try:
-            body = await read_body(scope, receive, self.gw.settings.gateway_max_request_bytes)
-        except BodyTooLarge:
-            raise KongError(413, "Request size limit exceeded") from None
+            body = await read_body(
+                scope,
+                receive,
+                self.gw.settings.gateway_max_request_bytes,
+                self.gw.settings.gateway_body_timeout_seconds,
+            )
+        except BodyError as exc:
+            raise body_refusal(exc) from None
         except ClientGone:
             return
         show_groups = acl is None or not acl["config"].get("hide_groups_header", False)

@@ -90,6 +90,14 @@ class Settings(BaseSettings):
     gateway_kong_config: Path | None = None
     gateway_max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     gateway_max_tokens: int = Field(default=32_768, gt=0)
+    # Client-side limits of the proxy listener (gateway/app.py server_config): a request's head
+    # must arrive within the header timeout (else the connection is closed), its whole body
+    # within the body timeout (else 408), an idle kept-alive connection is closed after
+    # keep-alive seconds, and past max connections new requests get 503.
+    gateway_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    gateway_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    gateway_keep_alive_seconds: int = Field(default=15, gt=0)
+    gateway_max_connections: int = Field(default=10_000, gt=0)
     gateway_upstream_connect_timeout_seconds: float = 5.0
     # Longest wait for the next byte from an upstream (a whole answer, or the next SSE chunk).
     gateway_upstream_read_timeout_seconds: float = 300.0

@@ -147,6 +147,9 @@ async def import_mcp_servers(
     into one array). ``dry_run`` only reports."""
     try:
         data = json.loads(await _body(request))
+    except RecursionError:
+        error = {"field": "", "message": "not valid JSON: nested too deeply", "type": "json"}
+        raise refuse([error], "server.json import") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         error = {"field": "", "message": f"not valid JSON: {exc}", "type": "json"}
         raise refuse([error], "server.json import") from exc
