@@ -220,6 +220,7 @@ class Syncer:
         self._routes: dict[str, Feed] = {s: f for f in self.feeds for s in f.handlers}
         self._subs: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._watch_bus(), name="gateway-sync-bus"))
@@ -227,16 +228,22 @@ class Syncer:
             self._tasks.append(asyncio.create_task(self._keep(feed), name=f"sync-{feed.name}"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A library that swallows a CancelledError leaves a task running with its cancel spent
+        # (seen: the bus watcher back in its 0.25 s loop, and shutdown waiting forever); so the
+        # loops also check a flag, and a task still running is cancelled again.
+        self._stopping = True
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
         self._tasks.clear()
         await self._unsubscribe()
 
     async def _keep(self, feed: Feed) -> None:
         """Load the snapshot until it works, then again every ``resync_seconds``."""
         delay = 0.2
-        while True:
+        while not self._stopping:
             try:
                 await feed.resync()
                 log.info("replica loaded", extra={"feed": feed.name})
@@ -253,7 +260,7 @@ class Syncer:
     async def _watch_bus(self) -> None:
         """Subscribe whenever NATS (re)connects, then take fresh snapshots to cover the gap."""
         subscribed = False
-        while True:
+        while not self._stopping:
             connected = self.bus.connected
             if connected and not subscribed:
                 try:
