@@ -104,6 +104,12 @@ def problem_responses(*problems: type[Problem]) -> dict[int | str, dict[str, Any
     return {p.status: {"description": p.title, "content": {PROBLEM_JSON: {}}} for p in kinds}
 
 
+def authenticated_responses() -> dict[int | str, dict[str, Any]]:
+    """A router's ``responses=``: every route behind a credential may answer 401 (none or a bad
+    one) and 403 (one without the role or scope), besides 400 (a body that is not JSON) and 422."""
+    return problem_responses(BadRequest, Unauthorized, Forbidden)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, Problem)

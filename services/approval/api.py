@@ -15,7 +15,13 @@ from libs.common.auth import (
     decide,
 )
 from libs.common.db import Clock
-from libs.common.errors import Conflict, Forbidden, NotFound, problem_responses
+from libs.common.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    authenticated_responses,
+    problem_responses,
+)
 from libs.common.events.approval import RequestKind, RequestStatus
 from libs.common.names import ProjectPath
 from libs.common.service import SessionDep, UnitOfWorkDep, context
@@ -45,7 +51,7 @@ from services.approval.schemas import (
     Stats,
 )
 
-router = APIRouter(prefix="/v1", tags=["approval"], responses=problem_responses())
+router = APIRouter(prefix="/v1", tags=["approval"], responses=authenticated_responses())
 
 RequestIdPath = Annotated[str, Path(pattern=r"^[0-9a-f-]{36}$")]
 PolicyNamePath = Annotated[str, Path(pattern=r"^[a-z0-9]([-a-z0-9]{0,98}[a-z0-9])?$")]
@@ -347,7 +353,11 @@ async def list_policies(
     return [_policy_read(p) for p in await repo.policies(session)]
 
 
-@router.put("/policies/{name}", tags=["policies"])
+@router.put(
+    "/policies/{name}",
+    tags=["policies"],
+    responses={201: {"description": "Created (200: replaced)"}},
+)
 async def put_policy(
     name: PolicyNamePath,
     body: Rule,

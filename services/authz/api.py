@@ -10,7 +10,13 @@ from fastapi.exceptions import RequestValidationError
 
 from libs.common.auth import Authorized, Principal, PrincipalDep, Role, decide
 from libs.common.db import Clock
-from libs.common.errors import Forbidden, NotFound, problem_responses
+from libs.common.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    authenticated_responses,
+    problem_responses,
+)
 from libs.common.events.authz import EntitlementState, KeyState
 from libs.common.names import AssetPath, KeyIdPath, SubjectPath
 from libs.common.service import SessionDep, UnitOfWorkDep, context
@@ -36,7 +42,7 @@ from services.authz.schemas import (
     Snapshot,
 )
 
-router = APIRouter(prefix="/v1", tags=["authz"], responses=problem_responses())
+router = APIRouter(prefix="/v1", tags=["authz"], responses=authenticated_responses())
 
 
 def _pepper(request: Request) -> bytes:
@@ -153,7 +159,10 @@ async def authorize(body: AuthorizeRequest, principal: PrincipalDep) -> Authoriz
 
 
 @router.post(
-    "/projects", status_code=201, responses=problem_responses(Forbidden), tags=["projects"]
+    "/projects",
+    status_code=201,
+    responses=problem_responses(Forbidden, Conflict),
+    tags=["projects"],
 )
 async def create_project(
     body: ProjectCreate,
@@ -177,7 +186,7 @@ async def get_project(
     return _project_read(project)
 
 
-@router.get("/projects/{project}/members", tags=["members"])
+@router.get("/projects/{project}/members", tags=["members"], responses=problem_responses(NotFound))
 async def list_members(
     principal: Annotated[Principal, Authorized("member.read")],
     project: ProjectDep,
@@ -189,7 +198,9 @@ async def list_members(
     ]
 
 
-@router.put("/projects/{project}/members/{subject}", tags=["members"])
+@router.put(
+    "/projects/{project}/members/{subject}", tags=["members"], responses=problem_responses(NotFound)
+)
 async def put_member(
     subject: SubjectPath,
     body: MemberPut,
@@ -202,7 +213,12 @@ async def put_member(
     return MemberRead(subject=member.subject, role=member.role, created_at=member.created_at)
 
 
-@router.delete("/projects/{project}/members/{subject}", status_code=204, tags=["members"])
+@router.delete(
+    "/projects/{project}/members/{subject}",
+    status_code=204,
+    tags=["members"],
+    responses=problem_responses(NotFound),
+)
 async def remove_member(
     subject: SubjectPath,
     principal: Annotated[Principal, Authorized("member.write")],
@@ -217,7 +233,7 @@ async def remove_member(
 # -- project keys -----------------------------------------------------------------------------
 
 
-@router.get("/projects/{project}/keys", tags=["keys"])
+@router.get("/projects/{project}/keys", tags=["keys"], responses=problem_responses(NotFound))
 async def list_keys(
     principal: Annotated[Principal, Authorized("key.read")],
     project: ProjectDep,
@@ -230,7 +246,12 @@ async def list_keys(
     return [_key_read(k, project.name, now) for k in await repo.keys_in(session, project, owner)]
 
 
-@router.post("/projects/{project}/keys", status_code=201, tags=["keys"])
+@router.post(
+    "/projects/{project}/keys",
+    status_code=201,
+    tags=["keys"],
+    responses=problem_responses(NotFound),
+)
 async def create_key(
     body: KeyCreate,
     principal: Annotated[Principal, Authorized("key.write")],
@@ -254,7 +275,12 @@ async def create_key(
     return _issued(issued, now)
 
 
-@router.post("/projects/{project}/keys/{key_id}/rotate", status_code=201, tags=["keys"])
+@router.post(
+    "/projects/{project}/keys/{key_id}/rotate",
+    status_code=201,
+    tags=["keys"],
+    responses=problem_responses(NotFound, Conflict),
+)
 async def rotate_key(
     key_id: KeyIdPath,
     principal: Annotated[Principal, Authorized("key.write")],
@@ -268,7 +294,11 @@ async def rotate_key(
     return _issued(await domain.rotate_key(uow, pepper, key, project, grace, now=now), now)
 
 
-@router.delete("/projects/{project}/keys/{key_id}", tags=["keys"])
+@router.delete(
+    "/projects/{project}/keys/{key_id}",
+    tags=["keys"],
+    responses=problem_responses(NotFound, Conflict),
+)
 async def revoke_key(
     key_id: KeyIdPath,
     principal: Annotated[Principal, Authorized("key.write")],
@@ -313,7 +343,12 @@ async def create_platform_key(
     return _issued(issued, now)
 
 
-@router.post("/platform/keys/{key_id}/rotate", status_code=201, tags=["keys"])
+@router.post(
+    "/platform/keys/{key_id}/rotate",
+    status_code=201,
+    tags=["keys"],
+    responses=problem_responses(NotFound, Conflict),
+)
 async def rotate_platform_key(
     key_id: KeyIdPath,
     principal: Annotated[Principal, Authorized("platform_key.write")],
@@ -326,7 +361,9 @@ async def rotate_platform_key(
     return _issued(await domain.rotate_key(uow, pepper, key, None, grace, now=now), now)
 
 
-@router.delete("/platform/keys/{key_id}", tags=["keys"])
+@router.delete(
+    "/platform/keys/{key_id}", tags=["keys"], responses=problem_responses(NotFound, Conflict)
+)
 async def revoke_platform_key(
     key_id: KeyIdPath,
     principal: Annotated[Principal, Authorized("platform_key.write")],
@@ -340,7 +377,9 @@ async def revoke_platform_key(
 # -- entitlements -----------------------------------------------------------------------------
 
 
-@router.get("/projects/{project}/entitlements", tags=["entitlements"])
+@router.get(
+    "/projects/{project}/entitlements", tags=["entitlements"], responses=problem_responses(NotFound)
+)
 async def list_entitlements(
     principal: Annotated[Principal, Authorized("entitlement.read")],
     project: ProjectDep,
@@ -352,7 +391,12 @@ async def list_entitlements(
 
 
 @router.put(
-    "/projects/{project}/entitlements/{asset_kind}/{asset_name:path}", tags=["entitlements"]
+    "/projects/{project}/entitlements/{asset_kind}/{asset_name:path}",
+    tags=["entitlements"],
+    responses={
+        201: {"description": "Granted now (200: it already was)"},
+        **problem_responses(NotFound),
+    },
 )
 async def grant_entitlement(
     asset_kind: AssetKind,
@@ -374,6 +418,7 @@ async def grant_entitlement(
     "/projects/{project}/entitlements/{asset_kind}/{asset_name:path}",
     status_code=204,
     tags=["entitlements"],
+    responses=problem_responses(NotFound),
 )
 async def revoke_entitlement(
     asset_kind: AssetKind,

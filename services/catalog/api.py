@@ -9,7 +9,14 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 
 from libs.common.auth import Authorized, Principal
 from libs.common.db import utcnow
-from libs.common.errors import BadRequest, Conflict, NotFound, Problem, problem_responses
+from libs.common.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    Problem,
+    authenticated_responses,
+    problem_responses,
+)
 from libs.common.events.catalog import ToolRef, VersionState
 from libs.common.names import AssetPath
 from libs.common.service import SessionDep, UnitOfWorkDep
@@ -30,7 +37,7 @@ from services.catalog.schemas import (
     VersionRead,
 )
 
-router = APIRouter(prefix="/v1", tags=["catalog"], responses=problem_responses())
+router = APIRouter(prefix="/v1", tags=["catalog"], responses=authenticated_responses())
 
 MAX_IMPORT_BYTES = 10 * 1024 * 1024
 VersionIdPath = Annotated[str, Path(pattern=r"^[0-9a-f-]{36}$")]

@@ -8,7 +8,14 @@ from fastapi import APIRouter, Depends, Path, Request
 
 from libs.common.auth import Authorized, Principal, credential_from, decide
 from libs.common.db import utcnow
-from libs.common.errors import Conflict, Forbidden, NotFound, Unprocessable, problem_responses
+from libs.common.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    Unprocessable,
+    authenticated_responses,
+    problem_responses,
+)
 from libs.common.events.inference import EndpointState, seal_credential
 from libs.common.names import ProjectPath
 from libs.common.service import SessionDep, UnitOfWorkDep
@@ -27,7 +34,7 @@ from services.inference.schemas import (
     Scale,
 )
 
-router = APIRouter(prefix="/v1", tags=["inference"], responses=problem_responses())
+router = APIRouter(prefix="/v1", tags=["inference"], responses=authenticated_responses())
 
 EndpointIdPath = Annotated[str, Path(pattern=r"^[0-9a-f-]{36}$")]
 

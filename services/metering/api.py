@@ -20,10 +20,10 @@ from libs.common.auth import Authorized, Principal, credential_from
 from libs.common.db import Clock
 from libs.common.errors import (
     Conflict,
-    Forbidden,
     NotFound,
     ServiceUnavailable,
     Unprocessable,
+    authenticated_responses,
     problem_responses,
 )
 from libs.common.names import PROJECT_PATTERN, AssetPath, ProjectPath, UUIDPath
@@ -64,7 +64,7 @@ from services.metering.schemas import (
     UsageRow,
 )
 
-router = APIRouter(prefix="/v1", responses=problem_responses(Forbidden))
+router = APIRouter(prefix="/v1", responses=authenticated_responses())
 
 QuotaIdPath = UUIDPath
 ModelPath = AssetPath
