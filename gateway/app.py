@@ -46,6 +46,7 @@ from gateway.usage import UsageRecorder
 from libs.common.bus import Bus
 from libs.common.clients import AuthzClient, CatalogClient, ServiceClient
 from libs.common.db import Clock, new_id, utcnow
+from libs.common.netpolicy import policy_from_settings
 from libs.common.oidc import verifier_from_settings
 from libs.common.service import settle_heap
 from libs.common.settings import Settings
@@ -160,6 +161,7 @@ class Gateway:
                 max_idle_per_origin=settings.gateway_upstream_max_connections,
                 max_active_per_origin=settings.gateway_upstream_max_connections,
                 tracer=tracer,
+                policy=await policy_from_settings(settings),
             ),
             clients=[authz_client, catalog_client, inference_client, metering_client],
             quota=quota,

@@ -34,6 +34,7 @@ from gateway.sse import StreamRelay
 from gateway.tokens import completion_text, estimate_chars, estimate_prompt, estimate_text
 from gateway.upstream import (
     UpstreamConnectError,
+    UpstreamDenied,
     UpstreamError,
     UpstreamResponse,
     UpstreamTimeout,
@@ -311,6 +312,7 @@ class InferenceProxy:
             request,
             strip_usage,
             state,
+            route.guarded,
         )
         try:
             if await until_disconnect(work, receive):
@@ -323,6 +325,12 @@ class InferenceProxy:
                 raise Refusal(504, "the model did not answer in time", "timeout") from None
             await _end_stream_with_error(send, "the model stopped answering", "timeout")
             return
+        except UpstreamDenied as exc:
+            call.fail(502, "upstream_denied")
+            log.warning("upstream address refused", extra={"route": route.name, "error": str(exc)})
+            raise Refusal(
+                502, "the model's upstream address is not allowed", "upstream_error"
+            ) from None
         except UpstreamError as exc:
             call.fail(502, "upstream_unavailable")
             if not isinstance(exc, UpstreamConnectError):
@@ -350,10 +358,11 @@ class InferenceProxy:
         request: dict[str, Any],
         strip_usage: bool,
         state: _Progress,
+        guarded: bool,
     ) -> None:
         call.sent_upstream = time.perf_counter()
         response = await self.gw.upstream.request(
-            "POST", url, headers, content, read_timeout=read_timeout
+            "POST", url, headers, content, read_timeout=read_timeout, guarded=guarded
         )
         try:
             call.http_status = response.status

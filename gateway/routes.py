@@ -63,6 +63,9 @@ class ModelRoute(_Route):
     exposure: Literal["project", "internal", "public"] = "public"
     # Fernet token of the upstream credential (opened only when a request is sent).
     sealed_api_key: str | None = None
+    # A tenant named the upstream (an external endpoint): the address policy checks each
+    # connection. Routes the operator declared, and endpoints Steward runs, are trusted.
+    guarded: bool = False
 
     def visible_to(self, project: str) -> bool:
         """A project-exposed endpoint serves its own project only."""
@@ -126,6 +129,7 @@ class RouteTable:
             project=state.project,
             exposure=state.network_exposure,
             sealed_api_key=state.upstream_credential,
+            guarded=state.runtime == "external",
         )
 
     @classmethod

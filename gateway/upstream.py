@@ -24,6 +24,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from gateway.tracing import KNOWN_METHODS, with_context
+from libs.common.netpolicy import AddressDenied, AddressPolicy
 
 HIGH_WATER = 1 << 20  # pause reading the upstream beyond this much unread body
 
@@ -36,6 +37,12 @@ class UpstreamError(Exception):
 
 class UpstreamConnectError(UpstreamError):
     pass
+
+
+class UpstreamDenied(UpstreamConnectError):
+    """The upstream's address is one the address policy refuses (libs/common/netpolicy.py)."""
+
+    kind = "upstream_denied"
 
 
 class UpstreamTimeout(UpstreamError):
@@ -51,15 +58,18 @@ class Origin:
     scheme: str
     host: str
     port: int
+    # A tenant-named upstream: every connection checked and pinned by the address policy (its
+    # connections are pooled apart from a trusted origin's of the same name).
+    guarded: bool = False
 
     @classmethod
-    def of(cls, url: str) -> tuple[Origin, str]:
+    def of(cls, url: str, guarded: bool = False) -> tuple[Origin, str]:
         """The origin and the path (with query) of an absolute URL."""
         parts = urlsplit(url)
         scheme = parts.scheme or "http"
         port = parts.port or (443 if scheme == "https" else 80)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return cls(scheme, parts.hostname or "127.0.0.1", port), target
+        return cls(scheme, parts.hostname or "127.0.0.1", port, guarded), target
 
     @property
     def host_header(self) -> bytes:
@@ -245,8 +255,10 @@ class UpstreamPool:
         max_active_per_origin: int = 1024,
         keepalive_expiry: float = 30.0,
         tracer: trace.Tracer | None = None,
+        policy: AddressPolicy | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
+        self.policy = policy
         self.read_timeout = read_timeout
         self.max_idle = max_idle_per_origin
         self.max_active = max_active_per_origin
@@ -276,9 +288,16 @@ class UpstreamPool:
             context = self._ssl
         try:
             async with asyncio.timeout(self.connect_timeout):
+                host = origin.host
+                if origin.guarded and self.policy is not None:
+                    # Resolved and checked now, and this very address is the one connected to.
+                    try:
+                        host = str(await self.policy.resolve(origin.host, origin.port))
+                    except AddressDenied as exc:
+                        raise UpstreamDenied(str(exc)) from None
                 _, conn = await loop.create_connection(
                     lambda: _Connection(origin),
-                    origin.host,
+                    host,
                     origin.port,
                     ssl=context,
                     server_hostname=origin.host if context else None,
@@ -313,14 +332,16 @@ class UpstreamPool:
         body: bytes,
         *,
         read_timeout: float | None = None,
+        guarded: bool = False,
     ) -> UpstreamResponse:
         """Send the request, wait for the response head; the body is read from the response.
+        ``guarded``: a tenant named this upstream, so the address policy decides each connection.
 
         With a tracer, a CLIENT span covers the call until the response is closed, and the
         request carries its context in place of any the caller's headers had.
         """
         if self.tracer is None:
-            return await self._request(method, url, headers, body, read_timeout)
+            return await self._request(method, url, headers, body, read_timeout, guarded)
         origin, _ = Origin.of(url)
         span = self.tracer.start_span(
             method if method in KNOWN_METHODS else "HTTP",
@@ -334,7 +355,7 @@ class UpstreamPool:
         )
         headers = with_context(headers, trace.set_span_in_context(span))
         try:
-            response = await self._request(method, url, headers, body, read_timeout)
+            response = await self._request(method, url, headers, body, read_timeout, guarded)
         except BaseException as exc:
             _failed(span, getattr(exc, "kind", type(exc).__qualname__))
             span.end()
@@ -352,8 +373,9 @@ class UpstreamPool:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         read_timeout: float | None,
+        guarded: bool = False,
     ) -> UpstreamResponse:
-        origin, target = Origin.of(url)
+        origin, target = Origin.of(url, guarded)
         timeout = read_timeout or self.read_timeout
         head = bytearray(f"{method} {target} HTTP/1.1\r\n".encode())
         head += b"host: " + origin.host_header + b"\r\n"

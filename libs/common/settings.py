@@ -11,10 +11,11 @@ import hashlib
 import os
 import secrets
 from functools import cached_property
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _REPO_CONSOLE = Path(__file__).resolve().parents[2] / "console"
@@ -77,6 +78,14 @@ class Settings(BaseSettings):
     approval_url: str = "http://127.0.0.1:8103"
     inference_url: str = "http://127.0.0.1:8104"
     metering_url: str = "http://127.0.0.1:8105"
+
+    # Private and loopback networks a tenant-named upstream (an external endpoint's URL, an MCP
+    # server's remote) may live in (libs/common/netpolicy.py). The embedded default allows
+    # loopback so a local Ollama or llama.cpp works; Steward's own ports are refused regardless.
+    upstream_allowed_networks: list[IPvAnyNetwork] = [
+        IPv4Network("127.0.0.0/8"),
+        IPv6Network("::1/128"),
+    ]
 
     # -- gateway (gateway/): proxy and Kong-compatible admin ports, and what it may fetch.
     gateway_proxy_port: int = 8000

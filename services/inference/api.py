@@ -18,12 +18,12 @@ from libs.common.errors import (
 )
 from libs.common.events.inference import EndpointState, seal_credential
 from libs.common.names import ProjectPath
+from libs.common.netpolicy import AddressDenied
 from libs.common.service import SessionDep, UnitOfWorkDep
 from services.inference import domain
 from services.inference import repository as repo
 from services.inference.models import Endpoint
 from services.inference.plane import Plane
-from services.inference.runtimes.external import denied_address
 from services.inference.schemas import (
     EndpointCreate,
     EndpointRead,
@@ -142,9 +142,10 @@ async def create_endpoint(
             known = sorted(plane.config.local_profiles)
             raise _field_error("profile", f"no local runtime profile {profile!r}; known: {known}")
     if body.upstream_url is not None:
-        denied = await denied_address(body.upstream_url, plane.config.external_denied_networks)
-        if denied is not None:
-            raise _field_error("upstream_url", f"{denied} is in a network upstreams may not use")
+        try:
+            await plane.address_policy.check_url(body.upstream_url)
+        except AddressDenied as exc:
+            raise _field_error("upstream_url", str(exc)) from None
     found = await plane.catalog_version(
         credential_from(request) or "", body.model_name, body.version
     )

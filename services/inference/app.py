@@ -11,6 +11,7 @@ import httpx
 from fastapi import FastAPI
 from kubernetes_asyncio import client as kube_client
 
+from libs.common.netpolicy import policy_from_settings
 from libs.common.service import ServiceContext, ServiceSpec, create_service_app
 from libs.common.settings import Settings
 from services.inference.api import router
@@ -39,10 +40,12 @@ def make_spec(
     async def setup(ctx: ServiceContext, app: FastAPI) -> AsyncIterator[None]:
         settings = ctx.settings
         credential_key = settings.upstream_credential_fernet_key
+        policy = await policy_from_settings(settings, config.external_denied_networks)
         runtimes: dict[str, Runtime] = {
             "local": LocalRuntime(config, settings.data_dir),
             "kubernetes": KubernetesRuntime(config, kube_configuration),
-            "external": ExternalRuntime(config, credential_key),
+            # The probe fetches a tenant-named URL: every connection checked and pinned.
+            "external": ExternalRuntime(config, credential_key, transport=policy.transport()),
         }
         reconciler = Reconciler(ctx.sessionmaker, ctx.outbox, runtimes, config)
         service_key = settings.inference_api_key
@@ -53,6 +56,7 @@ def make_spec(
             reconciler=reconciler,
             catalog=ctx.catalog,
             service_credential=service_key.get_secret_value() if service_key else None,
+            address_policy=policy,
         )
         ref.plane = plane
         app.state.plane = plane

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from libs.common.clients import CatalogClient
+from libs.common.netpolicy import AddressPolicy
 from services.inference.config import InferenceConfig
 from services.inference.domain import CatalogVersion, Pool, VersionLookup
 from services.inference.reconciler import Reconciler
@@ -23,6 +24,8 @@ class Plane:
     catalog: CatalogClient
     # The service's own catalog:read key, for provisioning from approval events (no caller).
     service_credential: str | None
+    # Where a tenant-named upstream (an external endpoint's URL) may live.
+    address_policy: AddressPolicy
 
     async def catalog_version(
         self, credential: str, name: str, version: str

@@ -135,9 +135,13 @@ async def test_bola_every_endpoint_route_keeps_projects_apart(
         (
             {"runtime": "external", "upstream_url": "http://169.254.169.254/latest"},
             422,
-            "169.254.169.254 is in a network upstreams may not use",
+            "169.254.169.254 is link-local, metadata",
         ),
-        ({"runtime": "external", "upstream_url": "http://[fe80::1]:80/v1"}, 422, "fe80::1 is in"),
+        (
+            {"runtime": "external", "upstream_url": "http://[fe80::1]:80/v1"},
+            422,
+            "fe80::1 is link-local",
+        ),
         ({"runtime": "kubernetes", "upstream_api_key": "x"}, 422, "for external endpoints only"),
         ({"runtime": "local", "replicas": 2}, 422, "the local runtime serves one replica"),
         ({"runtime": "kubernetes", "profile": "simulator"}, 422, "profile is for local"),
@@ -165,6 +169,26 @@ async def test_bad_input_is_a_4xx_and_writes_nothing(
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/problem+json"
     assert detail in r.json()["detail"]
+    assert await _counts(inference_app) == before
+
+
+async def test_steward_s_own_services_are_never_upstreams(
+    inference: httpx.AsyncClient,
+    inference_app: FastAPI,
+    inference_settings: Settings,
+    two_teams: tuple[Team, Team, str],
+) -> None:
+    """An external endpoint naming Steward's authz, in any spelling, is a 422 that writes
+    nothing, although loopback itself is allowed (a local Ollama works)."""
+    a, _, name = two_teams
+    port = httpx.URL(inference_settings.authz_url).port
+    before = await _counts(inference_app)
+    for host in ("127.0.0.1", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "2130706433", "localhost"):
+        url = f"http://{host}:{port}/v1"
+        payload = {"model_name": name, "version": "1.0.0", "runtime": "external"}
+        r = await _create(inference, a, {**payload, "upstream_url": url})
+        assert r.status_code == 422, (url, r.text)
+        assert "Steward's own services" in r.json()["detail"], url
     assert await _counts(inference_app) == before
 
 

@@ -5,33 +5,13 @@ Ollama, a hosted API). Provisioning is registration; readiness is a health probe
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-from collections.abc import AsyncGenerator, Sequence
-from ipaddress import IPv4Network, IPv6Network
-from urllib.parse import urlsplit
+from collections.abc import AsyncGenerator
 
 import httpx
 
 from libs.common.events.inference import CredentialError, open_credential
 from services.inference.config import InferenceConfig
 from services.inference.runtimes.base import EndpointSpec, RuntimeFailure, RuntimeStatus
-
-
-async def denied_address(url: str, denied: Sequence[IPv4Network | IPv6Network]) -> str | None:
-    """The address of ``url``'s host inside a denied network, if any (literal or resolved)."""
-    host = urlsplit(url).hostname or ""
-    try:
-        addresses = [ipaddress.ip_address(host)]
-    except ValueError:
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, None)
-        except OSError:
-            return None  # unresolvable now: the probe will say so
-        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-    for address in addresses:
-        if any(address in network for network in denied):
-            return str(address)
-    return None
 
 
 class ExternalRuntime:
