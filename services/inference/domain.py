@@ -26,7 +26,7 @@ from sqlalchemy.orm.attributes import flag_modified
 from libs.common.db import new_id, utcnow
 from libs.common.errors import Conflict, Unprocessable
 from libs.common.events.approval import EndpointPayload, RequestApproved
-from libs.common.events.inference import EVENTS_BY_STATUS
+from libs.common.events.inference import EVENTS_BY_STATUS, HOLDS_GPUS
 from libs.common.uow import UnitOfWork
 from services.inference import repository as repo
 from services.inference.models import Endpoint
@@ -210,7 +210,7 @@ def allocate(
 
 def _without(usage: repo.PoolUsage, endpoint: Endpoint) -> repo.PoolUsage:
     """Usage as if this endpoint held nothing (to re-check it at a new size)."""
-    if endpoint.status not in ("provisioning", "ready", "deleting") or not endpoint.gpu_type:
+    if endpoint.status not in HOLDS_GPUS or not endpoint.gpu_type:
         return usage
     held = endpoint.gpus * endpoint.replicas
     by_type = dict(usage.by_type)

@@ -15,9 +15,10 @@ from libs.common.outbox import define_bus_tables
 metadata = new_metadata()
 bus_tables = define_bus_tables(metadata)
 
-# Statuses in which an endpoint holds its route name and its GPUs (the partial index below
-# spells the same list in SQL).
-LIVE = HOLDS_GPUS
+# Statuses in which an endpoint holds its route name (the partial index below spells the same
+# list in SQL): a route name is free again once its endpoint is deleted. Its GPUs go earlier
+# (``HOLDS_GPUS``: not while deleting).
+LIVE = (*HOLDS_GPUS, "deleting")
 _LIVE_SQL = "status IN ({})".format(", ".join(f"'{s}'" for s in LIVE))
 
 

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.common.auth import Principal
 from libs.common.errors import NotFound
+from libs.common.events.inference import HOLDS_GPUS
 from services.inference.models import LIVE, Endpoint, RevokedVersion
 
 # Statuses the reconciler acts on: running ones, deleting ones, and failed or stopped ones
@@ -106,7 +107,7 @@ async def pool_usage(session: AsyncSession) -> PoolUsage:
     held = func.sum(Endpoint.gpus * Endpoint.replicas)
     rows = await session.execute(
         select(Endpoint.project, Endpoint.gpu_type, held)
-        .where(Endpoint.status.in_(LIVE), Endpoint.gpu_type.is_not(None), Endpoint.gpus > 0)
+        .where(Endpoint.status.in_(HOLDS_GPUS), Endpoint.gpu_type.is_not(None), Endpoint.gpus > 0)
         .group_by(Endpoint.project, Endpoint.gpu_type)
     )
     usage = PoolUsage()

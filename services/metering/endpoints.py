@@ -1,10 +1,11 @@
 """GPU-hours and cost of dedicated endpoints, held against the plan the reviewer approved.
 
 Metering follows each endpoint through the inference service's events. While the inference
-pool counts an endpoint's GPUs as held (``HOLDS_GPUS``: provisioning, ready, deleting) a
-``GpuPeriod`` is open at GPUs per replica times replicas; a scale closes it and opens the next, a
-stop or a deletion closes it. Times are the events' own (when inference committed the change),
-so a scale, which leaves the status as it was, is timed as well as a status change.
+pool counts an endpoint's GPUs as held (``HOLDS_GPUS``: provisioning, ready) a ``GpuPeriod`` is
+open at GPUs per replica times replicas; a scale closes it and opens the next; a stop, a failure
+or the start of a deletion closes it (a runtime's cleanup may take long: billing does not wait).
+Times are the events' own (when inference committed the change), so a scale, which leaves the
+status as it was, is timed as well as a status change.
 
 A period is priced at the GPU-hour price in force when it began for the endpoint's catalog asset
 and version (``pricing.PriceBook``, the lookup token usage is priced by too; never by route

@@ -340,3 +340,53 @@ async def test_an_api_server_outage_does_not_take_a_ready_route_away(
         202,
     )
     await wait_status(inference, who.dev, who.project, created["id"], "deleted")
+
+
+async def test_an_endpoint_being_deleted_holds_no_gpus_while_its_cleanup_retries(
+    authz: httpx.AsyncClient,
+    catalog: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    inference: httpx.AsyncClient,
+    admin_key: str,
+    kube: tuple[KubeDouble, str],
+) -> None:
+    double, _ = kube
+    who = await team(authz, admin_key)
+    name = await approved_model(authz, catalog, approval, admin_key, who)
+    body = {
+        "model_name": name,
+        "version": "1.0.0",
+        "runtime": "kubernetes",
+        "gpus": 2,
+        "gpu_type": "tiny",
+    }
+    url = f"/v1/projects/{who.project}/endpoints"
+    created = await ok(await inference.post(url, json=body, headers=bearer(who.admin)), 201)
+    ready = await wait_status(inference, who.dev, who.project, created["id"], "ready")
+    pool = await ok(await inference.get("/v1/gpu-pool", headers=bearer(admin_key)))
+    assert pool["projects"][who.project] == {"tiny": 2}
+    path = f"/apis/{ISVC[0]}/{ISVC[1]}/namespaces/steward-{who.project}/inferenceservices/"
+    path += _name(ready)
+
+    await double.set_down(True)  # every cleanup attempt is refused
+    try:
+        deleting = await ok(
+            await inference.delete(f"{url}/{created['id']}", headers=bearer(who.admin)), 202
+        )
+        assert deleting["status"] == "deleting"
+        # Free at once, before the runtime has removed anything.
+        pool = await ok(await inference.get("/v1/gpu-pool", headers=bearer(admin_key)))
+        assert who.project not in pool["projects"]
+        assert pool["types"]["tiny"]["free"] == 2
+
+        async def retried() -> bool:
+            return double.requests.count(("DELETE", path)) >= 2
+
+        await eventually(retried, what="the refused cleanup to be retried")
+        still = await ok(await inference.get(f"{url}/{created['id']}", headers=bearer(who.dev)))
+        assert still["status"] == "deleting"
+    finally:
+        await double.set_down(False)
+    # Back: the cleanup goes through and the endpoint ends deleted.
+    await wait_status(inference, who.dev, who.project, created["id"], "deleted")
+    assert double.find("inferenceservices", f"steward-{who.project}", _name(ready)) is None

@@ -25,9 +25,11 @@ from libs.common.events.envelope import EventPayload
 
 EndpointStatus = Literal["provisioning", "ready", "failed", "stopped", "deleting", "deleted"]
 RuntimeName = Literal["kubernetes", "local", "external"]
-# Statuses in which an endpoint holds its GPUs (and its route name): the inference service's
-# pool counts them as used, and metering bills GPU-hours for them.
-HOLDS_GPUS: tuple[EndpointStatus, ...] = ("provisioning", "ready", "deleting")
+# Statuses in which an endpoint holds its GPUs: the inference service's pool counts them as used,
+# and metering bills GPU-hours for them. Not ``deleting``, nor ``failed``: from the moment an
+# endpoint is being torn down or has failed, it holds nothing and costs nothing, however long the
+# runtime's cleanup takes (it retries in the background).
+HOLDS_GPUS: tuple[EndpointStatus, ...] = ("provisioning", "ready")
 
 
 class EndpointState(EventPayload):
