@@ -387,7 +387,7 @@ class Stack:
                 "/v1/platform/keys",
                 json={
                     "name": "gateway",
-                    "scopes": ["keys:manage", "catalog:read", "endpoints:manage"],
+                    "scopes": ["snapshots:read"],
                 },
             )
             gw.raise_for_status()

@@ -34,20 +34,22 @@ def _migrate(settings: Settings, services: tuple[str, ...]) -> None:
         typer.echo(f"  migrated {name}")
 
 
+def _show_key(title: str, key: str) -> None:
+    line = "─" * 72
+    typer.secho(f"\n{line}", fg="yellow")
+    typer.secho(f"  {title} (shown once, store it now):", bold=True)
+    typer.secho(f"\n    {key}\n", fg="green", bold=True)
+    typer.echo(f"  export STEWARD_API_KEY={key}")
+    typer.echo('  curl -H "Authorization: Bearer $STEWARD_API_KEY" http://127.0.0.1:8101/v1/whoami')
+    typer.secho(line, fg="yellow")
+
+
 def _bootstrap(settings: Settings) -> None:
     from services.authz.app import bootstrap
 
     key = asyncio.run(bootstrap(settings))
     if key:
-        line = "─" * 72
-        typer.secho(f"\n{line}", fg="yellow")
-        typer.secho("  Bootstrap platform-admin API key (shown once, store it now):", bold=True)
-        typer.secho(f"\n    {key}\n", fg="green", bold=True)
-        typer.echo(f"  export STEWARD_API_KEY={key}")
-        typer.echo(
-            '  curl -H "Authorization: Bearer $STEWARD_API_KEY" http://127.0.0.1:8101/v1/whoami'
-        )
-        typer.secho(line, fg="yellow")
+        _show_key("Bootstrap platform-admin API key", key)
 
 
 def _with_service_keys(settings: Settings) -> Settings:
@@ -192,7 +194,29 @@ def gateway_export(
         typer.echo(f"wrote {output}")
 
 
+admin_cli = typer.Typer(help="Break-glass, on the host that holds the database.")
+
+
+@admin_cli.command("recover")
+def admin_recover(
+    owner: Annotated[str, typer.Option(help="the person the new key belongs to")] = "admin",
+) -> None:
+    """Mint a platform-admin key with every scope straight into authz's database (audited), for
+    when every admin credential was lost. Needs the database, not the API."""
+    import getpass
+    import socket
+
+    from services.authz.app import recover
+
+    actor = f"steward-admin-recover:{getpass.getuser()}@{socket.gethostname()}"
+    _show_key(
+        f"Recovered platform-admin API key for {owner!r}",
+        asyncio.run(recover(Settings(), owner, actor)),
+    )
+
+
 app.add_typer(gateway_cli, name="gateway")
+app.add_typer(admin_cli, name="admin")
 app.command()(commands.login)
 app.command()(commands.whoami)
 app.command()(commands.approve)

@@ -48,6 +48,8 @@ SCOPES: frozenset[str] = frozenset(
         "keys:manage",
         "quotas:manage",
         "audit:read",
+        # the replica snapshots (key digests, catalog, routes, quotas) a gateway loads: read only
+        "snapshots:read",
     }
 )
 
@@ -70,14 +72,14 @@ ACTIONS: Mapping[str, Rule] = {
     "member.write": Rule(PA, "projects:manage"),
     "key.read": Rule(D, "keys:manage"),
     "key.write": Rule(D, "keys:manage"),
-    "key.snapshot": Rule(PLAT, "keys:manage"),
+    "key.snapshot": Rule(PLAT, "snapshots:read"),
     "platform_key.write": Rule(PLAT, "keys:manage"),
     "entitlement.read": Rule(V, "projects:read"),
     "entitlement.write": Rule(PLAT, "projects:manage"),
     # catalog
     "catalog.read": Rule(V, "catalog:read"),
     "catalog.write": Rule(PLAT, "catalog:write"),
-    "catalog.snapshot": Rule(PLAT, "catalog:read"),
+    "catalog.snapshot": Rule(PLAT, "snapshots:read"),
     # approval
     "request.read": Rule(V, "requests:write"),
     "request.write": Rule(D, "requests:write"),
@@ -88,12 +90,13 @@ ACTIONS: Mapping[str, Rule] = {
     # inference
     "endpoint.read": Rule(V, "endpoints:manage"),
     "endpoint.manage": Rule(PA, "endpoints:manage"),
-    "route.snapshot": Rule(PLAT, "endpoints:manage"),
+    "route.snapshot": Rule(PLAT, "snapshots:read"),
     "inference.invoke": Rule(D, "inference:invoke"),
     "mcp.invoke": Rule(D, "mcp:invoke"),
     # metering
     "usage.read": Rule(V, "usage:read"),
     "quota.manage": Rule(PLAT, "quotas:manage"),
+    "quota.snapshot": Rule(PLAT, "snapshots:read"),
 }
 
 assert all(rule.scope in SCOPES for rule in ACTIONS.values())

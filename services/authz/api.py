@@ -290,7 +290,7 @@ async def rotate_key(
     grace: GraceDep,
     now: NowDep,
 ) -> KeyCreated:
-    key = await domain.find_key(uow, principal, project, key_id)
+    key = await domain.find_key(uow, principal, project, key_id, for_update=True)
     return _issued(await domain.rotate_key(uow, pepper, key, project, grace, now=now), now)
 
 
@@ -306,7 +306,7 @@ async def revoke_key(
     uow: UnitOfWorkDep,
     now: NowDep,
 ) -> KeyRead:
-    key = await domain.find_key(uow, principal, project, key_id)
+    key = await domain.find_key(uow, principal, project, key_id, for_update=True)
     revoked = await domain.revoke_key(uow, key, project.name, now=now)
     return _key_read(revoked, project.name, now)
 
@@ -357,7 +357,7 @@ async def rotate_platform_key(
     grace: GraceDep,
     now: NowDep,
 ) -> KeyCreated:
-    key = await domain.find_key(uow, principal, None, key_id)
+    key = await domain.find_key(uow, principal, None, key_id, for_update=True)
     return _issued(await domain.rotate_key(uow, pepper, key, None, grace, now=now), now)
 
 
@@ -370,7 +370,7 @@ async def revoke_platform_key(
     uow: UnitOfWorkDep,
     now: NowDep,
 ) -> KeyRead:
-    key = await domain.find_key(uow, principal, None, key_id)
+    key = await domain.find_key(uow, principal, None, key_id, for_update=True)
     return _key_read(await domain.revoke_key(uow, key, None, now=now), None, now)
 
 

@@ -105,3 +105,20 @@ async def bootstrap(settings: Settings) -> str | None:
     finally:
         await engine.dispose()
     return issued.secret if issued is not None and configured is None else None
+
+
+async def recover(settings: Settings, owner: str, actor: str) -> str:
+    """``steward admin recover``: mint a platform-admin key straight into the database."""
+    from libs.common.db import make_engine, make_sessionmaker, transaction
+    from libs.common.outbox import Outbox
+    from libs.common.uow import UnitOfWork
+    from services.authz.domain import recover as recover_key
+
+    engine = make_engine(settings.database_url_for("authz"), schema="authz")
+    try:
+        async for session in transaction(make_sessionmaker(engine)):
+            uow = UnitOfWork(session, Outbox(bus_tables.outbox, "authz"), actor=actor)
+            issued = await recover_key(uow, settings.pepper, owner, now=utcnow())
+    finally:
+        await engine.dispose()
+    return issued.secret

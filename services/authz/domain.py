@@ -271,9 +271,18 @@ def may_manage_key(principal: Principal, key: ApiKey, project: str | None) -> bo
 
 
 async def find_key(
-    uow: UnitOfWork, principal: Principal, project: Project | None, key_id: str
+    uow: UnitOfWork,
+    principal: Principal,
+    project: Project | None,
+    key_id: str,
+    *,
+    for_update: bool = False,
 ) -> ApiKey:
-    found = await repo.key_with_project(uow.session, key_id)
+    """The key, if the principal may manage it; ``for_update`` locks what a change to it must
+    decide on (the key; for a platform key, every platform key)."""
+    if for_update and project is None:
+        await repo.lock_platform_keys(uow.session)
+    found = await repo.key_with_project(uow.session, key_id, for_update=for_update)
     project_id = project.id if project else None
     # A key of another project reads as absent: no hint that it exists.
     if found is None or found[0].project_id != project_id:
@@ -300,9 +309,30 @@ async def _revoke(
     )
 
 
+def is_admin_credential(key: ApiKey, now: datetime) -> bool:
+    """An active platform key of a person that can manage keys: what lets a person back in.
+    Service keys (the gateway's, inference's) are not a way in for anyone."""
+    return (
+        key.project_id is None
+        and key.owner not in SERVICE_OWNERS
+        and "keys:manage" in key.scopes
+        and key_status(key, now) == "active"
+    )
+
+
 async def revoke_key(uow: UnitOfWork, key: ApiKey, project: str | None, *, now: datetime) -> ApiKey:
-    if key.revoked_at is None:
-        await _revoke(uow, key, project, reason="revoked by " + uow.actor, now=now)
+    """Revoke (idempotent). The last admin credential stays, whoever asks, itself included: with
+    it gone nobody could manage keys again. Platform keys must have been found ``for_update``."""
+    if key.revoked_at is not None:
+        return key
+    if is_admin_credential(key, now):
+        others = await repo.keys_in(uow.session, None)
+        if not any(k.id != key.id and is_admin_credential(k, now) for k in others):
+            raise Conflict(
+                f"key {key.id} is the last active platform-admin key that can manage keys; "
+                "create another first (or, on the host, `steward admin recover`)"
+            )
+    await _revoke(uow, key, project, reason="revoked by " + uow.actor, now=now)
     return key
 
 
@@ -403,11 +433,13 @@ async def revoke_entitlement(uow: UnitOfWork, project: Project, kind: str, name:
 # The platform keys Steward's own processes use, and the least they need. The operator provides
 # each key (Helm/compose Secrets); bootstrap installs it once.
 SERVICE_KEY_SCOPES: dict[str, tuple[str, ...]] = {
-    # snapshots of keys, catalog versions and routes for the gateway's replicas
-    "gateway": ("catalog:read", "endpoints:manage", "keys:manage", "usage:read"),
+    # snapshots of keys, catalog versions, routes and quotas for the gateway's replicas; it can
+    # read them, not change anything (whoever holds the gateway's key cannot mint keys)
+    "gateway": ("snapshots:read",),
     # the catalog version's source when an approval provisions an endpoint
     "inference": ("catalog:read",),
 }
+SERVICE_OWNERS = frozenset(f"steward-{service}" for service in SERVICE_KEY_SCOPES)
 
 
 async def install_service_key(
@@ -421,10 +453,12 @@ async def install_service_key(
     key_id = apikeys.key_id_of(full_key)
     if key_id is None:
         raise Unprocessable(f"the {service} key is not of the form stw_<8>_<32> (base62)")
-    found = await repo.key_with_project(uow.session, key_id)
+    found = await repo.key_with_project(uow.session, key_id, for_update=True)
     if found is not None:
-        if not apikeys.matches(pepper, full_key, found[0].digest):
+        key = found[0]
+        if not apikeys.matches(pepper, full_key, key.digest):
             raise Conflict(f"another key already has the id of the configured {service} key")
+        await _narrow(uow, key, SERVICE_KEY_SCOPES[service], now=now)
         return False
     await _issue(
         uow,
@@ -439,6 +473,17 @@ async def install_service_key(
         full_key=full_key,
     )
     return True
+
+
+async def _narrow(uow: UnitOfWork, key: ApiKey, scopes: Sequence[str], *, now: datetime) -> None:
+    """A service key installed by an earlier release keeps only what its service needs now."""
+    if sorted(key.scopes) == sorted(scopes):
+        return
+    before = _summary(key, now)
+    key.scopes = sorted(scopes)
+    await uow.session.flush()
+    await uow.emit(KeyUpdated(**key_state(key, None)), entity=key.id)
+    await uow.audit("key.update", f"key/{key.id}", before=before, after=_summary(key, now))
 
 
 async def bootstrap(
@@ -466,3 +511,23 @@ async def bootstrap(
         now=now,
         full_key=configured_key,
     )
+
+
+async def recover(uow: UnitOfWork, pepper: bytes, owner: str, *, now: datetime) -> IssuedKey:
+    """Break-glass: a new platform key with every scope, for someone who holds the database (not
+    the API) after every admin credential was lost. Audited like any key, and as a recovery."""
+    issued = await _issue(
+        uow,
+        pepper,
+        project=None,
+        name="recovered",
+        owner=owner,
+        role=Role.PLATFORM_ADMIN,
+        scopes=sorted(SCOPES),
+        expires_at=None,
+        now=now,
+    )
+    await uow.audit(
+        "platform_key.recover", f"key/{issued.key.id}", after={"owner": owner, "by": uow.actor}
+    )
+    return issued

@@ -66,9 +66,30 @@ def _keys() -> Select[ApiKey, str]:
     return select(ApiKey, Project.name).outerjoin(Project, Project.id == ApiKey.project_id)
 
 
-async def key_with_project(session: AsyncSession, key_id: str) -> tuple[ApiKey, str | None] | None:
-    row = (await session.execute(_keys().where(ApiKey.id == key_id))).first()
+async def key_with_project(
+    session: AsyncSession, key_id: str, *, for_update: bool = False
+) -> tuple[ApiKey, str | None] | None:
+    """``for_update`` locks the key's row (PostgreSQL; SQLite has one writer): a revoke and a
+    rotate of one key then run one after the other, the second seeing what the first did."""
+    query = _keys().where(ApiKey.id == key_id)
+    if for_update:
+        query = query.with_for_update(of=ApiKey).execution_options(populate_existing=True)
+    row = (await session.execute(query)).first()
     return (row[0], row[1]) if row is not None else None
+
+
+async def lock_platform_keys(session: AsyncSession) -> Sequence[ApiKey]:
+    """Every platform key, locked in id order: changes to platform keys run one at a time, so
+    two admins revoking each other's last keys cannot both see the other's as still active
+    (and, all locked in one order, they cannot deadlock)."""
+    query = (
+        select(ApiKey)
+        .where(ApiKey.project_id.is_(None))
+        .order_by(ApiKey.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return (await session.scalars(query)).all()
 
 
 async def keys_in(
@@ -123,9 +144,10 @@ async def all_entitlements(session: AsyncSession) -> Sequence[tuple[Entitlement,
 async def touch_keys(
     sessionmaker: async_sessionmaker[AsyncSession], last_used: Iterable[tuple[str, datetime]]
 ) -> None:
-    """Batch-record when keys were last used (only ever moves the time forward)."""
+    """Batch-record when keys were last used (only ever moves the time forward). Rows in id
+    order, the order ``lock_platform_keys`` takes them in: the two never deadlock."""
     async with sessionmaker() as session, session.begin():
-        for key_id, at in last_used:
+        for key_id, at in sorted(last_used):
             await session.execute(
                 update(ApiKey)
                 .where(

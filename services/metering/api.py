@@ -462,7 +462,10 @@ async def list_quotas(
 
 @router.get("/quotas/snapshot", tags=["quotas", "replica"])
 async def quota_snapshot(
-    principal: Reader, session: SessionDep, request: Request, clock: ClockDep
+    principal: Annotated[Principal, Authorized("quota.snapshot")],
+    session: SessionDep,
+    request: Request,
+    clock: ClockDep,
 ) -> QuotaSnapshot:
     """Every visible quota with its limits and current window usage: the gateway loads its
     ``QuotaLedger`` from this, then follows ``metering.quota.*`` events."""

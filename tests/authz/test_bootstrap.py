@@ -5,11 +5,14 @@ from __future__ import annotations
 import httpx
 import pytest
 from pydantic import SecretStr
+from sqlalchemy import update
 
 from libs.common import apikeys
+from libs.common.db import make_engine
 from libs.common.errors import Conflict
 from libs.common.settings import Settings
 from services.authz.app import bootstrap
+from services.authz.models import ApiKey
 from tests.helpers import bearer, ok
 
 
@@ -26,7 +29,7 @@ async def test_configured_service_keys_are_installed_once_with_least_scopes(
 
     me = await ok(await authz.get("/v1/whoami", headers=bearer(gateway)))
     assert me["subject"] == "steward-gateway" and me["platform_admin"] is True
-    assert me["scopes"] == ["catalog:read", "endpoints:manage", "keys:manage", "usage:read"]
+    assert me["scopes"] == ["snapshots:read"]
     me = await ok(await authz.get("/v1/whoami", headers=bearer(inference)))
     assert me["scopes"] == ["catalog:read"]
     keys = await ok(await authz.get("/v1/platform/keys", headers=bearer(admin_key)))
@@ -43,3 +46,30 @@ async def test_a_different_key_under_an_installed_id_is_refused(
     forged = key[:13] + ("A" if key[13] != "A" else "B") + key[14:]
     with pytest.raises(Conflict):
         await bootstrap(settings.model_copy(update={"gateway_api_key": SecretStr(forged)}))
+
+
+async def test_the_gateway_key_reads_snapshots_and_changes_nothing_even_if_installed_wider(
+    authz: httpx.AsyncClient, admin_key: str, settings: Settings
+) -> None:
+    key_id, gateway = apikeys.generate()
+    configured = settings.model_copy(update={"gateway_api_key": SecretStr(gateway)})
+    await bootstrap(configured)
+    # As an earlier release installed it: wide enough to mint keys.
+    engine = make_engine(settings.database_url_for("authz"), schema="authz")
+    async with engine.begin() as conn:
+        wide = ["catalog:read", "endpoints:manage", "keys:manage", "usage:read"]
+        await conn.execute(update(ApiKey).where(ApiKey.id == key_id).values(scopes=wide))
+    await engine.dispose()
+    minted = await authz.post(
+        "/v1/platform/keys", json={"name": "x", "scopes": ["catalog:read"]}, headers=bearer(gateway)
+    )
+    assert minted.status_code == 201  # what the narrowing is for
+
+    await bootstrap(configured)  # the next start narrows it
+    me = await ok(await authz.get("/v1/whoami", headers=bearer(gateway)))
+    assert me["scopes"] == ["snapshots:read"]
+    await ok(await authz.get("/v1/snapshot", headers=bearer(gateway)))
+    refused = await authz.post(
+        "/v1/platform/keys", json={"name": "x", "scopes": ["catalog:read"]}, headers=bearer(gateway)
+    )
+    assert refused.status_code == 403, refused.text

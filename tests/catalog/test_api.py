@@ -155,6 +155,14 @@ async def keys(authz: httpx.AsyncClient, admin_key: str) -> dict[str, str]:
         ),
         201,
     )
+    replica = await ok(
+        await authz.post(
+            "/v1/platform/keys",
+            json={"name": uname("replica"), "scopes": ["snapshots:read"]},
+            headers=bearer(admin_key),
+        ),
+        201,
+    )
     return {
         "viewer": await member_key(authz, admin_key, project, "viewer", ["catalog:read"]),
         "developer": await member_key(authz, admin_key, project, "developer", DEV_SCOPES),
@@ -163,6 +171,7 @@ async def keys(authz: httpx.AsyncClient, admin_key: str) -> dict[str, str]:
         ),
         "no-scope": (await issue_key(authz, admin_key, project, ["requests:write"]))["key"],
         "platform-reader": platform_reader["key"],
+        "replica": replica["key"],  # a gateway's key: the snapshot and nothing else
         "platform-admin": admin_key,
     }
 
@@ -188,7 +197,7 @@ async def test_who_may_call_each_catalog_endpoint(
         "list": readers,
         "asset": readers,
         "version": readers,
-        "snapshot": {"platform-reader", "platform-admin"},
+        "snapshot": {"replica", "platform-admin"},
         "import": {"platform-admin"},
         "import-mcp": {"platform-admin"},
         "deprecate": {"platform-admin"},

@@ -54,7 +54,7 @@ async def console_gateway_key(authz: httpx.AsyncClient, admin_key: str) -> str:
     created = await ok(
         await authz.post(
             "/v1/platform/keys",
-            json={"name": "console-gateway", "scopes": ["keys:manage", "catalog:read"]},
+            json={"name": "console-gateway", "scopes": ["snapshots:read"]},
             headers=bearer(admin_key),
         ),
         201,

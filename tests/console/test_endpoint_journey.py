@@ -60,7 +60,7 @@ async def full_stack(
             "/v1/platform/keys",
             json={
                 "name": "console-gateway-full",
-                "scopes": ["keys:manage", "catalog:read", "endpoints:manage", "usage:read"],
+                "scopes": ["snapshots:read"],
             },
             headers=bearer(admin_key),
         ),

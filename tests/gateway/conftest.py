@@ -107,7 +107,7 @@ async def gateway_key(authz: httpx.AsyncClient, admin_key: str) -> str:
     created = await ok(
         await authz.post(
             "/v1/platform/keys",
-            json={"name": "gateway", "scopes": ["keys:manage", "catalog:read"]},
+            json={"name": "gateway", "scopes": ["snapshots:read"]},
             headers=bearer(admin_key),
         ),
         201,

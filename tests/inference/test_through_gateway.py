@@ -44,7 +44,7 @@ async def gateway_url(
             "/v1/platform/keys",
             json={
                 "name": "inference-test-gateway",
-                "scopes": ["keys:manage", "catalog:read", "endpoints:manage"],
+                "scopes": ["snapshots:read"],
             },
             headers=bearer(admin_key),
         ),

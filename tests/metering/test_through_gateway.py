@@ -66,7 +66,7 @@ async def through(
             "/v1/platform/keys",
             json={
                 "name": unique("metering-gw"),
-                "scopes": ["keys:manage", "catalog:read", "usage:read"],
+                "scopes": ["snapshots:read"],
             },
             headers=bearer(admin_key),
         ),

@@ -4,7 +4,7 @@
 import { api } from "../api.js";
 import { announce, badge, confirmDialog, copyText, errorBox, field, fmtTime, h, input, loading, section, select, showErrors, table } from "../dom.js";
 
-const SCOPES = ["catalog:read", "requests:write", "inference:invoke", "mcp:invoke", "usage:read", "keys:manage", "endpoints:manage", "projects:read", "projects:manage", "catalog:write", "approvals:review", "quotas:manage", "audit:read"];
+const SCOPES = ["catalog:read", "requests:write", "inference:invoke", "mcp:invoke", "usage:read", "keys:manage", "endpoints:manage", "projects:read", "projects:manage", "catalog:write", "approvals:review", "quotas:manage", "audit:read", "snapshots:read"];
 const APP_DEFAULT = ["inference:invoke", "mcp:invoke"];
 
 export async function render(main, ctx) {
@@ -104,7 +104,7 @@ function keySection({ title, base, ctx, canOwner = false, canWrite, platform = f
     const name = input({ id: `${prefix}-name`, maxlength: 100, autocomplete: "off" });
     const boxes = h("div", { class: "checks" });
     for (const scope of SCOPES.filter((sc) => own.has(sc))) {
-      const box = h("input", { type: "checkbox", value: scope, id: `${prefix}-scope-${scope.replace(":", "-")}`, checked: (platform ? ["keys:manage", "catalog:read"] : APP_DEFAULT).includes(scope) });
+      const box = h("input", { type: "checkbox", value: scope, id: `${prefix}-scope-${scope.replace(":", "-")}`, checked: (platform ? ["snapshots:read"] : APP_DEFAULT).includes(scope) });
       boxes.append(h("label", { for: box.id }, box, scope));
     }
     const owner = canOwner ? input({ id: `${prefix}-owner`, maxlength: 255, autocomplete: "off" }) : null;
