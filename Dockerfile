@@ -17,10 +17,12 @@ COPY services services
 COPY gateway gateway
 COPY cli cli
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
-    && useradd --system --uid 10001 --no-create-home steward
+    && useradd --system --uid 10001 --no-create-home steward \
+    && install -d -o 10001 /audit
 COPY console console
 
-# Runs as a non-root user with a read-only root file system (writes only under /tmp).
+# Runs as a non-root user with a read-only root file system (writes only under /tmp, and
+# /audit where a volume keeps approval's signed audit checkpoints).
 USER 10001
 EXPOSE 8000 8001 8101 8102 8103 8104 8105
 CMD ["python", "-m", "gateway"]

@@ -269,13 +269,18 @@ audit = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 
 @audit.command("verify")
 def audit_verify(output: OutputOpt = Format.table) -> None:
-    """Replay the hash chain; exits 1 when any record was edited, deleted or reordered."""
+    """Replay the keyed hash chain against the latest signed checkpoint; exits 1 when any record
+    was edited, deleted, reordered, cut or rewritten."""
     result = api().call("GET", "approval", "/v1/audit/verify")
     if output is Format.json:
         emit(result, output)
     elif result["ok"]:
         head = result["head_hash"][:16]
-        console().print(f"[green]verified[/green]: {result['records']} records, head {head}…")
+        anchored = result.get("checkpoint")
+        signed = f", signed up to {anchored['seq']} at {anchored['at']}" if anchored else ""
+        console().print(
+            f"[green]verified[/green]: {result['records']} records, head {head}…{signed}"
+        )
     else:
         emit(result["problems"], output, ["seq", "problem", "detail"])
     if not result["ok"]:

@@ -38,9 +38,10 @@ async def delete_streams(namespace: str) -> None:
     nc = await nats.connect(NATS_URL)
     try:
         js = nc.jetstream()
-        for name in ("EVENTS", "USAGE"):
+        for name in ("EVENTS", "USAGE", "KV_" + f"{namespace}_AUDIT_CHECKPOINTS"):
+            stream = name if name.startswith("KV_") else f"{namespace}_{name}"
             with contextlib.suppress(NotFoundError):
-                await js.delete_stream(f"{namespace}_{name}".upper())
+                await js.delete_stream(stream.upper().replace("-", "_"))
     finally:
         await nc.close()
 

@@ -68,6 +68,9 @@ class ServiceSpec:
     routers: Sequence[APIRouter]
     handlers: Mapping[str, Handler] = field(default_factory=dict)
     setup: Setup | None = None
+    # What every session carries in ``session.info`` (e.g. a key the event handlers need),
+    # from the settings, before the first handler runs.
+    session_info: Callable[[Settings], dict[str, Any]] | None = None
 
 
 def create_service_app(
@@ -95,7 +98,9 @@ def create_service_app(
             name=spec.name,
             settings=settings,
             engine=engine,
-            sessionmaker=make_sessionmaker(engine),
+            sessionmaker=make_sessionmaker(
+                engine, info=spec.session_info(settings) if spec.session_info else None
+            ),
             bus=bus,
             outbox=Outbox(spec.tables.outbox, spec.name),
             authz=AuthzClient(settings.authz_url, transport=transports.get("authz")),

@@ -7,6 +7,7 @@ so ``steward up`` needs no configuration; production sets the same names from He
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import secrets
@@ -151,6 +152,13 @@ class Settings(BaseSettings):
     # endpoints' upstream credentials at rest and on the bus; the gateway opens them with the
     # same key. Unset in the embedded mode: one is created once under data_dir (mode 0600).
     upstream_credential_key: SecretStr | None = None
+    # Any long random string, kept outside the database: it keys the audit chain's HMAC and
+    # seeds the Ed25519 key that signs its checkpoints (approval). Unset in the embedded mode:
+    # one is created once under data_dir (mode 0600).
+    audit_key: SecretStr | None = None
+    # Where approval appends each signed audit checkpoint (JSON lines), beside the NATS KV
+    # bucket; "" for none (e.g. on Kubernetes without a volume: the bucket alone).
+    audit_checkpoint_file: str = "{data_dir}/audit-checkpoints.jsonl"
     # A platform API key holding catalog:read: inference reads an approved version's source
     # URI with it when it provisions from an approval event (there is no caller to ask for).
     inference_api_key: SecretStr | None = None
@@ -161,6 +169,7 @@ class Settings(BaseSettings):
         "gateway_api_key",
         "upstream_credential_key",
         "inference_api_key",
+        "audit_key",
         mode="before",
     )
     @classmethod
@@ -186,18 +195,42 @@ class Settings(BaseSettings):
         url: str = getattr(self, f"{service}_url")
         return self.port or urlparse(url).port or SERVICE_PORTS[service]
 
+    def _secret_file(self, name: str) -> bytes:
+        """A random secret created once under data_dir (0600): the embedded mode's default."""
+        path = self.data_dir / name
+        if not path.exists():
+            # Written whole under a private name, then linked into place: two services starting
+            # together agree on one secret, and neither reads a half-written file.
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            draft = path.with_name(f".{name}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+            try:
+                with contextlib.suppress(FileExistsError):
+                    os.link(draft, path)
+            finally:
+                draft.unlink()
+        return path.read_text().strip().encode()
+
+    @cached_property
+    def audit_secret(self) -> bytes:
+        """The audit chain's secret: configured, or created once for the embedded mode."""
+        if self.audit_key is not None:
+            return self.audit_key.get_secret_value().encode()
+        return self._secret_file("audit.key")
+
+    @property
+    def audit_checkpoint_path(self) -> Path | None:
+        path = self.audit_checkpoint_file.replace("{data_dir}", str(self.data_dir))
+        return Path(path) if path else None
+
     @cached_property
     def pepper(self) -> bytes:
         """The API key pepper: configured, or created once for the embedded mode."""
         if self.api_key_pepper is not None:
             return self.api_key_pepper.get_secret_value().encode()
-        path = self.data_dir / "pepper"
-        if not path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(48))
-        return path.read_text().strip().encode()
+        return self._secret_file("pepper")
 
     @cached_property
     def upstream_credential_fernet_key(self) -> bytes:
@@ -207,11 +240,5 @@ class Settings(BaseSettings):
         if self.upstream_credential_key is not None:
             secret = self.upstream_credential_key.get_secret_value().encode()
         else:
-            path = self.data_dir / "upstream-credential.key"
-            if not path.exists():
-                self.data_dir.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(secrets.token_urlsafe(48))
-            secret = path.read_text().strip().encode()
+            secret = self._secret_file("upstream-credential.key")
         return base64.urlsafe_b64encode(hashlib.sha256(secret).digest())

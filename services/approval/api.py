@@ -32,6 +32,8 @@ from services.approval.models import AuditRecord, Comment, Policy
 from services.approval.models import Request as RequestRow
 from services.approval.policies import Rule
 from services.approval.schemas import (
+    AuditAnchor,
+    AuditCheckpoint,
     AuditPage,
     AuditProblem,
     AuditRead,
@@ -446,15 +448,41 @@ async def list_audit(
 
 @router.get("/audit/verify", tags=["audit"])
 async def verify_audit(
-    principal: Annotated[Principal, Authorized("audit.read")], session: SessionDep
+    principal: Annotated[Principal, Authorized("audit.read")],
+    session: SessionDep,
+    request: Request,
 ) -> AuditVerification:
-    """Replay the hash chain: ``ok`` is false, with the records named, after any edit,
-    deletion or reordering."""
-    result = await audit.verify(session)
+    """Replay the keyed hash chain and hold it against the latest signed checkpoint: ``ok`` is
+    false, with the records named, after any edit, deletion, reordering, cut tail or rewrite."""
+    anchor: audit.Anchor = request.app.state.audit_anchor
+    checkpoint, forged = await anchor.latest()
+    result = await audit.verify(session, anchor.keys, checkpoint)
+    for what in forged:
+        result.problem(None, "forged-checkpoint", what)
     return AuditVerification(
         ok=result.ok,
         records=result.records,
         head_seq=result.head_seq,
         head_hash=result.head_hash,
+        checkpoint=_checkpoint_read(result.checkpoint),
         problems=[AuditProblem.model_validate(p) for p in result.problems],
     )
+
+
+def _checkpoint_read(checkpoint: audit.Checkpoint | None) -> AuditCheckpoint | None:
+    if checkpoint is None:
+        return None
+    return AuditCheckpoint(
+        seq=checkpoint.seq, hash=checkpoint.hash, at=checkpoint.at, signature=checkpoint.signature
+    )
+
+
+@router.get("/audit/checkpoint", tags=["audit"])
+async def audit_checkpoint(
+    principal: Annotated[Principal, Authorized("audit.read")], request: Request
+) -> AuditAnchor:
+    """The latest signed checkpoint and the Ed25519 key that verifies it, to keep or check
+    elsewhere (the signature covers ``{"at", "hash", "seq"}`` as compact, sorted JSON)."""
+    anchor: audit.Anchor = request.app.state.audit_anchor
+    checkpoint, _ = await anchor.latest()
+    return AuditAnchor(public_key=anchor.keys.public_key, checkpoint=_checkpoint_read(checkpoint))

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -13,7 +14,7 @@ from fastapi import FastAPI
 from libs.common.db import Clock, utcnow
 from libs.common.service import ServiceContext, ServiceSpec, create_service_app
 from libs.common.settings import Settings
-from services.approval import domain
+from services.approval import audit, domain
 from services.approval.api import router
 from services.approval.config import ApprovalConfig
 from services.approval.events import HANDLERS
@@ -33,13 +34,31 @@ async def _expire_forever(ctx: ServiceContext, clock: Clock, every: float) -> No
         await asyncio.sleep(every)
 
 
+async def _checkpoint_forever(ctx: ServiceContext, anchor: audit.Anchor, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        try:
+            async with ctx.sessionmaker() as session:
+                await anchor.checkpoint(session)
+        except Exception:
+            log.exception("checkpointing the audit chain failed; will retry")
+
+
+def _session_info(settings: Settings) -> dict[str, Any]:
+    return {audit.KEYS: audit.AuditKeys(settings.audit_secret)}
+
+
 def make_spec(config: ApprovalConfig) -> ServiceSpec:
     @asynccontextmanager
     async def setup(ctx: ServiceContext, app: FastAPI) -> AsyncIterator[None]:
         app.state.approval_config = config
         clock: Clock = getattr(app.state, "clock", utcnow)
         app.state.clock = clock  # the API reads it too (``python -m`` builds the app from SPEC)
+        keys = ctx.sessionmaker.kw["info"][audit.KEYS]
+        anchor = audit.Anchor(keys, ctx.bus, ctx.settings.audit_checkpoint_path)
+        app.state.audit_anchor = anchor
         ctx.spawn(_expire_forever(ctx, clock, config.expiry_poll_seconds), "expiry")
+        ctx.spawn(_checkpoint_forever(ctx, anchor, config.checkpoint_seconds), "checkpoints")
         yield
 
     return ServiceSpec(
@@ -49,6 +68,7 @@ def make_spec(config: ApprovalConfig) -> ServiceSpec:
         routers=[router],
         handlers=HANDLERS,
         setup=setup,
+        session_info=_session_info,
     )
 
 

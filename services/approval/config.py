@@ -16,6 +16,9 @@ class ApprovalConfig(BaseSettings):
     # A request still pending this many days after its due date expires.
     expire_after_days: float = Field(default=30.0, gt=0, le=3650)
     expiry_poll_seconds: float = Field(default=60.0, gt=0)
+    # How often the audit chain's head is signed and written outside the database: records
+    # newer than the last checkpoint are what a database-only attacker could still cut.
+    checkpoint_seconds: float = Field(default=10.0, gt=0)
 
     def sla_for(self, kind: str) -> float:
         return self.sla_days_by_kind.get(kind, self.sla_days)

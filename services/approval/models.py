@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from libs.common.db import UTCDateTime, new_id, new_metadata, utcnow
@@ -71,7 +71,8 @@ class Policy(Base):
 
 
 class AuditRecord(Base):
-    """One audit event. ``hash`` covers every other column and the previous record's hash."""
+    """One audit event. ``hash`` covers the other columns (not ``keyed``, which picks how) and the
+    previous record's hash."""
 
     __tablename__ = "audit_records"
 
@@ -89,6 +90,8 @@ class AuditRecord(Base):
     recorded_at: Mapped[datetime]
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    # HMAC-keyed (false only for records from before the chain was keyed: plain SHA-256).
+    keyed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class AuditHead(Base):

@@ -157,6 +157,10 @@ async def audit_head(session: AsyncSession) -> AuditHead | None:
     return await session.scalar(select(AuditHead).where(AuditHead.id == 1))
 
 
+async def audit_record(session: AsyncSession, seq: int) -> AuditRecord | None:
+    return await session.get(AuditRecord, seq)
+
+
 async def audit_batch(session: AsyncSession, after_seq: int, limit: int) -> Sequence[AuditRecord]:
     query = (
         select(AuditRecord)

@@ -178,8 +178,33 @@ class AuditPage(BaseModel):
 
 class AuditProblem(BaseModel):
     seq: int | None
-    problem: Literal["missing", "broken-link", "edited", "truncated"]
+    # missing, broken-link, edited: the chain itself; unkeyed: a record in the pre-key form after
+    # keyed ones; truncated, rewritten: the chain against the latest signed checkpoint;
+    # forged-checkpoint: a checkpoint whose signature does not verify.
+    problem: Literal[
+        "missing",
+        "broken-link",
+        "edited",
+        "unkeyed",
+        "truncated",
+        "rewritten",
+        "forged-checkpoint",
+    ]
     detail: str
+
+
+class AuditCheckpoint(BaseModel):
+    """The chain's head at one moment, signed with the audit Ed25519 key."""
+
+    seq: int
+    hash: str
+    at: str
+    signature: str
+
+
+class AuditAnchor(BaseModel):
+    public_key: str  # raw Ed25519, base64
+    checkpoint: AuditCheckpoint | None
 
 
 class AuditVerification(BaseModel):
@@ -187,4 +212,5 @@ class AuditVerification(BaseModel):
     records: int
     head_seq: int
     head_hash: str
+    checkpoint: AuditCheckpoint | None  # the latest signed one the chain was held against
     problems: list[AuditProblem]

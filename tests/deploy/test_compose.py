@@ -59,6 +59,8 @@ def test_each_process_gets_its_port_and_only_its_own_service_key(compose: dict[s
     assert keyed["gateway"] == {"STEWARD_GATEWAY_API_KEY"}
     assert keyed["inference"] == {"STEWARD_INFERENCE_API_KEY"}
     assert keyed["authz"] == set()
+    audited = [n for n, s in services.items() if "STEWARD_AUDIT_KEY" in s.get("environment", {})]
+    assert audited == ["approval"]
     assert keyed["migrate"] == {
         "STEWARD_BOOTSTRAP_API_KEY",
         "STEWARD_GATEWAY_API_KEY",

@@ -99,6 +99,21 @@ def test_each_service_and_the_gateway_get_a_hardened_deployment_with_probes() ->
             assert "secretKeyRef" in env["STEWARD_DATABASE_URL"]["valueFrom"]
 
 
+def test_only_approval_holds_the_audit_key_and_checkpoints_go_to_nats_alone() -> None:
+    objects = render()
+    holders = [
+        name
+        for name, deployment in of_kind(objects, "Deployment").items()
+        for container in deployment["spec"]["template"]["spec"]["containers"]
+        if any(e["name"] == "STEWARD_AUDIT_KEY" for e in container["env"])
+    ]
+    assert holders == ["rel-steward-approval"]
+    (secret,) = of_kind(objects, "Secret").values()
+    assert secret["data"]["audit-key"]
+    config = next(iter(of_kind(objects, "ConfigMap").values()))
+    assert config["data"]["STEWARD_AUDIT_CHECKPOINT_FILE"] == ""
+
+
 def test_no_secret_lands_in_the_configmap() -> None:
     objects = render()
     config = next(iter(of_kind(objects, "ConfigMap").values()))

@@ -18,7 +18,7 @@ export async function render(main) {
   main.append(
     h("div", { class: "view-head" }, h("div", {},
       h("h1", {}, "Audit trail"),
-      h("p", { class: "lede" }, "Every state change in every service, append-only; each record carries the hash of the one before, so an edit, a deletion or a reordering shows.")),
+      h("p", { class: "lede" }, "Every state change in every service, append-only; each record carries a keyed hash of the one before, and the head is signed every few seconds, so an edit, a deletion, a reordering or a cut tail shows.")),
       h("button", { type: "button", class: "primary", id: "verify-button", onclick: () => verify() }, "Verify the chain")),
     verdict, section("Records", form, list, more));
 
@@ -28,7 +28,8 @@ export async function render(main) {
       const v = await api("approval", "/v1/audit/verify");
       if (v.ok) {
         verdict.replaceChildren(h("div", { class: "alert alert-ok audit-verify", role: "status", "data-ok": "true" },
-          h("strong", {}, "✓ Chain verified. "), `${v.records} records, head #${v.head_seq} `, h("code", {}, String(v.head_hash).slice(0, 16)), "…"));
+          h("strong", {}, "✓ Chain verified. "), `${v.records} records, head #${v.head_seq} `, h("code", {}, String(v.head_hash).slice(0, 16)), "…",
+          v.checkpoint ? `; signed up to #${v.checkpoint.seq} at ${fmtTime(v.checkpoint.at)}.` : "; no signed checkpoint yet."));
       } else {
         verdict.replaceChildren(h("div", { class: "alert alert-error audit-verify", role: "alert", "data-ok": "false" },
           h("strong", {}, "✗ The chain is broken. "), `${v.problems.length} problem(s) in ${v.records} records:`,

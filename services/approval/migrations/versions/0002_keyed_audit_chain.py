@@ -1,0 +1,27 @@
+"""keyed audit chain: records say whether their hash is an HMAC (new) or plain SHA-256 (earlier)
+
+Revision ID: 0002
+Revises: 0001
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0002"
+down_revision: str | None = "0001"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("audit_records", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("keyed", sa.Boolean(), server_default=sa.false(), nullable=False)
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("audit_records", schema=None) as batch_op:
+        batch_op.drop_column("keyed")
