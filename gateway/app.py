@@ -118,17 +118,21 @@ class Gateway:
         routes = RouteTable.from_file(settings.gateway_routes_file)
         metering_client = MeteringClient(settings.metering_url, timeout=10.0)
         quota = QuotaLedger(clock=clock)
+        oidc_http = httpx.AsyncClient(timeout=5.0)
+        authn = Authenticator(
+            auth, verifier_from_settings(settings, oidc_http), whoami=authz_client.whoami
+        )
         syncer = Syncer(
             bus,
             [
-                authz_feed(auth, authz_client, key),
+                authz_feed(auth, authz_client, key, forget=authn.forget),
                 catalog_feed(catalog, catalog_client, key),
                 inference_feed(routes, inference_client, key),
                 metering_feed(quota, metering_client, key),
             ],
             resync_seconds=settings.gateway_resync_seconds,
+            offline_poll_seconds=settings.gateway_offline_poll_seconds,
         )
-        oidc_http = httpx.AsyncClient(timeout=5.0)
         limits = httpx.Limits(
             max_connections=settings.gateway_upstream_max_connections,
             max_keepalive_connections=settings.gateway_upstream_max_connections,
@@ -147,9 +151,7 @@ class Gateway:
             auth=auth,
             catalog=catalog,
             routes=routes,
-            authn=Authenticator(
-                auth, verifier_from_settings(settings, oidc_http), whoami=authz_client.whoami
-            ),
+            authn=authn,
             usage=usage,
             syncer=syncer,
             http=httpx.AsyncClient(

@@ -77,6 +77,17 @@ class Authenticator:
         self.verifier = verifier
         self.whoami = whoami
         self._tokens: dict[bytes, tuple[float, Principal]] = {}
+        self._by_subject: dict[str, set[bytes]] = {}
+
+    def forget(self, subject: str | None) -> None:
+        """Drop the cached principals of ``subject`` (all of them for None): their project
+        roles changed, and the next call asks authz again."""
+        if subject is None:
+            self._tokens.clear()
+            self._by_subject.clear()
+            return
+        for cache_key in self._by_subject.pop(subject, ()):
+            self._tokens.pop(cache_key, None)
 
     async def principal(self, scope: Scope) -> Principal:
         """The caller's principal; raises AuthFailure (401 or 503)."""
@@ -122,9 +133,10 @@ class Authenticator:
             except Exception as exc:  # authz down or refusing: the token's own roles stand
                 log.info("whoami unavailable; using the token's roles", extra={"error": str(exc)})
         if len(self._tokens) >= TOKEN_CACHE_SIZE:
-            self._tokens.clear()  # crude but bounded; a re-verify is cheap next to a leak
+            self.forget(None)  # crude but bounded; a re-verify is cheap next to a leak
         expires = float(claims.get("exp", now))
         self._tokens[cache_key] = (min(expires, now + TOKEN_CACHE_SECONDS), principal)
+        self._by_subject.setdefault(principal.subject, set()).add(cache_key)
         return principal
 
 

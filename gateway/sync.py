@@ -5,7 +5,10 @@ arrive while the snapshot is in flight are re-applied on top of it: the snapshot
 they were committed or it was not, and either way re-applying them in order converges, because
 every change is an idempotent upsert or delete. When NATS comes back after an outage, the feed
 resubscribes and takes a new snapshot, so no event lost during the outage leaves a stale key.
-While authz or NATS is down the replicas keep serving what they last knew.
+While NATS is down, the feeds that guard access (keys, entitlements, members) poll their
+service every ``offline_poll_seconds`` with ``If-None-Match``: an unchanged replica costs a 304,
+a revoked key is refused within a poll. While authz is down too the replicas keep serving what
+they last knew.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from libs.common.events.authz import (
     KeyRevoked,
     KeyState,
     KeyUpdated,
+    MemberChanged,
 )
 from libs.common.events.catalog import (
     VersionApproved,
@@ -64,6 +68,7 @@ class SnapshotUnavailable(Exception):
 
 
 class AuthzSnapshot(BaseModel):
+    revision: int = 0
     keys: list[KeyState]
     entitlements: list[EntitlementState]
 
@@ -89,13 +94,21 @@ async def _get_snapshot(
     return response.json()
 
 
+# What a feed's ``load`` gives: how to install the snapshot, or None when it is unchanged.
+Install = Callable[[], None]
+
+
 @dataclass
 class Feed:
     """One replica's source: which subjects change it, and how to load it whole."""
 
     name: str
     handlers: Mapping[str, Apply]
-    load: Callable[[], Awaitable[Callable[[], None]]]
+    # ``load(unless_unchanged)``: with True, may return None for "nothing changed since the
+    # last load" (a conditional request); with False, always the whole snapshot.
+    load: Callable[[bool], Awaitable[Install | None]]
+    # Polled while the events cannot arrive: it guards access, and can answer "unchanged" cheaply.
+    poll_offline: bool = False
     loaded_at: float | None = None
     last_error: str | None = None
     events_applied: int = 0
@@ -108,25 +121,55 @@ class Feed:
         if self._recording is not None:
             self._recording.append((subject, payload))
 
-    async def resync(self) -> None:
-        """Fetch the snapshot, install it, and re-apply what arrived while it was in flight."""
+    async def resync(self, *, unless_unchanged: bool = False) -> bool:
+        """Fetch the snapshot, install it, and re-apply what arrived while it was in flight.
+        With ``unless_unchanged``, a snapshot the service says is unchanged is not fetched
+        whole; returns whether one was installed."""
         async with self._lock:
             self._recording = []
             try:
-                install = await self.load()
-                install()
-                for subject, payload in self._recording:
-                    self.handlers[subject](payload)
+                install = await self.load(unless_unchanged)
+                if install is not None:
+                    install()
+                    for subject, payload in self._recording:
+                        self.handlers[subject](payload)
             finally:
                 self._recording = None
             self.loaded_at = time.time()
             self.last_error = None
+            return install is not None
 
 
-def authz_feed(replica: AuthReplica, client: ServiceClient, credential: str | None) -> Feed:
-    async def load() -> Callable[[], None]:
-        snap = AuthzSnapshot.model_validate(await _get_snapshot(client, credential))
-        return lambda: replica.replace(snap.keys, snap.entitlements)
+def authz_feed(
+    replica: AuthReplica,
+    client: ServiceClient,
+    credential: str | None,
+    *,
+    forget: Callable[[str | None], None] = lambda subject: None,
+) -> Feed:
+    """Keys and entitlements into ``replica``; ``forget(subject)`` drops what the gateway
+    cached about a subject's memberships (its OIDC principals), ``forget(None)`` all of it."""
+    etag: str | None = None
+
+    async def load(unless_unchanged: bool) -> Install | None:
+        nonlocal etag
+        headers = {"If-None-Match": etag} if unless_unchanged and etag else {}
+        response = await client.request(
+            "GET", "/v1/snapshot", credential=credential, headers=headers
+        )
+        if response.status_code == 304:
+            return None
+        if response.status_code != 200:
+            raise SnapshotUnavailable(f"{client.service} answered {response.status_code}")
+        snap = AuthzSnapshot.model_validate(response.json())
+
+        def install() -> None:
+            nonlocal etag
+            replica.replace(snap.keys, snap.entitlements)
+            etag = response.headers.get("ETag")
+            forget(None)  # memberships may have changed with the rest
+
+        return install
 
     def upsert(p: EventPayload) -> None:
         assert isinstance(p, KeyState)
@@ -144,6 +187,10 @@ def authz_feed(replica: AuthReplica, client: ServiceClient, credential: str | No
         assert isinstance(p, EntitlementState)
         replica.revoke(p)
 
+    def member(p: EventPayload) -> None:
+        assert isinstance(p, MemberChanged)
+        forget(p.member)
+
     return Feed(
         name="authz",
         handlers={
@@ -152,13 +199,15 @@ def authz_feed(replica: AuthReplica, client: ServiceClient, credential: str | No
             KeyRevoked.subject: revoke_key,
             EntitlementGranted.subject: grant,
             EntitlementRevoked.subject: revoke,
+            MemberChanged.subject: member,
         },
         load=load,
+        poll_offline=True,
     )
 
 
 def catalog_feed(replica: CatalogReplica, client: ServiceClient, credential: str | None) -> Feed:
-    async def load() -> Callable[[], None]:
+    async def load(_: bool) -> Install | None:
         snap = CatalogSnapshot.model_validate(await _get_snapshot(client, credential))
         return lambda: replica.replace(snap.versions)
 
@@ -171,7 +220,7 @@ def catalog_feed(replica: CatalogReplica, client: ServiceClient, credential: str
 
 
 def inference_feed(routes: RouteTable, client: ServiceClient, credential: str | None) -> Feed:
-    async def load() -> Callable[[], None]:
+    async def load(_: bool) -> Install | None:
         snap = RoutesSnapshot.model_validate(await _get_snapshot(client, credential, "/v1/routes"))
         return lambda: routes.replace_endpoints(snap.routes)
 
@@ -189,7 +238,7 @@ def inference_feed(routes: RouteTable, client: ServiceClient, credential: str | 
 def metering_feed(ledger: QuotaLedger, client: ServiceClient, credential: str | None) -> Feed:
     """Quotas and their window usage: the ledger the gateway reserves and settles against."""
 
-    async def load() -> Callable[[], None]:
+    async def load(_: bool) -> Install | None:
         raw = await _get_snapshot(client, credential, "/v1/quotas/snapshot")
         snap = QuotaSnapshot.model_validate(raw)
         return lambda: ledger.replace(snap.quotas)
@@ -213,19 +262,35 @@ def metering_feed(ledger: QuotaLedger, client: ServiceClient, credential: str | 
 class Syncer:
     """Runs the feeds: subscriptions on the bus, snapshots with retries, periodic resyncs."""
 
-    def __init__(self, bus: Bus, feeds: Sequence[Feed], *, resync_seconds: float) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        feeds: Sequence[Feed],
+        *,
+        resync_seconds: float,
+        offline_poll_seconds: float = 1.0,
+    ) -> None:
         self.bus = bus
         self.feeds = list(feeds)
         self.resync_seconds = resync_seconds
+        self.offline_poll_seconds = offline_poll_seconds
         self._routes: dict[str, Feed] = {s: f for f in self.feeds for s in f.handlers}
         self._subs: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.subscribed = False
+        # Conditional polls made while the events could not arrive (and how many found changes).
+        self.offline_polls = 0
+        self.offline_changes = 0
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._watch_bus(), name="gateway-sync-bus"))
         for feed in self.feeds:
             self._tasks.append(asyncio.create_task(self._keep(feed), name=f"sync-{feed.name}"))
+            if feed.poll_offline:
+                self._tasks.append(
+                    asyncio.create_task(self._poll_offline(feed), name=f"poll-{feed.name}")
+                )
 
     async def stop(self) -> None:
         # A library that swallows a CancelledError leaves a task running with its cancel spent
@@ -257,15 +322,32 @@ class Syncer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def _poll_offline(self, feed: Feed) -> None:
+        """While not subscribed to the events, ask for changes every ``offline_poll_seconds``
+        (a 304 when there are none), so a revocation still lands within a poll or two."""
+        while not self._stopping:
+            await asyncio.sleep(self.offline_poll_seconds)
+            if (self.subscribed and self.bus.connected) or feed.loaded_at is None:
+                continue
+            try:
+                self.offline_polls += 1
+                if await feed.resync(unless_unchanged=True):
+                    self.offline_changes += 1
+                    log.info("replica changed while NATS is down", extra={"feed": feed.name})
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                feed.last_error = f"{type(exc).__name__}: {exc}"
+
     async def _watch_bus(self) -> None:
         """Subscribe whenever NATS (re)connects, then take fresh snapshots to cover the gap."""
-        subscribed = False
+        self.subscribed = False
         while not self._stopping:
             connected = self.bus.connected
-            if connected and not subscribed:
+            if connected and not self.subscribed:
                 try:
                     await self._subscribe()
-                    subscribed = True
+                    self.subscribed = True
                     # A snapshot asked for before the subscription existed may miss events
                     # published in between: take one now (the lock orders it after any other).
                     for feed in self.feeds:
@@ -275,10 +357,10 @@ class Syncer:
                 except Exception as exc:
                     log.warning("event subscription failed; retrying", extra={"error": str(exc)})
                     await self._unsubscribe()
-            elif not connected and subscribed:
+            elif not connected and self.subscribed:
                 log.warning("NATS lost; serving from the last replica")
                 await self._unsubscribe()
-                subscribed = False
+                self.subscribed = False
             await asyncio.sleep(0.25)
 
     async def _safe_resync(self, feed: Feed) -> None:

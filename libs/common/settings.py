@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     gateway_upstream_max_connections: int = 512
     # Re-read the snapshots this often as a safety net behind the events.
     gateway_resync_seconds: float = 300.0
+    # While NATS is down, ask authz this often whether keys, entitlements or members changed
+    # (a 304 when not): the most a revoked key keeps working without the events.
+    gateway_offline_poll_seconds: float = Field(default=1.0, gt=0, le=60)
     # The web console's static files, served at /console/: the repository's console/ unless set
     # (None when this is an installed copy without it: the gateway then looks beside itself).
     gateway_console_dir: Path | None = _REPO_CONSOLE if _REPO_CONSOLE.is_dir() else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 
 from libs.common.auth import Authorized, Principal, PrincipalDep, Role, decide
@@ -434,16 +434,32 @@ async def revoke_entitlement(
 # -- replica feed for the gateway -------------------------------------------------------------
 
 
-@router.get("/snapshot", tags=["replica"])
+@router.get(
+    "/snapshot",
+    tags=["replica"],
+    response_model=Snapshot,
+    responses={304: {"description": "Nothing changed since the revision in If-None-Match"}},
+)
 async def snapshot(
     principal: Annotated[Principal, Authorized("key.snapshot")],
     session: SessionDep,
     now: NowDep,
-) -> Snapshot:
-    """Active keys (digests only) and entitlements; the gateway follows ``authz.*`` events after."""
+    response: Response,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Snapshot | Response:
+    """Active keys (digests only) and entitlements; the gateway follows ``authz.*`` events after.
+    The ETag is the replica revision: with ``If-None-Match`` set to it, an unchanged replica is a
+    304 for one row read (what a gateway polls while the events cannot reach it)."""
+    # Read before the rows: a change committed in between shows in the rows and, at the next
+    # poll, as a newer revision; never the other way round.
+    revision = await repo.replica_revision(session)
+    etag = f'"{revision}"'
+    if if_none_match is not None and etag in (t.strip() for t in if_none_match.split(",")):
+        return Response(status_code=304, headers={"ETag": etag})
+    response.headers["ETag"] = etag
     keys = [KeyState(**domain.key_state(k, p)) for k, p in await repo.active_keys(session, now)]
     entitlements = [
         EntitlementState(project=p, asset_kind=e.asset_kind, asset_name=e.asset_name)
         for e, p in await repo.all_entitlements(session)
     ]
-    return Snapshot(generated_at=now, keys=keys, entitlements=entitlements)
+    return Snapshot(generated_at=now, revision=revision, keys=keys, entitlements=entitlements)

@@ -16,6 +16,7 @@ from typing import Any
 from libs.common import apikeys
 from libs.common.auth import SCOPES, Principal, Role
 from libs.common.errors import Conflict, Forbidden, NotFound, Unprocessable
+from libs.common.events import EventPayload
 from libs.common.events.authz import (
     EntitlementGranted,
     EntitlementRevoked,
@@ -30,6 +31,13 @@ from services.authz import repository as repo
 from services.authz.models import ApiKey, Entitlement, Member, PlatformAdmin, Project
 
 BOOTSTRAP_ADMIN = "admin"
+
+
+async def _mirrored(uow: UnitOfWork, payload: EventPayload, *, entity: str) -> None:
+    """Emit a change the gateway's replica mirrors, and advance the replica revision with it
+    (what a gateway cut off from the events polls)."""
+    await uow.emit(payload, entity=entity)
+    repo.advance_replica_revision_at_commit(uow.session)
 
 
 # -- projects and members ---------------------------------------------------------------------
@@ -68,8 +76,8 @@ async def put_member(
             if Role(key.role).rank > role.rank:
                 await _revoke(uow, key, project.name, reason="owner's role lowered", now=now)
     await uow.session.flush()
-    await uow.emit(
-        MemberChanged(project=project.name, member=subject, role=role.value), entity=subject
+    await _mirrored(
+        uow, MemberChanged(project=project.name, member=subject, role=role.value), entity=subject
     )
     await uow.audit(
         "member.put",
@@ -90,7 +98,9 @@ async def remove_member(uow: UnitOfWork, project: Project, subject: str, *, now:
         await _revoke(uow, key, project.name, reason="owner removed from project", now=now)
     await uow.session.delete(member)
     await uow.session.flush()
-    await uow.emit(MemberChanged(project=project.name, member=subject, role=None), entity=subject)
+    await _mirrored(
+        uow, MemberChanged(project=project.name, member=subject, role=None), entity=subject
+    )
     await uow.audit(
         "member.remove",
         f"project/{project.name}/member/{subject}",
@@ -199,7 +209,7 @@ async def _issue(
     uow.session.add(key)
     await uow.session.flush()
     project_name = project.name if project else None
-    await uow.emit(KeyCreated(**key_state(key, project_name)), entity=key.id)
+    await _mirrored(uow, KeyCreated(**key_state(key, project_name)), entity=key.id)
     await uow.audit("key.create", f"key/{key.id}", project=project_name, after=_summary(key, now))
     return IssuedKey(key=key, project=project_name, secret=full_key)
 
@@ -299,7 +309,7 @@ async def _revoke(
     before = _summary(key, now)
     key.revoked_at = now
     await uow.session.flush()
-    await uow.emit(KeyRevoked(key_id=key.id, project=project), entity=key.id)
+    await _mirrored(uow, KeyRevoked(key_id=key.id, project=project), entity=key.id)
     await uow.audit(
         "key.revoke",
         f"key/{key.id}",
@@ -367,7 +377,7 @@ async def rotate_key(
     key.expires_at = min(key.expires_at, grace_end) if key.expires_at else grace_end
     key.rotated_to = issued.key.id
     await uow.session.flush()
-    await uow.emit(KeyUpdated(**key_state(key, issued.project)), entity=key.id)
+    await _mirrored(uow, KeyUpdated(**key_state(key, issued.project)), entity=key.id)
     await uow.audit(
         "key.rotate",
         f"key/{key.id}",
@@ -397,7 +407,8 @@ async def grant_entitlement(
     )
     uow.session.add(entitlement)
     await uow.session.flush()
-    await uow.emit(
+    await _mirrored(
+        uow,
         EntitlementGranted(project=project.name, asset_kind=kind, asset_name=name),
         entity=f"{project.name}/{kind}/{name}",
     )
@@ -416,7 +427,8 @@ async def revoke_entitlement(uow: UnitOfWork, project: Project, kind: str, name:
         raise NotFound(f"project {project.name!r} holds no entitlement to {kind} {name!r}")
     await uow.session.delete(entitlement)
     await uow.session.flush()
-    await uow.emit(
+    await _mirrored(
+        uow,
         EntitlementRevoked(project=project.name, asset_kind=kind, asset_name=name),
         entity=f"{project.name}/{kind}/{name}",
     )
@@ -482,7 +494,7 @@ async def _narrow(uow: UnitOfWork, key: ApiKey, scopes: Sequence[str], *, now: d
     before = _summary(key, now)
     key.scopes = sorted(scopes)
     await uow.session.flush()
-    await uow.emit(KeyUpdated(**key_state(key, None)), entity=key.id)
+    await _mirrored(uow, KeyUpdated(**key_state(key, None)), entity=key.id)
     await uow.audit("key.update", f"key/{key.id}", before=before, after=_summary(key, now))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, ForeignKey, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from libs.common.db import UTCDateTime, new_id, new_metadata, utcnow
@@ -85,3 +85,14 @@ class Entitlement(Base):
     granted_at: Mapped[datetime] = mapped_column(default=utcnow)
     granted_by: Mapped[str] = mapped_column(String(255))
     reason: Mapped[str] = mapped_column(String(500), default="")
+
+
+class ReplicaRevision(Base):
+    """One counter that every committed change the gateway's replica mirrors (keys,
+    entitlements, members) advances: a gateway without events asks "anything since N?" and gets
+    a 304 for the price of one row read."""
+
+    __tablename__ = "replica_revision"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    revision: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -5,12 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, event, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from libs.common.auth import Principal, Role
 from libs.common.errors import NotFound
-from services.authz.models import ApiKey, Entitlement, Member, PlatformAdmin, Project
+from services.authz.models import (
+    ApiKey,
+    Entitlement,
+    Member,
+    PlatformAdmin,
+    Project,
+    ReplicaRevision,
+)
 
 
 async def project_by_name(session: AsyncSession, name: str) -> Project:
@@ -156,3 +164,35 @@ async def touch_keys(
                 )
                 .values(last_used_at=at)
             )
+
+
+# -- the replica revision ---------------------------------------------------------------------
+
+_REVISES = "steward.authz.revises_replica"
+
+
+async def replica_revision(session: AsyncSession) -> int:
+    revision = await session.scalar(select(ReplicaRevision.revision).where(ReplicaRevision.id == 1))
+    return revision or 0
+
+
+def _advance(session: Session) -> None:
+    session.info.pop(_REVISES, None)
+    advanced = session.execute(
+        update(ReplicaRevision)
+        .where(ReplicaRevision.id == 1)
+        .values(revision=ReplicaRevision.revision + 1)
+    )
+    if advanced.rowcount == 0:  # type: ignore[attr-defined]  # a database made without 0003
+        session.execute(insert(ReplicaRevision).values(id=1, revision=1))
+
+
+def advance_replica_revision_at_commit(session: AsyncSession) -> None:
+    """Advance the revision once, as this transaction commits. Last, so the counter's row lock
+    is the last lock taken and held for no more than the commit (no lock-order deadlock with
+    the key rows), and atomic with the change: a reader who saw revision N before a change
+    commits sees N + 1 after it."""
+    if session.info.get(_REVISES):
+        return
+    session.info[_REVISES] = True
+    event.listen(session.sync_session, "before_commit", _advance, once=True)

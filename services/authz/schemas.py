@@ -151,5 +151,7 @@ class Snapshot(BaseModel):
     """Everything the gateway needs to authorise locally, as of ``generated_at``."""
 
     generated_at: datetime
+    # The replica revision the snapshot is at least as new as (also its ETag).
+    revision: int
     keys: list[KeyState]
     entitlements: list[EntitlementState]

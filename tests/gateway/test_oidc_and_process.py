@@ -131,6 +131,35 @@ async def test_a_project_role_from_authz_members_counts_for_a_token_without_grou
     assert answer.status_code == 200, answer.text
 
 
+async def test_removing_a_member_evicts_their_cached_token_at_the_gateway(
+    oidc_gw: RunningGateway,
+    gw: RunningGateway,
+    issuer: Issuer,
+    authz: httpx.AsyncClient,
+    admin_key: str,
+) -> None:
+    """A token's principal is cached for minutes; the member event drops it, so the next call
+    asks authz again and finds no role."""
+    t = await tenant(authz, admin_key, gw, ["echo"])
+    await eventually(lambda: oidc_gw.gateway.auth.entitled(t.project, "model", "echo"))
+    subject = f"leaver-{t.project}"
+    members = f"/v1/projects/{t.project}/members/{subject}"
+    await ok(await authz.put(members, json={"role": "developer"}, headers=bearer(admin_key)))
+    key = issuer.keys.get("gw-rsa") or issuer.add(new_key("gw-rsa"))
+    token = issuer.token(key, sub=subject, scope="openid inference:invoke")
+    headers = {**bearer(token), "X-Steward-Project": t.project}
+    authn = oidc_gw.gateway.authn
+    async with httpx.AsyncClient(base_url=oidc_gw.url) as client:
+        before = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+        assert before.status_code == 200, before.text
+        assert subject in authn._by_subject  # cached
+
+        await ok(await authz.delete(members, headers=bearer(admin_key)), 204)
+        await eventually(lambda: subject not in authn._by_subject)
+        after = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+        assert after.status_code == 403, after.text
+
+
 async def test_python_dash_m_gateway_serves_both_ports_and_stops_on_sigterm(
     gateway_settings: Settings, tmp_path: Path
 ) -> None:

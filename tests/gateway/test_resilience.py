@@ -148,3 +148,47 @@ async def test_the_last_replica_keeps_serving_while_authz_is_down(
         await eventually(lambda: local.gateway.auth.key(other.key_id) is None, within=1.0)
         assert await call(local.url, other.key) == 401
         assert await call(local.url, t.key) == 200
+
+
+async def test_a_key_revoked_while_nats_is_down_is_refused_after_the_next_poll(
+    gw: RunningGateway,
+    authz: httpx.AsyncClient,
+    admin_key: str,
+    gateway_settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """Without the events the gateway asks authz for changes every poll; an unchanged replica is
+    a 304, a revocation is installed at the next poll."""
+    t = await tenant(authz, admin_key, gw, ["echo"])
+    nats = NatsProcess(tmp_path / "nats")
+    await nats.start()
+    settings = gateway_settings.model_copy(
+        update={
+            "nats_url": nats.url,
+            "data_dir": tmp_path / "gw",
+            "gateway_offline_poll_seconds": 0.1,
+        }
+    )
+    try:
+        async with running_gateway(settings) as local:
+            await local.gateway.wait_loaded(10)
+            syncer = local.gateway.syncer
+            await eventually(lambda: syncer.subscribed)
+            assert await call(local.url, t.key) == 200
+            await nats.stop()
+            await eventually(lambda: syncer.offline_polls >= 3)
+            assert syncer.offline_changes == 0  # nothing changed: 304s only
+            assert await call(local.url, t.key) == 200
+
+            await ok(
+                await authz.delete(
+                    f"/v1/projects/{t.project}/keys/{t.key_id}", headers=bearer(admin_key)
+                )
+            )
+            polls = syncer.offline_polls
+            await eventually(lambda: local.gateway.auth.key(t.key_id) is None)
+            assert syncer.offline_changes == 1
+            assert syncer.offline_polls - polls <= 2  # at the next poll, or the one after
+            assert await call(local.url, t.key) == 401
+    finally:
+        await nats.stop()

@@ -14,7 +14,7 @@ from tests.helpers import NATS_URL
 async def test_stop_ends_a_feed_whose_load_swallowed_the_cancel() -> None:
     entered = asyncio.Event()
 
-    async def load() -> Callable[[], None]:
+    async def load(_: bool) -> Callable[[], None]:
         entered.set()
         # A snapshot that never comes, and a library that eats the cancel (as one did at shutdown).
         with contextlib.suppress(asyncio.CancelledError):
