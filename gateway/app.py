@@ -23,12 +23,12 @@ import httpx
 import uvicorn
 from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind, StatusCode
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import Counter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.api import SERVICES, ApiProxy, console
 from gateway.authn import Authenticator
-from gateway.http import bad_path, openai_error, send_bytes, send_json
+from gateway.http import bad_path, openai_error, send_json
 from gateway.inference import ENDPOINTS, InferenceProxy
 from gateway.kong.config import load_file, load_state
 from gateway.kong.proxy import KongProxy, send_kong_error
@@ -54,7 +54,9 @@ from libs.common.settings import Settings
 log = logging.getLogger("steward.gateway")
 
 _SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._\-]{1,64}$")
-PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+# The public port's probes. /metrics is on the admin port only: its series name routes, and a
+# route's name carries its project.
+PROBES = frozenset({"/healthz", "/readyz"})
 REQUESTS = Counter(
     "steward_gateway_requests_total", "Requests received by the proxy", ["area", "status"]
 )
@@ -223,14 +225,12 @@ def request_id(scope: Scope) -> bytes:
 
 
 async def probes(gateway: Gateway, path: str, send: Send) -> bool:
-    """``/healthz``, ``/readyz`` and ``/metrics``; True when ``path`` was one of them."""
+    """``/healthz`` and ``/readyz``; True when ``path`` was one of them."""
     if path == "/healthz":
         await send_json(send, 200, {"status": "ok"})
     elif path == "/readyz":
         ready, body = gateway.readiness()
         await send_json(send, 200 if ready else 503, body)
-    elif path == "/metrics":
-        await send_bytes(send, 200, generate_latest(), CONTENT_TYPE_LATEST.encode())
     else:
         return False
     return True

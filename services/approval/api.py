@@ -285,7 +285,7 @@ async def approve_request(
     body: Decision | None = None,
 ) -> RequestDetail:
     """Approve (never one's own request); the owning service acts on the event."""
-    row = await repo.request_for(uow.session, principal, request_id)
+    row = await repo.request_for(uow.session, principal, request_id, for_update=True)
     await domain.approve(uow, principal, row, body.comment if body else "", catalog, now=now)
     return await _detail(uow.session, row, now)
 
@@ -302,7 +302,7 @@ async def reject_request(
     uow: UnitOfWorkDep,
     now: NowDep,
 ) -> RequestDetail:
-    row = await repo.request_for(uow.session, principal, request_id)
+    row = await repo.request_for(uow.session, principal, request_id, for_update=True)
     await domain.reject(uow, principal, row, body.comment, now=now)
     return await _detail(uow.session, row, now)
 
@@ -319,7 +319,7 @@ async def withdraw_request(
     now: NowDep,
     body: Decision | None = None,
 ) -> RequestDetail:
-    row = await repo.request_for(uow.session, principal, request_id)
+    row = await repo.request_for(uow.session, principal, request_id, for_update=True)
     await domain.withdraw(uow, principal, row, body.comment if body else "", now=now)
     return await _detail(uow.session, row, now)
 

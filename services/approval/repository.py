@@ -23,11 +23,15 @@ def visible(query: Select[Request], principal: Principal) -> Select[Request]:
     return query.where(Request.project.in_(list(principal.project_roles)))
 
 
-async def request_for(session: AsyncSession, principal: Principal, request_id: str) -> Request:
-    """A request the principal may see; any other reads as absent (no hint that it exists)."""
-    found = await session.scalar(
-        visible(select(Request), principal).where(Request.id == request_id)
-    )
+async def request_for(
+    session: AsyncSession, principal: Principal, request_id: str, *, for_update: bool = False
+) -> Request:
+    """A request the principal may see; any other reads as absent (no hint that it exists).
+    ``for_update`` locks its row (PostgreSQL; SQLite has one writer) so a decision is taken on
+    the last committed status: approve, reject, withdraw and expiry racing end in one decision,
+    and the others see it (409)."""
+    query = visible(select(Request), principal).where(Request.id == request_id)
+    found = await session.scalar(query.with_for_update(of=Request) if for_update else query)
     if found is None:
         raise NotFound(f"no request {request_id!r} here")
     return found

@@ -168,6 +168,7 @@ def port_of(running: RunningGateway) -> int:
 @pytest.mark.parametrize(
     "path",
     [
+        "/metrics",  # the gateway's own: on the admin port only (routes name projects)
         "/api/authz/metrics",
         "/api/authz/openapi.json",
         "/api/authz/docs",

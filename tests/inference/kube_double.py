@@ -94,7 +94,10 @@ class KubeDouble:
     _log: list[tuple[int, tuple[str, str, str, str], str, dict[str, Any]]] = field(
         default_factory=list
     )
-    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    # Set (and replaced) on every change. Not a Condition: on Python 3.11 a Condition.wait()
+    # cancelled while re-taking its lock can leave the lock unowned or held (a watch closed by
+    # its client then hung the double's other coroutines).
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _deleted: dict[tuple[str, str, str, str, str], dict[str, Any]] = field(default_factory=dict)
 
@@ -110,13 +113,15 @@ class KubeDouble:
             obj = self._deleted[key]
         assert obj is not None
         self._log.append((self._rv, key[:4], kind, copy.deepcopy(obj)))
-        async with self._changed:
-            self._changed.notify_all()
+        self._notify()
 
     async def set_down(self, down: bool) -> None:
         self.down = down
-        async with self._changed:
-            self._changed.notify_all()
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def find(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         for key, obj in self.objects.items():
@@ -382,6 +387,7 @@ class KubeDouble:
         deadline = asyncio.get_running_loop().time() + seconds
         seen = since
         while True:
+            changed = self._changed  # taken before reading the log: nothing slips between
             for rv, at, kind, obj in list(self._log):
                 if rv <= seen or at != where:
                     continue
@@ -392,6 +398,5 @@ class KubeDouble:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0 or self.down:
                 return
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
