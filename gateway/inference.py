@@ -31,7 +31,14 @@ from gateway.http import (
 from gateway.quota import client_headers
 from gateway.routes import ModelRoute
 from gateway.sse import StreamRelay
-from gateway.tokens import completion_text, estimate_chars, estimate_prompt, estimate_text
+from gateway.tokens import (
+    UsageLimits,
+    completion_text,
+    estimate_chars,
+    estimate_prompt,
+    estimate_text,
+    reported_usage,
+)
 from gateway.upstream import (
     UpstreamConnectError,
     UpstreamDenied,
@@ -300,7 +307,7 @@ class InferenceProxy:
                 ) from None
             headers.append((b"authorization", b"Bearer " + secret.encode()))
         url = route.upstream + scope["path"][3:]
-        state = _Progress()
+        state = _Progress(UsageLimits.of(request, len(body), cap))
         work = self._exchange(
             send,
             extra,
@@ -316,11 +323,11 @@ class InferenceProxy:
         )
         try:
             if await until_disconnect(work, receive):
-                _after_disconnect(call, state, request, prompt_estimate)
+                _after_disconnect(call, state, prompt_estimate)
         except UpstreamTimeout as exc:
             call.fail(504, "timeout")
             if not isinstance(exc, UpstreamConnectError):
-                _settle_cut_stream(call, state, request, prompt_estimate)
+                _settle_cut_stream(call, state, prompt_estimate)
             if not state.started:
                 raise Refusal(504, "the model did not answer in time", "timeout") from None
             await _end_stream_with_error(send, "the model stopped answering", "timeout")
@@ -334,7 +341,7 @@ class InferenceProxy:
         except UpstreamError as exc:
             call.fail(502, "upstream_unavailable")
             if not isinstance(exc, UpstreamConnectError):
-                _settle_cut_stream(call, state, request, prompt_estimate)
+                _settle_cut_stream(call, state, prompt_estimate)
             log.warning("upstream unreachable", extra={"route": route.name, "error": str(exc)})
             if not state.started:
                 raise Refusal(502, "the model is unreachable", "upstream_error") from None
@@ -385,7 +392,7 @@ class InferenceProxy:
                 )
                 await send({"type": "http.response.body", "body": payload})
                 state.complete = True
-                _account(call, response.status, payload, request)
+                _account(call, response.status, payload, request, state.limits)
         finally:
             response.close()
 
@@ -406,7 +413,7 @@ class InferenceProxy:
         if redirect:
             call.fail(status, "upstream_redirect")
         else:
-            _account(call, response.status, raw, request)
+            _account(call, response.status, raw, request, state.limits)
         state.started = True
         headers = MODEL.error_headers(response.headers, body) + extra
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -437,7 +444,7 @@ class InferenceProxy:
         tail = relay.flush()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         state.complete = True
-        _settle_stream_usage(call, relay, request, estimate_prompt(request))
+        _settle_stream_usage(call, state, estimate_prompt(request))
         if relay.upstream_error is not None:
             call.status = "error"
             call.error_type = str(relay.upstream_error.get("type") or "upstream_error")
@@ -466,9 +473,10 @@ class _Progress:
     """How far a response got: headers sent (no more error status possible), ``[DONE]`` sent
     (the client has the whole answer), all sent."""
 
-    __slots__ = ("answered", "complete", "relay", "started")
+    __slots__ = ("answered", "complete", "limits", "relay", "started")
 
-    def __init__(self) -> None:
+    def __init__(self, limits: UsageLimits) -> None:
+        self.limits = limits
         self.started = False
         self.answered = False
         self.complete = False
@@ -487,18 +495,10 @@ def _parse(body: bytes) -> dict[str, Any]:
     return request
 
 
-def _usage_counts(usage: Any) -> tuple[int, int] | None:
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens", 0)
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return prompt, completion
-
-
-def _account(call: Call, status: int, payload: bytes, request: dict[str, Any]) -> None:
-    """Tokens of a non-streamed answer: the upstream's usage, else an estimate."""
+def _account(
+    call: Call, status: int, payload: bytes, request: dict[str, Any], limits: UsageLimits
+) -> None:
+    """Tokens of a non-streamed answer: the upstream's usage if believable, else our count."""
     if status >= 400:
         call.status = "error"
         call.error_type = f"upstream_{status}"
@@ -513,19 +513,17 @@ def _account(call: Call, status: int, payload: bytes, request: dict[str, Any]) -
         response = json.loads(payload)
     except (ValueError, RecursionError):
         response = None
-    counts = _usage_counts(response.get("usage")) if isinstance(response, dict) else None
-    if counts is not None:
-        call.prompt_tokens, call.completion_tokens = counts
+    reported = reported_usage(response.get("usage") if isinstance(response, dict) else None, limits)
+    if isinstance(reported, tuple):
+        call.prompt_tokens, call.completion_tokens = reported
         return
-    call.usage_source = "estimated"
+    call.usage_source = "corrected" if reported == "implausible" else "estimated"
     call.prompt_tokens = estimate_prompt(request)
     if isinstance(response, dict) and call.kind != "embedding":
         call.completion_tokens = estimate_text(completion_text(response))
 
 
-def _after_disconnect(
-    call: Call, state: _Progress, request: dict[str, Any], prompt_estimate: int
-) -> None:
+def _after_disconnect(call: Call, state: _Progress, prompt_estimate: int) -> None:
     """The client left. After ``[DONE]`` it had the whole answer (it hung up before the
     upstream's last bytes): the call is complete, with the usage it carried. Before, the call
     was cancelled and its tokens are estimated from what was relayed."""
@@ -534,34 +532,33 @@ def _after_disconnect(
     if state.answered:
         assert state.relay is not None
         state.complete = True
-        _settle_stream_usage(call, state.relay, request, prompt_estimate)
+        _settle_stream_usage(call, state, prompt_estimate)
         return
     call.status = "cancelled"
     call.error_type = "client_disconnected"
     call.http_status = call.http_status or 499
-    _settle_cut_stream(call, state, request, prompt_estimate)
+    _settle_cut_stream(call, state, prompt_estimate)
 
 
-def _settle_stream_usage(
-    call: Call, relay: StreamRelay, request: dict[str, Any], prompt_estimate: int
-) -> None:
-    counts = _usage_counts(relay.usage)
-    if counts is not None and relay.done:
-        call.prompt_tokens, call.completion_tokens = counts
+def _settle_stream_usage(call: Call, state: _Progress, prompt_estimate: int) -> None:
+    relay = state.relay
+    assert relay is not None
+    reported = reported_usage(relay.usage, state.limits)
+    if isinstance(reported, tuple) and relay.done:
+        call.prompt_tokens, call.completion_tokens = reported
         call.usage_source = "upstream"
         return
-    call.usage_source = "estimated"
-    call.prompt_tokens = counts[0] if counts is not None else prompt_estimate
+    call.usage_source = "corrected" if reported == "implausible" else "estimated"
+    call.prompt_tokens = reported[0] if isinstance(reported, tuple) else prompt_estimate
     call.completion_tokens = estimate_chars(relay.chars)
 
 
-def _settle_cut_stream(
-    call: Call, state: _Progress, request: dict[str, Any], prompt_estimate: int
-) -> None:
+def _settle_cut_stream(call: Call, state: _Progress, prompt_estimate: int) -> None:
     """A stream that did not finish: count what was relayed, as an estimate."""
     if state.relay is not None and not state.complete:
-        _settle_stream_usage(call, state.relay, request, prompt_estimate)
-        call.usage_source = "estimated"
+        _settle_stream_usage(call, state, prompt_estimate)
+        if call.usage_source == "upstream":
+            call.usage_source = "estimated"
     elif state.relay is None:
         call.prompt_tokens = prompt_estimate
         call.usage_source = "estimated"

@@ -2,15 +2,53 @@
 
 No tokenizer is bundled (they are model-specific and download their vocabularies); OpenAI's rule
 of thumb of about four characters per token for English is used, never less than the number of
-words. Every such count travels with ``usage_source="estimated"``.
+words. Every such count travels with ``usage_source="estimated"``, or ``"corrected"`` when it
+replaces counts the upstream reported but no call could have used.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 # The OpenAI cookbook's per-message framing overhead for chat prompts.
 MESSAGE_OVERHEAD = 4
+# Room for chat templates and images (a short image URL can cost a thousand tokens or more).
+PROMPT_SLACK = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class UsageLimits:
+    """The most tokens a call can have used. An upstream claiming more is not believed: its
+    count would bill (and exhaust quotas) for tokens that were never there."""
+
+    prompt: int
+    completion: int
+
+    @classmethod
+    def of(cls, request: dict[str, Any], body_bytes: int, cap: int) -> UsageLimits:
+        """A token is at least one byte of text in every tokenizer in use, so the prompt cannot
+        hold more tokens than the request has bytes, beyond a template and images (x4 + slack);
+        the completion is capped by ``max_tokens`` (else the route's cap) per choice."""
+        n = request.get("n")
+        choices = n if type(n) is int and n > 0 else 1
+        most = request.get("max_tokens") or request.get("max_completion_tokens") or cap
+        per_choice = most if type(most) is int and most > 0 else cap
+        return cls(prompt=4 * body_bytes + PROMPT_SLACK, completion=per_choice * choices)
+
+
+def reported_usage(
+    usage: Any, limits: UsageLimits
+) -> tuple[int, int] | Literal["absent", "implausible"]:
+    """The upstream's ``(prompt, completion)`` tokens when it reported believable ones."""
+    if not isinstance(usage, dict) or "prompt_tokens" not in usage:
+        return "absent"
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    if type(prompt) is not int or type(completion) is not int:  # bool, float, str, None
+        return "implausible"
+    if not (0 <= prompt <= limits.prompt and 0 <= completion <= limits.completion):
+        return "implausible"
+    return prompt, completion
 
 
 def estimate_text(text: str) -> int:

@@ -105,9 +105,20 @@ def usage_from_body(body: bytes) -> tuple[int, int] | None:
         except ValueError:
             continue
         usage = data.get("usage") if isinstance(data, dict) else None
-        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            return usage["prompt_tokens"], int(usage.get("completion_tokens") or 0)
+        if isinstance(usage, dict) and "prompt_tokens" in usage:
+            prompt, completion = usage["prompt_tokens"], usage.get("completion_tokens", 0)
+            if _believable(prompt) and _believable(completion):
+                return prompt, completion
+            return None  # counts no call could have used: estimate instead
     return None
+
+
+# No one call uses more; an upstream saying so is not believed (it would bill for nothing).
+MAX_CALL_TOKENS = 10_000_000
+
+
+def _believable(count: object) -> bool:
+    return type(count) is int and 0 <= count <= MAX_CALL_TOKENS
 
 
 def estimate_completion(body: bytes) -> int:

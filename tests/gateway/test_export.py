@@ -56,6 +56,10 @@ def test_the_kong_plugin_counts_tokens_from_json_and_sse_answers() -> None:
     no_usage = b'data: {"choices":[{"delta":{"content":"abcdefgh"}}]}\n\ndata: [DONE]\n\n'
     assert steward_quota.usage_from_body(no_usage) is None
     assert steward_quota.estimate_completion(no_usage) == 2
+    # Counts no call could have used are not believed: the plugin estimates instead.
+    for prompt, completion in [(-1, 4), (3, -4), (10**15, 4), ("3", 4), (3.0, 4), (True, 4)]:
+        lie = {"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}
+        assert steward_quota.usage_from_body(json.dumps(lie).encode()) is None, lie
 
 
 def test_the_kong_plugin_refuses_a_spent_budget_until_the_window_turns() -> None:

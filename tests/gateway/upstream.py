@@ -12,6 +12,9 @@ behaviour, so one process serves every case:
 - ``…error…``: answers 500 with an OpenAI error object.
 - ``…linger…``: keeps a stream open for 2 s after ``[DONE]`` (a client may hang up first).
 
+A request carrying ``x_test_usage`` gets that object back as its usage, verbatim (an upstream
+that lies about usage).
+
 ``/anything/…`` echoes the request back (for Kong routes).
 
 ``GET /_log`` returns the requests received (headers and bodies); ``GET /_stats`` how many streams
@@ -97,7 +100,11 @@ async def _stream(
             yield _chunk(model, kind, words[i % len(words)])
         yield _chunk(model, kind, None, "stop")
         options = body.get("stream_options") or {}
-        if options.get("include_usage") and "nousage" not in model:
+        if "x_test_usage" in body:
+            event = {"id": "cmpl-test", "object": "chat.completion.chunk", "created": 0}
+            event.update(model=model, choices=[], usage=body["x_test_usage"])
+            yield b"data: " + json.dumps(event).encode() + b"\n\n"
+        elif options.get("include_usage") and "nousage" not in model:
             yield _usage(model, 7, count)
         yield b"data: [DONE]\n\n"
         if "linger" in model:
@@ -143,6 +150,8 @@ async def completions(request: Request) -> Response:
             "completion_tokens": len(words),
             "total_tokens": 7 + len(words),
         }
+    if "x_test_usage" in body:
+        answer["usage"] = body["x_test_usage"]
     STATS["completed"] += 1
     return JSONResponse(answer)
 

@@ -11,7 +11,10 @@ from typing import ClassVar, Literal
 
 from libs.common.events.envelope import EventPayload
 
-UsageSource = Literal["upstream", "estimated"]
+# upstream: its own usage; estimated: it reported none, the gateway counted; corrected: it
+# reported counts no call could have used (negative, not integers, past the request's limits),
+# replaced by the gateway's count.
+UsageSource = Literal["upstream", "estimated", "corrected"]
 CallStatus = Literal["ok", "error", "cancelled"]
 
 
