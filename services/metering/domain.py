@@ -240,6 +240,21 @@ async def _announce(
     return state
 
 
+async def _open(uow: UnitOfWork, settings: Settings, quota: Quota, now: datetime) -> None:
+    """Add a new quota already holding the usage its scope has in the current window (a quota
+    made mid-window does not start at 0), then announce it."""
+    await repo.hold_projects(uow.session, [quota.project], exclusive=True)
+    uow.session.add(quota)
+    await uow.session.flush()
+    start, end = q.window_bounds(quota.window, now)  # type: ignore[arg-type]
+    used = await repo.window_usage(
+        uow.session, quota.project, quota.key_id, quota.model, start, end
+    )
+    if any(used):
+        await repo.add_to_counters(uow.session, {(quota.id, start): used}, now)
+    await _announce(uow, settings, quota, now, "quota.create", None)
+
+
 async def create_quota(
     uow: UnitOfWork, settings: Settings, project: str, body: QuotaCreate, now: datetime
 ) -> Quota:
@@ -267,8 +282,7 @@ async def create_quota(
         updated_at=now,
         updated_by=uow.actor,
     )
-    uow.session.add(quota)
-    await _announce(uow, settings, quota, now, "quota.create", None)
+    await _open(uow, settings, quota, now)
     return quota
 
 
@@ -344,8 +358,7 @@ async def apply_approved_quota(
             updated_at=now,
             updated_by=uow.actor,
         )
-        uow.session.add(quota)
-        await _announce(uow, settings, quota, now, "quota.create", None)
+        await _open(uow, settings, quota, now)
         return quota
     before = _snapshot(quota)
     quota.total_limit = asked.token_limit

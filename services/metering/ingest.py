@@ -221,7 +221,11 @@ class Ingest:
     ) -> set[str]:
         """Add the batch to every matching quota's window counter; alert on crossings.
         ``minutes`` holds each event's minute, alongside ``usages``."""
-        quotas = await repo.quotas_of_projects(session, sorted({u.project for u in usages}))
+        projects = sorted({u.project for u in usages})
+        # After this batch's minutes are written: a quota being created waits for the batch
+        # (and backfills it) or the batch waits for the quota (and counts into it).
+        await repo.hold_projects(session, projects, exclusive=False)
+        quotas = await repo.quotas_of_projects(session, projects)
         if not quotas:
             return set()
         # Plain tuples and a window-start cache: this loop runs for every event of every batch.

@@ -7,6 +7,7 @@ platform-admin sees all.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -216,6 +217,55 @@ async def quotas_of_projects(session: AsyncSession, projects: Sequence[str]) -> 
         return []
     query = select(Quota).where(Quota.project.in_(projects)).order_by(Quota.id)
     return (await session.scalars(query)).all()
+
+
+def _project_lock_key(project: str) -> int:
+    digest = hashlib.blake2b(f"steward.metering.quotas:{project}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+async def hold_projects(session: AsyncSession, projects: Sequence[str], *, exclusive: bool) -> None:
+    """Order quota creation (exclusive) against counting a batch (shared) for the same projects,
+    until commit: a new quota's backfill sees every batch counted before it, and every batch
+    after it sees the quota, so each call counts once. PostgreSQL advisory locks; SQLite has a
+    single writer, which orders them already."""
+    if not projects or not is_postgres(session):
+        return
+    keys = sorted({_project_lock_key(p) for p in projects})
+    await session.execute(_HOLD_EXCLUSIVE if exclusive else _HOLD_SHARED, {"keys": keys})
+
+
+_HOLD_EXCLUSIVE = text(
+    "SELECT pg_advisory_xact_lock(k) FROM (SELECT unnest(CAST(:keys AS int8[])) AS k ORDER BY 1) s"
+)
+_HOLD_SHARED = text(
+    "SELECT pg_advisory_xact_lock_shared(k)"
+    " FROM (SELECT unnest(CAST(:keys AS int8[])) AS k ORDER BY 1) s"
+)
+
+
+async def window_usage(
+    session: AsyncSession,
+    project: str,
+    key_id: str | None,
+    model: str | None,
+    start: datetime,
+    end: datetime,
+) -> tuple[int, int, int]:
+    """(input, output, requests) of a quota's scope in [start, end), from the minute aggregates
+    (windows begin on a minute, and the ingest files each call under its own minute)."""
+    m = usage_minutes.c
+    query = select(
+        func.coalesce(func.sum(m.prompt_tokens), 0),
+        func.coalesce(func.sum(m.completion_tokens), 0),
+        func.coalesce(func.sum(m.requests), 0),
+    ).where(m.project == project, m.minute >= start, m.minute < end)
+    if key_id is not None:
+        query = query.where(m.credential_id == key_id)
+    if model is not None:
+        query = query.where(m.model == model)
+    tokens_in, tokens_out, requests = (await session.execute(query)).one()
+    return int(tokens_in), int(tokens_out), int(requests)
 
 
 _COUNTER_COLUMNS = (
