@@ -119,7 +119,8 @@ class Gateway:
         inference_client = InferenceClient(settings.inference_url, timeout=10.0)
         routes = RouteTable.from_file(settings.gateway_routes_file)
         metering_client = MeteringClient(settings.metering_url, timeout=10.0)
-        quota = QuotaLedger(clock=clock)
+        # This process's usage events carry its id; its ledger counts its own calls itself.
+        quota = QuotaLedger(clock=clock, gateway_id=new_id())
         oidc_http = httpx.AsyncClient(timeout=5.0)
         authn = Authenticator(
             auth, verifier_from_settings(settings, oidc_http), whoami=authz_client.whoami

@@ -114,6 +114,8 @@ class Call:
     http_status: int = 0
     status: CallStatus = "ok"
     error_type: str | None = None
+    # The gateway process that served it (its quota ledger's id).
+    gateway_id: str | None = None
 
     def fail(self, http_status: int, error_type: str) -> None:
         self.http_status = http_status
@@ -146,6 +148,7 @@ class Call:
             error_type=self.error_type,
             usage_source=self.usage_source,
             stream=self.stream,
+            gateway_id=self.gateway_id,
         )
 
     def observe(self) -> None:

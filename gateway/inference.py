@@ -161,6 +161,7 @@ class InferenceProxy:
             asset=route.asset_name,
             asset_version=version.version,
             started=time.perf_counter(),
+            gateway_id=self.gw.quota.gateway_id,
         )
         span = trace.get_current_span() if self.gw.tracer is not None else None
         try:

@@ -141,6 +141,7 @@ class McpProxy:
                     asset=route.asset_name,
                     asset_version=approved.version,
                     started=time.perf_counter(),
+                    gateway_id=self.gw.quota.gateway_id,
                 )
                 if tool not in allowed_tools:
                     call.fail(200, "tool_not_approved")

@@ -5,17 +5,24 @@ Metering owns the truth: it counts every usage event once and publishes each quo
 
 - ``reserve`` before forwarding a call sets aside an estimate (prompt estimate + ``max_tokens``)
   and refuses the call when it would take any applicable limit past its budget;
-- ``settle`` after the call replaces the estimate with the real usage, counted locally until
-  metering's state includes it (``counted_through``), so the replica never forgets its own calls;
-- ``apply`` merges states from the snapshot and from events: within one window usage only
-  grows, so the larger count wins and the order of arrival does not matter.
+- ``settle`` after the call replaces the estimate with the real usage, counted locally for the
+  rest of the window;
+- ``apply`` merges states from the snapshot and from events: within one window counts only grow,
+  so the newest read wins and the order of arrival does not matter.
+
+Each call is counted exactly once. A replica's usage of a window is metering's count of the
+*other* replicas' calls (its count minus the part that this replica's calls make up,
+``QuotaState.by_gateway``, read with it) plus the replica's own exact local count, plus what its
+calls in flight hold. No reconciliation by time: whether metering has counted a call of this
+replica yet or not, it appears once.
 
 Windows are UTC and aligned: a minute, an hour, a day from midnight, a calendar month.
 
 Worst-case overshoot with R gateway replicas sharing one budget (see README "Quotas"):
 
-- one replica alone never admits past a limit, except by its own estimate error (an upstream
-  that reports more prompt tokens than the gateway estimated);
+- one replica alone admits a call iff used + in flight + its reservation <= limit, so it never
+  admits past a limit, except by its own estimate error (an upstream that reports more prompt
+  tokens than the gateway estimated), and never refuses a call that fits;
 - replicas see each other's calls only once metering has counted and published them: the lag
   ``L`` = publish + ingest batch + ``metering_quota_publish_seconds`` + delivery (about 1 s), plus
   the duration ``D`` of a call (others see its tokens only when it ends). In that time the other
@@ -183,20 +190,30 @@ class Reservation:
 @dataclass
 class _Entry:
     state: QuotaState
+    # This replica's gateway id (``UsageRecorded.gateway_id``), None for a ledger of no gateway.
+    me: str | None = None
     # Reserved for calls in flight, by window start: [input, output].
     inflight: dict[datetime, list[int]] = field(default_factory=dict)
-    # Settled here, not yet in metering's count: (window start, epoch second) -> [input, output].
-    pending: dict[tuple[datetime, int], list[int]] = field(default_factory=dict)
+    # Settled by this replica, by window start: [input, output], for the whole window.
+    mine: dict[datetime, list[int]] = field(default_factory=dict)
+
+    def settled(self, start: datetime) -> tuple[int, int]:
+        """Usage of finished calls in the window starting at ``start``, each counted once."""
+        used_in = used_out = 0
+        state = self.state
+        if state.window_start == start:
+            counted_mine = state.by_gateway.get(self.me, (0, 0)) if self.me else (0, 0)
+            used_in = state.input_used - counted_mine[0]
+            used_out = state.output_used - counted_mine[1]
+        own = self.mine.get(start)
+        if own is not None:
+            used_in += own[0]
+            used_out += own[1]
+        return used_in, used_out
 
     def used(self, start: datetime) -> tuple[int, int]:
-        """Usage in the window starting at ``start`` as this replica knows it."""
-        used_in = used_out = 0
-        if self.state.window_start == start:
-            used_in, used_out = self.state.input_used, self.state.output_used
-        for (window, _), (i, o) in self.pending.items():
-            if window == start:
-                used_in += i
-                used_out += o
+        """Usage in the window starting at ``start`` as this replica knows it, holds included."""
+        used_in, used_out = self.settled(start)
         held = self.inflight.get(start)
         if held is not None:
             used_in += held[0]
@@ -205,11 +222,10 @@ class _Entry:
 
     def forget_before(self, start: datetime) -> None:
         """Drop local amounts of windows that have ended."""
-        if any(k[0] < start for k in self.pending):
-            self.pending = {k: v for k, v in self.pending.items() if k[0] >= start}
-        for stale in [w for w in self.inflight if w < start]:
-            # Only a call that was never settled leaves a hold behind; its window is over.
-            del self.inflight[stale]
+        for local in (self.mine, self.inflight):
+            # A hold left behind is a call never settled; its window is over.
+            for stale in [w for w in local if w < start]:
+                del local[stale]
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,23 +237,23 @@ class _Verdict:
     limit: int
     remaining: int
     fraction_left: float
+    # Blocked only by what calls in flight hold: it may pass as soon as they settle.
+    held_only: bool = False
+
+
+# Retry-After when only calls in flight stand in the way: they settle within a call's duration.
+HELD_RETRY_SECONDS = 1
 
 
 class QuotaLedger:
     """A gateway replica's view of every quota; synchronous, so reserve/settle never await.
 
-    ``confirm_margin_seconds`` allows for the time between settling a call and its usage event
-    reaching JetStream: locally settled usage is dropped once metering's ``counted_through`` is
-    that much later (until then it may be counted twice, which only errs towards refusing).
+    ``gateway_id`` is the id this replica's usage events carry (``UsageRecorded.gateway_id``):
+    the part of metering's count it names is replaced by the replica's own count.
     """
 
-    def __init__(
-        self,
-        *,
-        confirm_margin_seconds: float = 1.0,
-        clock: Clock | None = None,
-    ) -> None:
-        self.confirm_margin = timedelta(seconds=confirm_margin_seconds)
+    def __init__(self, *, gateway_id: str | None = None, clock: Clock | None = None) -> None:
+        self.gateway_id = gateway_id
         # "Now" when ``reserve`` or ``settle`` is not told: the wall clock, or a test's.
         self.clock: Clock = clock or utcnow
         self._by_project: dict[str, dict[str, _Entry]] = {}
@@ -257,23 +273,15 @@ class QuotaLedger:
         for state in fresh.values():
             self.apply(state)
 
-    def apply(self, state: QuotaState, *, confirm: bool = True) -> None:
-        """Merge a state from the snapshot or an event (any order, any number of times).
-
-        Pass ``confirm=False`` while this replica still has usage events waiting in its spool:
-        metering cannot have counted those yet.
-        """
+    def apply(self, state: QuotaState) -> None:
+        """Merge a state from the snapshot or an event (any order, any number of times)."""
         entry = self._by_id.get(state.quota_id)
         if entry is None:
-            entry = _Entry(state=state)
+            entry = _Entry(state=state, me=self.gateway_id)
             self._by_id[state.quota_id] = entry
             self._by_project.setdefault(state.project, {})[state.quota_id] = entry
         else:
             entry.state = _merge(entry.state, state)
-        if confirm and entry.pending and entry.state.counted_through is not None:
-            # A bucket holds the calls settled in one second: drop it once all of it is counted.
-            cutoff = (entry.state.counted_through - self.confirm_margin).timestamp()
-            entry.pending = {k: v for k, v in entry.pending.items() if k[1] + 1 > cutoff}
 
     def remove(self, quota_id: str) -> None:
         entry = self._by_id.pop(quota_id, None)
@@ -310,9 +318,12 @@ class QuotaLedger:
             return Reservation(allowed=True, at=now)
         refused = [v for v in verdicts if v.blocked]
         if refused:
-            # The call passes only when every blocking window has ended: wait for the last one.
-            worst = max(refused, key=lambda v: v.end)
-            retry = seconds_until(worst.end, now)
+            # Usage only grows within a window: a quota its finished calls already fill lets the
+            # call through when its window ends (the last such window says when); one that only
+            # calls in flight fill may let it through as soon as they settle.
+            full = [v for v in refused if not v.held_only]
+            worst = max(full or refused, key=lambda v: v.end)
+            retry = seconds_until(worst.end, now) if full else HELD_RETRY_SECONDS
             return Reservation(
                 allowed=False,
                 at=now,
@@ -369,13 +380,15 @@ class QuotaLedger:
                     del entry.inflight[hold.window_start]
             start = window_start(entry.state.window, at)
             entry.forget_before(start)
-            amount = entry.pending.setdefault((start, int(at.timestamp())), [0, 0])
+            amount = entry.mine.setdefault(start, [0, 0])
             amount[0] += max(0, input_tokens)
             amount[1] += max(0, output_tokens)
 
 
 def _merge(known: QuotaState, incoming: QuotaState) -> QuotaState:
-    """Newest definition (by revision), largest count of the newest window."""
+    """Newest definition (by revision); the newest count of the newest window, taken whole (its
+    total and its per-gateway parts were read together). Counts only grow within a window, so
+    the larger total is the newer read."""
     base = incoming if incoming.revision > known.revision else known
     if incoming.window != known.window:
         # The window kind changed: only counts of the current definition's window mean anything.
@@ -383,12 +396,7 @@ def _merge(known: QuotaState, incoming: QuotaState) -> QuotaState:
     elif incoming.window_start != known.window_start:
         counts = max(incoming, known, key=lambda s: s.window_start)
     else:
-        counts = known.model_copy(
-            update={
-                "input_used": max(known.input_used, incoming.input_used),
-                "output_used": max(known.output_used, incoming.output_used),
-            }
-        )
+        counts = max(known, incoming, key=lambda s: (s.input_used + s.output_used, s.as_of))
     through = [t for t in (known.counted_through, incoming.counted_through) if t is not None]
     return base.model_copy(
         update={
@@ -396,6 +404,7 @@ def _merge(known: QuotaState, incoming: QuotaState) -> QuotaState:
             "window_end": counts.window_end,
             "input_used": counts.input_used,
             "output_used": counts.output_used,
+            "by_gateway": counts.by_gateway,
             "as_of": max(known.as_of, incoming.as_of),
             "counted_through": max(through) if through else None,
             "status": status_of(
@@ -410,6 +419,8 @@ def _judge(entry: _Entry, now: datetime, input_tokens: int, output_tokens: int) 
     start, end = window_bounds(state.window, now)
     entry.forget_before(start)
     used_in, used_out = entry.used(start)
+    settled_in, settled_out = entry.settled(start)
+    held_only = True
     blocked: list[Dimension] = []
     tight_limit, tight_remaining, tight_fraction = 0, 0, math.inf
     for dimension in DIMENSIONS:
@@ -420,10 +431,21 @@ def _judge(entry: _Entry, now: datetime, input_tokens: int, output_tokens: int) 
         asked = used_of(dimension, input_tokens, output_tokens)
         if used + asked > limit:
             blocked.append(dimension)
+            if used_of(dimension, settled_in, settled_out) + asked > limit:
+                held_only = False
         fraction = (limit - used) / limit if limit > 0 else 0.0
         if fraction < tight_fraction:
             tight_limit, tight_remaining, tight_fraction = limit, limit - used, fraction
-    return _Verdict(entry, start, end, blocked, tight_limit, tight_remaining, tight_fraction)
+    return _Verdict(
+        entry,
+        start,
+        end,
+        blocked,
+        tight_limit,
+        tight_remaining,
+        tight_fraction,
+        held_only=bool(blocked) and held_only,
+    )
 
 
 def _refusal(v: _Verdict, input_tokens: int, output_tokens: int, retry: int) -> str:
@@ -435,5 +457,10 @@ def _refusal(v: _Verdict, input_tokens: int, output_tokens: int, retry: int) -> 
         return (
             f"this request alone may use {asked} tokens, over the {what}"
             f" of {describe(v.entry.state)}"
+        )
+    if v.held_only:
+        return (
+            f"the rest of the {what} of {describe(v.entry.state)} is held by calls in flight;"
+            f" retry in {retry}s"
         )
     return f"{what} reached for {describe(v.entry.state)}; it resets in {retry}s"

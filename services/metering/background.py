@@ -23,6 +23,7 @@ from services.metering.ingest import Ingest
 from services.metering.models import (
     QuotaAlert,
     QuotaCounter,
+    QuotaGatewayCounter,
     WebhookDelivery,
     bus_tables,
     usage_events,
@@ -224,6 +225,14 @@ class Retention(Periodic):
             (
                 "quota_counters",
                 QuotaCounter.__table__,
+                "window_start",
+                "window_start",
+                s.metering_aggregate_retention_days,
+                None,
+            ),
+            (
+                "quota_gateway_counters",
+                QuotaGatewayCounter.__table__,
                 "window_start",
                 "window_start",
                 s.metering_aggregate_retention_days,

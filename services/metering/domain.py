@@ -8,7 +8,7 @@ gateway, so both sides agree on what "80% of the hour" means.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -64,6 +64,7 @@ def state_of(
     counted_through: datetime | None,
     *,
     model: type[QuotaState] = QuotaState,
+    by_gateway: Mapping[str, tuple[int, int]] | None = None,
     **extra: Any,
 ) -> QuotaState:
     """The quota and its usage in the window containing ``now``."""
@@ -86,6 +87,7 @@ def state_of(
         status=q.status_of(limits, quota.soft_threshold, used[0], used[1]),
         as_of=now,
         counted_through=counted_through,
+        by_gateway=dict(by_gateway or {}),
         **extra,
     )
 
@@ -99,9 +101,16 @@ async def current_states(
     model: type[QuotaState] = QuotaState,
 ) -> list[QuotaState]:
     keys = [(x.id, q.window_start(x.window, now)) for x in quotas]  # type: ignore[arg-type]
-    used = await repo.counters(session, keys)
+    counted = await repo.counters(session, keys)
     return [
-        state_of(x, now, used[key], counted_through, model=model)
+        state_of(
+            x,
+            now,
+            counted[key].used,
+            counted_through,
+            model=model,
+            by_gateway=counted[key].by_gateway,
+        )
         for x, key in zip(quotas, keys, strict=True)
     ]
 

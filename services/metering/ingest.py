@@ -236,6 +236,8 @@ class Ingest:
             )
         starts: dict[tuple[str, datetime], datetime] = {}
         sums: dict[tuple[str, datetime], list[int]] = {}
+        # The part of each sum that each gateway process's calls make up.
+        parts: dict[tuple[str, datetime, str], list[int]] = {}
         for u, minute in zip(usages, minutes, strict=True):
             mine = scopes.get(u.project)
             if not mine:
@@ -252,10 +254,15 @@ class Ingest:
                 amount[0] += u.prompt_tokens
                 amount[1] += u.completion_tokens
                 amount[2] += 1
+                if u.gateway_id is not None:
+                    part = parts.setdefault((quota_id, start, u.gateway_id), [0, 0])
+                    part[0] += u.prompt_tokens
+                    part[1] += u.completion_tokens
         by_id = {quota.id: quota for quota in quotas}
         totals = await repo.add_to_counters(
             session, {k: (v[0], v[1], v[2]) for k, v in sums.items()}, now
         )
+        await repo.add_to_gateway_counters(session, {k: (v[0], v[1]) for k, v in parts.items()})
         for (quota_id, start), used in sorted(totals.items()):
             tokens_in, tokens_out, _ = sums[(quota_id, start)]
             before = (used[0] - tokens_in, used[1] - tokens_out)

@@ -174,6 +174,20 @@ class QuotaCounter(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class QuotaGatewayCounter(Base):
+    """The part of a quota window's counter that one gateway process's calls make up."""
+
+    __tablename__ = "quota_gateway_counters"
+
+    quota_id: Mapped[str] = mapped_column(
+        ForeignKey("quotas.id", ondelete="CASCADE"), primary_key=True
+    )
+    window_start: Mapped[datetime] = mapped_column(primary_key=True)
+    gateway_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class QuotaAlert(Base):
     """A threshold reached in a window: the primary key makes each alert happen once."""
 

@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Select,
+    String,
     delete,
     func,
+    literal,
     literal_column,
     select,
     text,
     true,
     type_coerce,
+    union_all,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -43,6 +46,7 @@ from services.metering.models import (
     Quota,
     QuotaAlert,
     QuotaCounter,
+    QuotaGatewayCounter,
     WebhookDelivery,
     bus_tables,
     usage_events,
@@ -364,23 +368,77 @@ async def claim_alert(
 # -- quotas ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Counted:
+    """A quota window's count, and the part each gateway process's calls make up (one read)."""
+
+    used: tuple[int, int] = (0, 0)
+    by_gateway: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+
+
 async def counters(
     session: AsyncSession, keys: Sequence[tuple[str, datetime]]
-) -> dict[tuple[str, datetime], tuple[int, int]]:
-    """(input, output) counted for each (quota id, window start) asked; absent ones are 0."""
+) -> dict[tuple[str, datetime], Counted]:
+    """What is counted for each (quota id, window start) asked; absent ones are 0. The totals
+    and the per-gateway parts come from one statement, so they agree with each other."""
     if not keys:
         return {}
-    c = QuotaCounter
-    found: dict[tuple[str, datetime], tuple[int, int]] = {}
+    c, g = QuotaCounter, QuotaGatewayCounter
+    totals: dict[tuple[str, datetime], tuple[int, int]] = {}
+    parts: dict[tuple[str, datetime], dict[str, tuple[int, int]]] = {}
     for start in range(0, len(keys), 400):
         chunk = keys[start : start + 400]
-        query = select(c.quota_id, c.window_start, c.input_tokens, c.output_tokens).where(
-            c.quota_id.in_({k[0] for k in chunk}),
-            c.window_start.in_({k[1] for k in chunk}),
+        ids, starts = {k[0] for k in chunk}, {k[1] for k in chunk}
+        query = union_all(
+            select(
+                c.quota_id,
+                c.window_start,
+                literal(None, String).label("gateway_id"),
+                c.input_tokens,
+                c.output_tokens,
+            ).where(c.quota_id.in_(ids), c.window_start.in_(starts)),
+            select(g.quota_id, g.window_start, g.gateway_id, g.input_tokens, g.output_tokens).where(
+                g.quota_id.in_(ids), g.window_start.in_(starts)
+            ),
         )
-        for row in await session.execute(query):
-            found[(row.quota_id, row.window_start)] = (row.input_tokens, row.output_tokens)
-    return {k: found.get(k, (0, 0)) for k in keys}
+        for quota_id, window_start, gateway_id, tokens_in, tokens_out in await session.execute(
+            query
+        ):
+            key = (quota_id, window_start)
+            if gateway_id is None:
+                totals[key] = (int(tokens_in), int(tokens_out))
+            else:
+                parts.setdefault(key, {})[gateway_id] = (int(tokens_in), int(tokens_out))
+    return {k: Counted(totals.get(k, (0, 0)), parts.get(k, {})) for k in keys}
+
+
+async def add_to_gateway_counters(
+    session: AsyncSession, amounts: Mapping[tuple[str, datetime, str], tuple[int, int]]
+) -> None:
+    """Add (input, output) to each (quota, window, gateway) part, in key order (no deadlock)."""
+    if not amounts:
+        return
+    table = QuotaGatewayCounter.__table__
+    values = [
+        {
+            "quota_id": quota_id,
+            "window_start": start,
+            "gateway_id": gateway_id,
+            "input_tokens": i,
+            "output_tokens": o,
+        }
+        for (quota_id, start, gateway_id), (i, o) in sorted(amounts.items())
+    ]
+    ins = _insert(session, table)
+    statement = ins.on_conflict_do_update(
+        index_elements=["quota_id", "window_start", "gateway_id"],
+        set_={
+            "input_tokens": table.c.input_tokens + ins.excluded.input_tokens,
+            "output_tokens": table.c.output_tokens + ins.excluded.output_tokens,
+        },
+    )
+    for start in range(0, len(values), 100):  # 5 parameters each: within SQLite's limit
+        await session.execute(statement.values(values[start : start + 100]))
 
 
 async def visible_quotas(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from libs.common import quota as q
 from libs.common.events.metering import QuotaLimits, QuotaState, Window
@@ -25,6 +28,7 @@ def state(
     model: str | None = None,
     quota_id: str = "q1",
     counted_through: datetime | None = None,
+    by_gateway: dict[str, tuple[int, int]] | None = None,
 ) -> QuotaState:
     start, end = q.window_bounds(window, at)
     limits = QuotaLimits(input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=total)
@@ -44,6 +48,7 @@ def state(
         status=q.status_of(limits, 0.8, *used),
         as_of=at,
         counted_through=counted_through,
+        by_gateway=by_gateway or {},
     )
 
 
@@ -110,6 +115,7 @@ def test_reserve_refuses_a_call_that_would_pass_the_limit_with_headers_from_the_
     assert ok.headers["RateLimit-Remaining"] == "100"
     assert ok.headers["RateLimit-Reset"] == "45"
     assert ok.warning is not None and "90%" in ok.warning
+    ledger.settle(ok, input_tokens=50, output_tokens=50, at=now)  # it used all it reserved
     refused = ledger.reserve(
         project="p", credential_id="k", model="m", input_tokens=1, output_tokens=0, now=now
     )
@@ -131,18 +137,53 @@ def test_settling_replaces_the_estimate_with_the_real_usage() -> None:
     assert ledger.usage("q1", T0) == (90, 10)
 
 
-def test_local_usage_is_dropped_once_metering_has_counted_it() -> None:
-    ledger = q.QuotaLedger(confirm_margin_seconds=1.0)
+def test_own_calls_count_once_whether_metering_has_counted_them_or_not() -> None:
+    ledger = q.QuotaLedger(gateway_id="me")
     ledger.apply(state(total=1000))
     r = ledger.reserve(
         project="p", credential_id="k", model="m", input_tokens=10, output_tokens=10, now=T0
     )
     ledger.settle(r, input_tokens=10, output_tokens=10, at=T0)
-    # Metering counted it but its watermark is not past the call yet: counted twice (refuse-side).
-    ledger.apply(state(used=(10, 10), counted_through=T0))
-    assert ledger.usage("q1", T0) == (20, 20)
-    ledger.apply(state(used=(10, 10), counted_through=T0 + timedelta(seconds=2)))
-    assert ledger.usage("q1", T0) == (10, 10)
+    assert ledger.usage("q1", T0) == (10, 10)  # not counted by metering yet: ours alone
+    ledger.apply(state(used=(10, 10), by_gateway={"me": (10, 10)}))
+    assert ledger.usage("q1", T0) == (10, 10)  # counted: still once
+    # Another gateway's call, counted by metering, adds; an older read arriving late does not
+    # take anything away.
+    ledger.apply(state(used=(15, 15), by_gateway={"me": (10, 10), "other": (5, 5)}))
+    ledger.apply(state(used=(10, 10), by_gateway={"me": (10, 10)}))
+    assert ledger.usage("q1", T0) == (15, 15)
+    # A ledger of no gateway (or another one) takes metering's count as it is.
+    stranger = q.QuotaLedger(gateway_id="else")
+    stranger.apply(state(used=(15, 15), by_gateway={"me": (10, 10), "other": (5, 5)}))
+    assert stranger.usage("q1", T0) == (15, 15)
+
+
+def test_a_quota_full_only_with_calls_in_flight_says_to_retry_soon() -> None:
+    """Usage never frees within a window, but holds do: a refusal because of them is not told
+    to wait for the window's end."""
+    ledger = q.QuotaLedger(gateway_id="me")
+    ledger.apply(state(window="hour", total=100))
+    first = ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=10, output_tokens=60, now=T0
+    )
+    assert first.allowed
+    second = ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=10, output_tokens=30, now=T0
+    )
+    assert not second.allowed
+    assert second.retry_after_seconds == q.HELD_RETRY_SECONDS
+    assert "held by calls in flight" in second.reason
+    ledger.settle(first, input_tokens=10, output_tokens=5, at=T0)
+    assert ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=10, output_tokens=30, now=T0
+    ).allowed
+    # Finished calls fill it: that lasts until the hour ends.
+    ledger.apply(state(window="hour", total=100, used=(60, 30)))
+    full = ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=10, output_tokens=30, now=T0
+    )
+    assert not full.allowed
+    assert full.retry_after_seconds == int((datetime(2027, 3, 14, 13, tzinfo=UTC) - T0).seconds)
 
 
 def test_states_merge_monotonically_whatever_the_order() -> None:
@@ -212,3 +253,68 @@ def test_a_snapshot_removes_quotas_that_are_gone_and_keeps_local_usage_of_the_ot
     assert ledger.usage("a", T0) == (7, 0)
     ledger.settle(r, input_tokens=7, output_tokens=0, at=T0)  # the hold on "b" is just dropped
     assert ledger.usage("a", T0) == (7, 0)
+
+
+# -- the exact ledger, as a property -----------------------------------------------------------
+
+LIMIT = 1000
+
+step = st.one_of(
+    st.tuples(st.just("reserve"), st.integers(0, 300), st.integers(0, 300)),
+    st.tuples(st.just("settle"), st.integers(0, 10), st.floats(0, 1)),
+    st.tuples(st.just("count"), st.integers(0, 10), st.booleans()),
+    st.tuples(st.just("other"), st.integers(0, 200), st.integers(0, 200)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(step, max_size=60))
+def test_one_gateway_admits_a_call_iff_it_fits_counting_every_call_once(
+    steps: list[tuple[str, int, Any]],
+) -> None:
+    """Random calls reserve and settle (using up to what they reserved); metering counts this
+    gateway's settled calls in any order and at any time, and another gateway's calls, and its
+    states arrive late or twice. Whatever happens: the ledger's usage is every finished call once
+    plus what calls in flight hold, a call is admitted iff it fits, and the limit is never passed
+    by finished calls."""
+    ledger = q.QuotaLedger(gateway_id="me")
+    ledger.apply(state(window="hour", total=LIMIT))
+    flying: list[tuple[q.Reservation, int]] = []  # (reservation, tokens reserved)
+    settled: list[int] = []  # this gateway's finished calls, by index
+    counted: set[int] = set()  # which of them metering has counted
+    others = 0
+    published: list[QuotaState] = []
+    for kind, a, b in steps:
+        held = sum(tokens for _, tokens in flying)
+        mine = sum(settled)
+        if kind == "reserve":
+            r = ledger.reserve(
+                project="p", credential_id="k", model="m", input_tokens=a, output_tokens=b, now=T0
+            )
+            assert r.allowed == (others + mine + held + a + b <= LIMIT), (others, mine, held, a, b)
+            if r.allowed:
+                flying.append((r, a + b))
+            elif others + mine + a + b <= LIMIT:
+                assert r.retry_after_seconds == q.HELD_RETRY_SECONDS
+        elif kind == "settle" and flying:
+            r, tokens = flying.pop(a % len(flying))
+            used = int(tokens * b)
+            ledger.settle(r, input_tokens=used, output_tokens=0, at=T0)
+            settled.append(used)
+        elif kind == "count":
+            counted |= {i for i in range(len(settled)) if (i + a) % 2 == 0 or b}
+            me = sum(settled[i] for i in counted)
+            published.append(
+                state(window="hour", total=LIMIT, used=(others + me, 0), by_gateway={"me": (me, 0)})
+            )
+            ledger.apply(published[-1])
+            if published and a % 3 == 0:
+                ledger.apply(published[a % len(published)])  # an old state, late
+        elif kind == "other":
+            others += a + b
+            me = sum(settled[i] for i in counted)
+            ledger.apply(
+                state(window="hour", total=LIMIT, used=(others + me, 0), by_gateway={"me": (me, 0)})
+            )
+        held = sum(tokens for _, tokens in flying)
+        assert sum(ledger.usage("q1", T0)) == others + sum(settled) + held

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 from fastapi import FastAPI
 from pydantic import SecretStr
 
+from gateway.tokens import estimate_prompt
 from libs.common.events.catalog import VersionState
 from libs.common.settings import Settings
 from tests.gateway.support import CatalogStub, python_process
@@ -235,3 +237,93 @@ async def test_a_small_budget_warns_then_answers_429_at_the_gateway(
     assert refused.json()["error"]["code"] == "quota_exceeded"
     assert refused.headers["ratelimit-limit"] == "120"
     assert int(refused.headers["retry-after"]) >= 1
+
+
+async def test_one_gateway_refuses_only_calls_that_would_not_fit_and_never_passes_the_limit(
+    through: Through, metering: httpx.AsyncClient, admin_key: str, authz: httpx.AsyncClient
+) -> None:
+    """Calls of random sizes, one after another, against a 600-token hourly quota, while
+    metering counts them and its states reach the gateway at their own pace. Each call is admitted
+    iff the tokens used so far plus its reservation (prompt estimate + max_tokens) fit: the
+    gateway counts each finished call once, whether metering has counted it yet or not. A
+    refusal says to wait for the hour, and repeating the call is refused again."""
+    limit = 600
+    project, key = await _budget(authz, metering, admin_key, through, limit)
+    rng = random.Random(20261203)  # the sizes are random but reproducible
+    used = refusals = 0
+    async with httpx.AsyncClient(base_url=through.url) as client:
+        for i in range(60):
+            words = rng.randint(1, 12)
+            # The echo upstream answers words + 2 tokens: never more than asked for.
+            max_tokens = rng.randint(words + 2, words + 40)
+            body = {
+                "model": "echo",
+                "messages": [{"role": "user", "content": " ".join(["w"] * words)}],
+                "max_tokens": max_tokens,
+            }
+            reservation = estimate_prompt(body) + max_tokens
+            response = await client.post("/v1/chat/completions", json=body, headers=bearer(key))
+            fits = used + reservation <= limit
+            assert response.status_code == (200 if fits else 429), (i, used, reservation)
+            if fits:
+                usage = response.json()["usage"]
+                used += usage["prompt_tokens"] + usage["completion_tokens"]
+                continue
+            refusals += 1
+            retry = int(response.headers["retry-after"])
+            assert retry > 1, "nothing is in flight: only the hour's end frees tokens"
+            again = await client.post("/v1/chat/completions", json=body, headers=bearer(key))
+            assert again.status_code == 429
+    assert used <= limit
+    assert refusals > 0, "the sizes must reach the limit"
+    # Metering's count agrees with the gateway's, call for call.
+    await eventually(
+        lambda: _quota_used(metering, admin_key, project, used), what="metering's count"
+    )
+
+
+async def _budget(
+    authz: httpx.AsyncClient,
+    metering: httpx.AsyncClient,
+    admin_key: str,
+    through: Through,
+    limit: int,
+) -> tuple[str, str]:
+    """A project entitled to echo, its key, and an hourly total-token quota the gateway knows."""
+    project = await new_project(authz, admin_key, "exact")
+    key = await ok(
+        await authz.post(
+            f"/v1/projects/{project}/keys",
+            json={"name": "app", "scopes": ["inference:invoke"]},
+            headers=bearer(admin_key),
+        ),
+        201,
+    )
+    await ok(
+        await authz.put(
+            f"/v1/projects/{project}/entitlements/model/echo", headers=bearer(admin_key)
+        ),
+        201,
+    )
+    created = await ok(
+        await metering.post(
+            f"/v1/projects/{project}/quotas",
+            json={"window": "hour", "limits": {"total_tokens": limit}},
+            headers=bearer(admin_key),
+        ),
+        201,
+    )
+    ledger = through.gateway.quota
+    await soon(lambda: any(s.quota_id == created["id"] for s in ledger.states()))
+    await soon(lambda: through.gateway.auth.key(key["id"]) is not None)
+    await soon(lambda: through.gateway.auth.entitled(project, "model", "echo"))
+    return project, str(key["key"])
+
+
+async def _quota_used(
+    metering: httpx.AsyncClient, admin_key: str, project: str, expected: int
+) -> bool:
+    found = await ok(
+        await metering.get("/v1/quotas", params={"project": project}, headers=bearer(admin_key))
+    )
+    return bool(found and found[0]["input_used"] + found[0]["output_used"] == expected)

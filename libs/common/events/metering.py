@@ -55,6 +55,10 @@ class QuotaState(EventPayload):
     status: QuotaStatus = "ok"
     as_of: datetime
     counted_through: datetime | None = None
+    # The part of ``input_used``/``output_used`` each gateway process's calls make up, read with
+    # them (``UsageRecorded.gateway_id``): a gateway takes metering's count of the others' calls
+    # and its own exact count of its own.
+    by_gateway: dict[str, tuple[int, int]] = Field(default_factory=dict)
 
 
 class QuotaUpdated(QuotaState):

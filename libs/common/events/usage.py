@@ -9,6 +9,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import ClassVar, Literal
 
+from pydantic import Field
+
 from libs.common.events.envelope import EventPayload
 
 # upstream: its own usage; estimated: it reported none, the gateway counted; corrected: it
@@ -49,3 +51,7 @@ class UsageRecorded(EventPayload):
     error_type: str | None = None
     usage_source: UsageSource = "upstream"
     stream: bool = False
+    # The gateway process that served the call (a new id at every start). Metering counts each
+    # quota's usage per gateway too, so a gateway's ledger adds its own calls exactly once: its
+    # local count, in place of metering's count of them. None from other sources (Kong).
+    gateway_id: str | None = Field(default=None, max_length=64)
