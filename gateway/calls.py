@@ -16,26 +16,10 @@ from starlette.types import Receive
 from gateway.http import wait_disconnect
 from libs.common.db import new_id
 from libs.common.events.usage import CallStatus, UsageRecorded, UsageSource
-from libs.common.observability import GEN_AI_OPERATIONS
+from libs.common.observability import GEN_AI_OPERATIONS, LATENCY_BUCKETS_SECONDS
 
 # Bucket boundaries shared by the Prometheus histograms and their OpenTelemetry twins.
-TTFT_BUCKETS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-DURATION_BUCKETS: tuple[float, ...] = (
-    0.001,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    30,
-    60,
-)
+TTFT_BUCKETS = DURATION_BUCKETS = LATENCY_BUCKETS_SECONDS
 
 CALLS = Counter(
     "steward_gateway_calls_total", "Calls proxied upstream", ["kind", "model", "status"]

@@ -94,6 +94,20 @@ def configure_tracing(service: str, otlp_endpoint: str | None) -> None:
     trace.set_tracer_provider(provider)
 
 
+# Latency histogram boundaries (seconds): 10 ms steps up to 1 s, where model latencies live and
+# a dashboard's percentiles must not jump from one coarse edge to the next; coarser beyond.
+LATENCY_BUCKETS_SECONDS: tuple[float, ...] = (
+    *(round(i / 100, 2) for i in range(1, 101)),
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+
 # OpenTelemetry's gen_ai.operation.name for each kind of call the gateway proxies (the ``kind``
 # of a usage event): the gateway and metering label their metrics with it.
 GEN_AI_OPERATIONS: dict[str, str] = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
@@ -28,7 +28,7 @@ from libs.common.errors import (
 )
 from libs.common.names import PROJECT_PATTERN, AssetPath, ProjectPath, UUIDPath
 from libs.common.service import ContextDep, SessionDep, UnitOfWorkDep
-from services.metering import domain, endpoints
+from services.metering import domain, endpoints, sketch
 from services.metering import repository as repo
 from services.metering.models import (
     DURATION_BOUNDS_MS,
@@ -60,6 +60,7 @@ from services.metering.schemas import (
     TotalsQuery,
     UsageEventRead,
     UsageEventsQuery,
+    UsageFilter,
     UsageReport,
     UsageRow,
 )
@@ -88,13 +89,22 @@ def _cost(nanos: int) -> float:
 
 
 def _latency(
-    row: Any, count: int, total_ms: float, columns: list[str], bounds: Sequence[float]
+    row: Any,
+    count: int,
+    total_ms: float,
+    columns: list[str],
+    bounds: Sequence[float],
+    bins: Mapping[int, int],
 ) -> Latency:
+    """From the sketch when it holds every call; else (minutes from before the sketches) from
+    the coarse histogram: the upper bound of the bucket holding each percentile."""
+    mean = round(total_ms / count, 3) if count else None
+    if sum(bins.values()) == count:
+        p50, p95, p99 = sketch.quantiles(bins, (0.5, 0.95, 0.99))
+        return Latency(count=count, mean=mean, p50=p50, p95=p95, p99=p99)
     counts = [int(getattr(row, c)) for c in columns]
 
     def quantile(p: float) -> float | None:
-        if not count:
-            return None
         rank, seen = p * count, 0
         for bound, n in zip(bounds, counts, strict=True):
             seen += n
@@ -102,15 +112,19 @@ def _latency(
                 return None if bound == float("inf") else float(bound)
         return None
 
-    return Latency(
-        count=count,
-        mean=round(total_ms / count, 3) if count else None,
-        p50=quantile(0.5),
-        p95=quantile(0.95),
-    )
+    return Latency(count=count, mean=mean, p50=quantile(0.5), p95=quantile(0.95))
 
 
-def _usage_row(row: Any, group_by: Sequence[str], series: bool) -> UsageRow:
+def _sketched(bins: Mapping[int, int]) -> Latency:
+    p50, p95, p99 = sketch.quantiles(bins, (0.5, 0.95, 0.99))
+    return Latency(count=sum(bins.values()), mean=sketch.mean(bins), p50=p50, p95=p95, p99=p99)
+
+
+def _usage_row(
+    row: Any, group_by: Sequence[str], series: bool, sketches: repo.Sketches
+) -> UsageRow:
+    group = tuple(getattr(row, k) for k in (["start"] if series else []) + list(group_by))
+    bins = sketches.get(group, {})
     prompt, completion = int(row.prompt_tokens), int(row.completion_tokens)
     return UsageRow(
         start=row.start if series else None,
@@ -122,12 +136,41 @@ def _usage_row(row: Any, group_by: Sequence[str], series: bool) -> UsageRow:
         total_tokens=prompt + completion,
         cost=_cost(row.cost_nanos),
         ttft_ms=_latency(
-            row, int(row.ttft_count), float(row.ttft_sum_ms), TTFT_BUCKETS, TTFT_BOUNDS_MS
+            row,
+            int(row.ttft_count),
+            float(row.ttft_sum_ms),
+            TTFT_BUCKETS,
+            TTFT_BOUNDS_MS,
+            bins.get("ttft", {}),
         ),
         duration_ms=_latency(
-            row, int(row.requests), float(row.duration_sum_ms), DURATION_BUCKETS, DURATION_BOUNDS_MS
+            row,
+            int(row.requests),
+            float(row.duration_sum_ms),
+            DURATION_BUCKETS,
+            DURATION_BOUNDS_MS,
+            bins.get("duration", {}),
         ),
+        tpot_ms=_sketched(bins.get("tpot", {})),
     )
+
+
+async def _usage_rows(
+    session: SessionDep,
+    principal: Principal,
+    query: UsageFilter,
+    start: datetime,
+    end: datetime,
+    group_by: Sequence[str],
+    interval: str | None = None,
+    limit: int | None = None,
+) -> list[UsageRow]:
+    """The report's rows: the aggregates and the latency sketches of the same groups."""
+    rows = await repo.usage(session, principal, query, start, end, group_by, interval, limit)
+    sketches = await repo.latency_sketches(
+        session, principal, query, start, end, group_by, interval
+    )
+    return [_usage_row(r, group_by, interval is not None, sketches) for r in rows]
 
 
 def _quota_read(quota: Quota, state: Any) -> QuotaRead:
@@ -207,13 +250,12 @@ async def usage_totals(
 ) -> UsageReport:
     """Totals over ``[start, end)`` per group (``group_by``), or one row for everything."""
     start, end = query.bounds(clock())
-    rows = await repo.usage(session, principal, query, start, end, query.group_by)
     return UsageReport(
         start=start,
         end=end,
         group_by=query.group_by,
         currency=ctx.settings.metering_currency,
-        rows=[_usage_row(r, query.group_by, False) for r in rows],
+        rows=await _usage_rows(session, principal, query, start, end, query.group_by),
     )
 
 
@@ -228,14 +270,14 @@ async def usage_series(
     """A time series: one row per ``interval`` (UTC) and group; intervals without usage are
     left out."""
     start, end = query.bounds(clock())
-    rows = await repo.usage(session, principal, query, start, end, query.group_by, query.interval)
+    rows = await _usage_rows(session, principal, query, start, end, query.group_by, query.interval)
     return UsageReport(
         start=start,
         end=end,
         group_by=query.group_by,
         interval=query.interval,
         currency=ctx.settings.metering_currency,
-        rows=[_usage_row(r, query.group_by, True) for r in rows],
+        rows=rows,
     )
 
 
@@ -299,7 +341,7 @@ async def usage_export(
 ) -> Response:
     """The series of ``/usage/series`` as CSV, one line per interval and group."""
     start, end = query.bounds(clock())
-    rows = await repo.usage(
+    rows = await _usage_rows(
         session,
         principal,
         query,
@@ -329,8 +371,7 @@ async def usage_export(
             "duration_mean_ms",
         ]
     )
-    for r in rows:
-        row = _usage_row(r, query.group_by, True)
+    for row in rows:
         assert row.start is not None
         writer.writerow(
             [

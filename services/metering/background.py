@@ -27,6 +27,7 @@ from services.metering.models import (
     WebhookDelivery,
     bus_tables,
     usage_events,
+    usage_latency_bins,
     usage_minutes,
 )
 
@@ -209,6 +210,14 @@ class Retention(Periodic):
             (
                 "usage_minutes",
                 usage_minutes,
+                "minute",
+                "minute",
+                s.metering_aggregate_retention_days,
+                None,
+            ),
+            (
+                "usage_latency_bins",
+                usage_latency_bins,
                 "minute",
                 "minute",
                 s.metering_aggregate_retention_days,

@@ -24,7 +24,7 @@ from libs.common.events import CloudEvent
 from libs.common.events.usage import UsageRecorded
 from libs.common.outbox import Outbox
 from libs.common.settings import Settings
-from services.metering import domain, metrics, pricing
+from services.metering import domain, metrics, pricing, sketch
 from services.metering import repository as repo
 from services.metering.models import (
     DURATION_BOUNDS_MS,
@@ -168,6 +168,7 @@ class Ingest:
                 return
         minutes = [u.time.replace(second=0, microsecond=0) for u in usages]
         await repo.add_minutes(session, self.minutes(usages, costs, minutes))
+        await repo.add_latency_bins(session, self.latency_bins(usages, minutes))
         touched = await self.count_quotas(session, usages, minutes, now)
         newest = max(u.time for u in usages)
 
@@ -211,6 +212,27 @@ class Ingest:
             dict(zip(_MINUTE_KEY, key, strict=True)) | dict(zip(MINUTE_SUMS, acc, strict=True))
             for key, acc in sums.items()
         ]
+
+    @staticmethod
+    def latency_bins(
+        usages: Sequence[UsageRecorded], minutes: Sequence[datetime]
+    ) -> dict[repo.BinKey, int]:
+        """Each call's time to first token, duration and time per output token, in the latency
+        sketch bins of its minute and group (``sketch``)."""
+        bins: dict[repo.BinKey, int] = {}
+        bin_of = sketch.bin_of
+        for u, minute in zip(usages, minutes, strict=True):
+            group = (minute, u.project, u.model, u.credential_id, u.endpoint)
+            values = (
+                ("duration", u.duration_ms),
+                ("ttft", u.ttft_ms),
+                ("tpot", sketch.tpot_ms(u.duration_ms, u.ttft_ms, u.completion_tokens, u.stream)),
+            )
+            for metric, value in values:
+                if value is not None:
+                    key = (*group, metric, bin_of(value))
+                    bins[key] = bins.get(key, 0) + 1
+        return bins
 
     async def count_quotas(
         self,

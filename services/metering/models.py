@@ -124,6 +124,24 @@ usage_minutes = Table(
     Index("ix_usage_minutes_minute_only", "minute"),
 )
 
+# Latency sketches (services/metering/sketch.py): per minute and group, how many calls fell in
+# each log-spaced bin of each metric. Summed over any range and grouping, they give percentiles
+# within 1 % of the true values.
+usage_latency_bins = Table(
+    "usage_latency_bins",
+    metadata,
+    Column("minute", UTCDateTime, primary_key=True),
+    Column("project", String(63), primary_key=True),
+    Column("model", String(255), primary_key=True),
+    Column("credential_id", String(255), primary_key=True),
+    Column("endpoint", String(255), primary_key=True),
+    Column("metric", String(16), primary_key=True),
+    Column("bin", Integer, primary_key=True, autoincrement=False),
+    _counter("count"),
+    Index("ix_usage_latency_bins_project_minute", "project", "minute"),
+    Index("ix_usage_latency_bins_minute_only", "minute"),
+)
+
 # The additive columns of an aggregate row: what an upsert adds to.
 MINUTE_SUMS: tuple[str, ...] = tuple(c.name for c in usage_minutes.columns if not c.primary_key)
 

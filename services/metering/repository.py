@@ -50,6 +50,7 @@ from services.metering.models import (
     WebhookDelivery,
     bus_tables,
     usage_events,
+    usage_latency_bins,
     usage_minutes,
 )
 from services.metering.pricing import PriceBook
@@ -207,6 +208,41 @@ async def add_minutes(session: AsyncSession, rows: Sequence[Mapping[str, Any]]) 
         set_={c: usage_minutes.c[c] + ins.excluded[c] for c in MINUTE_SUMS},
     )
     await session.execute(statement, ordered)
+
+
+# A bin's key: (minute, project, model, credential_id, endpoint, metric, bin).
+BinKey = tuple[datetime, str, str, str, str, str, int]
+_ADD_BINS_PG = text(
+    "INSERT INTO usage_latency_bins (minute, project, model, credential_id, endpoint, metric, bin,"
+    " count) SELECT * FROM unnest(CAST(:minute AS timestamptz[]), CAST(:project AS text[]),"
+    " CAST(:model AS text[]), CAST(:credential_id AS text[]), CAST(:endpoint AS text[]),"
+    " CAST(:metric AS text[]), CAST(:bin AS int4[]), CAST(:count AS int8[]))"
+    " ON CONFLICT (minute, project, model, credential_id, endpoint, metric, bin) DO UPDATE SET"
+    " count = usage_latency_bins.count + EXCLUDED.count"
+)
+_BIN_COLUMNS = ("minute", "project", "model", "credential_id", "endpoint", "metric", "bin")
+
+
+async def add_latency_bins(session: AsyncSession, bins: Mapping[BinKey, int]) -> None:
+    """Add calls to their latency bins, in key order (two replicas never deadlock)."""
+    if not bins:
+        return
+    ordered = sorted(bins.items())
+    if is_postgres(session):
+        params: dict[str, list[Any]] = {
+            c: [k[i] for k, _ in ordered] for i, c in enumerate(_BIN_COLUMNS)
+        }
+        params["count"] = [n for _, n in ordered]
+        await session.execute(_ADD_BINS_PG, params)
+        return
+    table = usage_latency_bins
+    ins = _insert(session, table)
+    statement = ins.on_conflict_do_update(
+        index_elements=list(_BIN_COLUMNS), set_={"count": table.c["count"] + ins.excluded["count"]}
+    )
+    rows = [{**dict(zip(_BIN_COLUMNS, k, strict=True)), "count": n} for k, n in ordered]
+    for start in range(0, len(rows), 100):  # 8 parameters each: within SQLite's limit
+        await session.execute(statement.values(rows[start : start + 100]))
 
 
 async def price_book(session: AsyncSession, assets: Sequence[str]) -> PriceBook:
@@ -615,9 +651,9 @@ def _bucket(session: AsyncSession, interval: str, column: Any) -> Any:
 
 
 def _filters(
-    principal: Principal, f: UsageFilter, start: datetime, end: datetime
+    principal: Principal, f: UsageFilter, start: datetime, end: datetime, m: Any = usage_minutes.c
 ) -> list[ColumnElement[bool]]:
-    m = usage_minutes.c
+    """The report's filters on an aggregate table's columns (minutes or latency bins)."""
     where = [tenant(m.project, principal, f.project), m.minute >= start, m.minute < end]
     for name, value in (("model", f.model), ("credential", f.credential), ("endpoint", f.endpoint)):
         if value is not None:
@@ -647,6 +683,37 @@ async def usage(
     if limit is not None:
         query = query.limit(limit)
     return list((await session.execute(query)).all())
+
+
+# Per group (the interval's start first, for a series, then the ``group_by`` values): each
+# metric's bins and counts.
+Sketches = dict[tuple[Any, ...], dict[str, dict[int, int]]]
+
+
+async def latency_sketches(
+    session: AsyncSession,
+    principal: Principal,
+    f: UsageFilter,
+    start: datetime,
+    end: datetime,
+    group_by: Sequence[str],
+    interval: str | None = None,
+) -> Sketches:
+    """The latency sketches of the groups ``usage`` reports, summed over their minutes."""
+    b = usage_latency_bins.c
+    keys = [b[DIMENSIONS[g]].label(g) for g in group_by]
+    if interval is not None:
+        keys.insert(0, _bucket(session, interval, b.minute).label("start"))
+    query = (
+        select(*keys, b.metric, b.bin, func.sum(b["count"]))
+        .where(*_filters(principal, f, start, end, b))
+        .group_by(*keys, b.metric, b.bin)
+    )
+    found: Sketches = {}
+    for row in await session.execute(query):
+        *group, metric, bin_, count = row
+        found.setdefault(tuple(group), {}).setdefault(metric, {})[int(bin_)] = int(count)
+    return found
 
 
 TOP_METRICS: dict[str, Any] = {

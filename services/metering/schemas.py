@@ -150,12 +150,15 @@ class UsageEventsQuery(UsageFilter):
 
 
 class Latency(BaseModel):
-    """Milliseconds; percentiles are the upper bound of the histogram bucket holding them."""
+    """Milliseconds. Percentiles are within 1 % of the true values (latency sketches); for
+    minutes aggregated before the sketches existed, the upper bound of a coarse histogram
+    bucket."""
 
     count: int
     mean: float | None
     p50: float | None
     p95: float | None
+    p99: float | None = None
 
 
 class UsageRow(BaseModel):
@@ -174,6 +177,9 @@ class UsageRow(BaseModel):
     cost: float
     ttft_ms: Latency
     duration_ms: Latency
+    tpot_ms: Latency = Field(
+        description="Time per output token after the first, of streamed calls with two or more"
+    )
 
 
 class UsageReport(BaseModel):

@@ -80,7 +80,8 @@ async def test_totals_grouped_by_model_and_credential(
     assert rows[("mistral", kb)]["requests"] == 3
     assert rows[("mistral", kb)]["errors"] == 1
     assert rows[("mistral", kb)]["prompt_tokens"] == 101
-    assert rows[("mistral", kb)]["duration_ms"]["p50"] == 250.0  # 120 ms lands in le_250
+    # Every call took 120 ms: the percentiles say so, within the sketches' 1 %.
+    assert rows[("mistral", kb)]["duration_ms"]["p50"] == pytest.approx(120.0, rel=0.01)
 
     # The same totals with repeated parameters, and a time range that leaves out the old calls.
     recent = await ok(
