@@ -396,7 +396,7 @@ def _merge(known: QuotaState, incoming: QuotaState) -> QuotaState:
     elif incoming.window_start != known.window_start:
         counts = max(incoming, known, key=lambda s: s.window_start)
     else:
-        counts = max(known, incoming, key=lambda s: (s.input_used + s.output_used, s.as_of))
+        counts = max(known, incoming, key=_read_order)
     through = [t for t in (known.counted_through, incoming.counted_through) if t is not None]
     return base.model_copy(
         update={
@@ -412,6 +412,13 @@ def _merge(known: QuotaState, incoming: QuotaState) -> QuotaState:
             ),
         }
     )
+
+
+def _read_order(state: QuotaState) -> tuple[int, int, datetime]:
+    """Which of two reads of one window is the newer: counts and their attributed parts only
+    grow (a state without the split, from an older metering, loses a tie)."""
+    attributed = sum(i + o for i, o in state.by_gateway.values())
+    return state.input_used + state.output_used, attributed, state.as_of
 
 
 def _judge(entry: _Entry, now: datetime, input_tokens: int, output_tokens: int) -> _Verdict:

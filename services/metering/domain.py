@@ -146,8 +146,12 @@ async def raise_alerts(
         level = "exceeded" if threshold >= 1.0 else "warning"
         if not await repo.claim_alert(session, quota.id, start, pct, level, list(reached), now):
             continue
+        # The per-gateway split of these counts, as this transaction left them (the counter
+        # rows it changed are its own until commit): every state a gateway merges carries it.
+        counted = (await repo.counters(session, [(quota.id, start)]))[(quota.id, start)]
+        state = state_of(quota, window_start, used, None, by_gateway=counted.by_gateway)
         payload = event_type(
-            **state_of(quota, window_start, used, None).model_dump(exclude={"as_of"}),
+            **state.model_dump(exclude={"as_of"}),
             as_of=now,
             threshold=threshold,
             dimensions=reached,

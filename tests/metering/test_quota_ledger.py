@@ -318,3 +318,17 @@ def test_one_gateway_admits_a_call_iff_it_fits_counting_every_call_once(
             )
         held = sum(tokens for _, tokens in flying)
         assert sum(ledger.usage("q1", T0)) == others + sum(settled) + held
+
+
+def test_a_state_without_the_gateway_split_never_displaces_one_with_it() -> None:
+    """Alerts from an older metering carry no split: for the same count, the split wins (else
+    this gateway's own calls would count twice until the next state)."""
+    ledger = q.QuotaLedger(gateway_id="me")
+    ledger.apply(state(total=1000))
+    r = ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=300, output_tokens=0, now=T0
+    )
+    ledger.settle(r, input_tokens=300, output_tokens=0, at=T0)
+    ledger.apply(state(total=1000, used=(300, 0), by_gateway={"me": (300, 0)}))
+    ledger.apply(state(total=1000, used=(300, 0), at=T0 + timedelta(seconds=1)))
+    assert ledger.usage("q1", T0) == (300, 0)
