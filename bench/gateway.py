@@ -523,6 +523,43 @@ async def measure(stack: Stack, args: argparse.Namespace) -> None:
     print(f"usage events published by the gateway during the run: {published}")
 
 
+def journal_cost(workdir: Path, calls: int = 20_000) -> None:
+    """What the in-flight journal adds to a call (its begin and end lines; a stream adds one
+    progress line per second), against what every call already costs: building its usage event
+    and its CloudEvent JSON. Both timed here, in this process, one after the other."""
+    from gateway.calls import Call
+    from gateway.journal import Journal
+    from libs.common.events import CloudEvent
+
+    made = [
+        Call(
+            project="bench",
+            credential_id="k",
+            subject="s",
+            model="m",
+            endpoint="m",
+            kind="chat",
+            started=time.perf_counter(),
+        )
+        for _ in range(calls)
+    ]
+    start = time.perf_counter()
+    for call in made:
+        CloudEvent.wrap(call.to_event(), source="gateway").model_dump_json()
+    baseline = time.perf_counter() - start
+    journal = Journal(workdir / "journal-bench")
+    start = time.perf_counter()
+    for call in made:
+        journal.begin(call.interrupted(12))
+        journal.end([call.event_id])
+    journaled = time.perf_counter() - start
+    journal.close()
+    print(
+        f"in-flight journal: {journaled / calls * 1e6:.1f} us per call "
+        f"= {journaled / baseline:.2f} x building its usage event ({baseline / calls * 1e6:.1f} us)"
+    )
+
+
 def show_logs(workdir: Path) -> None:
     """The end of every process's log, to see why a run failed."""
     for log in sorted(workdir.glob("*.log")):
@@ -543,6 +580,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="steward-bench-") as tmp:
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)  # noqa: S103 - nginx's workers (nobody) read the config
+        journal_cost(workdir)
         stack = Stack(workdir)
         try:
             async with catalog_stub() as catalog_url:

@@ -30,6 +30,7 @@ from gateway.api import SERVICES, ApiProxy, console
 from gateway.authn import Authenticator
 from gateway.http import bad_path, openai_error, send_json
 from gateway.inference import ENDPOINTS, InferenceProxy
+from gateway.journal import Journal
 from gateway.kong.config import load_file, load_state
 from gateway.kong.proxy import KongProxy, send_kong_error
 from gateway.kong.runtime import KongError, KongRuntime
@@ -147,7 +148,17 @@ class Gateway:
             write=30.0,
             pool=settings.gateway_upstream_connect_timeout_seconds,
         )
-        usage = UsageRecorder(bus, Spool(settings.data_dir / "gateway"))
+        journal = Journal(settings.data_dir / "gateway")
+        usage = UsageRecorder(bus, Spool(settings.data_dir / "gateway"), journal=journal)
+        # Calls an earlier process was serving when it stopped: metered as interrupted, safe on
+        # disk before the journal that remembered them is dropped.
+        interrupted = journal.recover()
+        if interrupted:
+            usage.spool_now(interrupted)
+            log.warning(
+                "calls interrupted by the last stop metered", extra={"calls": len(interrupted)}
+            )
+        journal.forget()
         gateway = cls(
             settings=settings,
             bus=bus,
@@ -186,6 +197,8 @@ class Gateway:
     async def stop(self) -> None:
         await self.syncer.stop()
         await self.usage.stop()
+        if self.usage.journal is not None:
+            self.usage.journal.close()
         await self.bus.close()
         await self.http.aclose()
         self.upstream.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -100,6 +100,8 @@ class Call:
     error_type: str | None = None
     # The gateway process that served it (its quota ledger's id).
     gateway_id: str | None = None
+    # The usage event's id, fixed at the start: the in-flight journal's entry has the same one.
+    event_id: str = field(default_factory=new_id)
 
     def fail(self, http_status: int, error_type: str) -> None:
         self.http_status = http_status
@@ -112,7 +114,7 @@ class Call:
         if self.first_token is not None and self.sent_upstream is not None:
             ttft = round((self.first_token - self.sent_upstream) * 1000, 3)
         return UsageRecorded(
-            event_id=new_id(),
+            event_id=self.event_id,
             time=datetime.now(UTC),
             project=self.project,
             credential_id=self.credential_id,
@@ -133,6 +135,22 @@ class Call:
             usage_source=self.usage_source,
             stream=self.stream,
             gateway_id=self.gateway_id,
+        )
+
+    def interrupted(self, prompt_tokens: int) -> UsageRecorded:
+        """Its event as it reads if the gateway stops now, with the prompt estimate: what the
+        in-flight journal keeps."""
+        return self.to_event().model_copy(
+            update={
+                "status": "interrupted",
+                "error_type": "gateway_stopped",
+                "http_status": 0,
+                "usage_source": "estimated",
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": 0,
+                "total_tokens": prompt_tokens,
+                "ttft_ms": None,
+            }
         )
 
     def observe(self) -> None:

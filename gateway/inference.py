@@ -28,6 +28,7 @@ from gateway.http import (
     send_json,
     upstream_header_list,
 )
+from gateway.journal import PROGRESS_SECONDS
 from gateway.quota import client_headers
 from gateway.routes import ModelRoute
 from gateway.sse import StreamRelay
@@ -309,6 +310,9 @@ class InferenceProxy:
             headers.append((b"authorization", b"Bearer " + secret.encode()))
         url = route.upstream + scope["path"][3:]
         state = _Progress(UsageLimits.of(request, len(body), cap))
+        journal = self.gw.usage.journal
+        if journal is not None:
+            journal.begin(call.interrupted(prompt_estimate))
         work = self._exchange(
             send,
             extra,
@@ -435,10 +439,16 @@ class InferenceProxy:
         state.relay = relay
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         state.started = True
+        journal = self.gw.usage.journal
+        checkpoint = time.perf_counter() + PROGRESS_SECONDS
         async for chunk in response.iter_body():
             out = relay.feed(chunk)
             if call.first_token is None and relay.first_content:
                 call.first_token = time.perf_counter()
+            if journal is not None and time.perf_counter() >= checkpoint:
+                # What it streamed so far, should the gateway stop before the call ends.
+                journal.progress(call.event_id, estimate_chars(relay.chars))
+                checkpoint = time.perf_counter() + PROGRESS_SECONDS
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 state.answered = relay.done

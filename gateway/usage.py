@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
+from gateway.journal import Journal
 from gateway.spool import Spool
 from libs.common.bus import Bus, BusUnavailable
 from libs.common.events import CloudEvent
@@ -34,10 +35,19 @@ Queued = tuple[UsageRecorded, str | None]
 
 
 class UsageRecorder:
-    def __init__(self, bus: Bus, spool: Spool, *, source: str = "gateway") -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        spool: Spool,
+        *,
+        source: str = "gateway",
+        journal: Journal | None = None,
+    ) -> None:
         self.bus = bus
         self.spool = spool
         self.source = source
+        # Told when a call's event is safe (published or on disk): it no longer needs its entry.
+        self.journal = journal
         self._queue: asyncio.Queue[Queued] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._spool_task: asyncio.Task[None] | None = None
@@ -50,12 +60,21 @@ class UsageRecorder:
     def record(self, payload: UsageRecorded, *, traceparent: str | None = None) -> None:
         """Queue a usage event; ``traceparent`` puts it in the trace of the call's request."""
         if self._queue.qsize() >= MAX_QUEUED:
-            self.spool.append([self._wrap(payload, traceparent)])
-            self.spooled += 1
-            USAGE_EVENTS.labels("spooled").inc()
-            self._spooled.set()
+            self.spool_now([payload], traceparent)
             return
         self._queue.put_nowait((payload, traceparent))
+
+    def spool_now(self, payloads: Sequence[UsageRecorded], traceparent: str | None = None) -> None:
+        """Write events straight to the disk spool (delivered in order once NATS is there)."""
+        self.spool.append([self._wrap(p, traceparent) for p in payloads])
+        self.spooled += len(payloads)
+        USAGE_EVENTS.labels("spooled").inc(len(payloads))
+        self._spooled.set()
+        self._safe(payloads)
+
+    def _safe(self, payloads: Iterable[UsageRecorded]) -> None:
+        if self.journal is not None:
+            self.journal.end(p.event_id for p in payloads)
 
     def _wrap(self, payload: UsageRecorded, traceparent: str | None = None) -> bytes:
         event = CloudEvent.wrap(
@@ -92,6 +111,7 @@ class UsageRecorder:
             except asyncio.CancelledError:
                 # Shutdown in the middle of a batch: keep it on disk, delivered next start.
                 self.spool.append(self._wrap(*queued) for queued in batch)
+                self._safe(payload for payload, _ in batch)
                 raise
 
     async def _publish_or_spool(self, batch: Sequence[Queued]) -> None:
@@ -113,6 +133,7 @@ class UsageRecorder:
             USAGE_EVENTS.labels("spooled").inc(len(failed))
             SPOOL_BYTES.set(self.spool.size())
             self._spooled.set()
+        self._safe(payload for payload, _ in batch)
 
     async def _publish(self, event_id: str, body: bytes) -> bool:
         await self.bus.publish(UsageRecorded.subject, body, event_id)

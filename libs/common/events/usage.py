@@ -17,7 +17,9 @@ from libs.common.events.envelope import EventPayload
 # reported counts no call could have used (negative, not integers, past the request's limits),
 # replaced by the gateway's count.
 UsageSource = Literal["upstream", "estimated", "corrected"]
-CallStatus = Literal["ok", "error", "cancelled"]
+# interrupted: the gateway stopped (crashed, was killed) while the call ran; metered at its next
+# start with what it had streamed.
+CallStatus = Literal["ok", "error", "cancelled", "interrupted"]
 
 
 class UsageRecorded(EventPayload):
