@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from libs.common.db import make_engine
-from libs.common.settings import Settings
 from tests.approval.support import eventually, uname
 from tests.helpers import bearer, new_project, ok
-
-
-@pytest.fixture
-async def approval_db(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(settings.database_url_for("approval"), "approval")
-    yield engine
-    await engine.dispose()
 
 
 async def _verify(approval: httpx.AsyncClient, key: str) -> dict[str, Any]:

@@ -18,20 +18,11 @@ from fastapi import FastAPI
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from libs.common.db import make_engine
-from libs.common.settings import Settings
 from services.approval import audit
 from services.approval import repository as repo
 from services.approval.models import AuditRecord
 from tests.approval.support import eventually
 from tests.helpers import bearer, new_project, ok
-
-
-@pytest.fixture
-async def approval_db(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(settings.database_url_for("approval"), "approval")
-    yield engine
-    await engine.dispose()
 
 
 @pytest.fixture

@@ -192,32 +192,7 @@ async def test_a_small_budget_warns_then_answers_429_at_the_gateway(
 ) -> None:
     """A quota made in metering reaches the gateway's ledger as an event; calls are refused
     once the budget is spent, with RateLimit headers, and the refusals cost no tokens."""
-    project = await new_project(authz, admin_key, "budget")
-    key = await ok(
-        await authz.post(
-            f"/v1/projects/{project}/keys",
-            json={"name": "app", "scopes": ["inference:invoke"]},
-            headers=bearer(admin_key),
-        ),
-        201,
-    )
-    await ok(
-        await authz.put(
-            f"/v1/projects/{project}/entitlements/model/echo", headers=bearer(admin_key)
-        ),
-        201,
-    )
-    created = await ok(
-        await metering.post(
-            f"/v1/projects/{project}/quotas",
-            json={"window": "hour", "limits": {"total_tokens": 120}},
-            headers=bearer(admin_key),
-        ),
-        201,
-    )
-    ledger = through.gateway.quota
-    await soon(lambda: any(s.quota_id == created["id"] for s in ledger.states()))
-    await soon(lambda: through.gateway.auth.entitled(project, "model", "echo"))
+    _, key = await _budget(authz, metering, admin_key, through, 120, prefix="budget")
     body = {
         "model": "echo",
         "messages": [{"role": "user", "content": "count me"}],
@@ -226,9 +201,7 @@ async def test_a_small_budget_warns_then_answers_429_at_the_gateway(
     statuses: list[int] = []
     async with httpx.AsyncClient(base_url=through.url) as client:
         for _ in range(40):
-            response = await client.post(
-                "/v1/chat/completions", json=body, headers=bearer(key["key"])
-            )
+            response = await client.post("/v1/chat/completions", json=body, headers=bearer(key))
             statuses.append(response.status_code)
             if response.status_code == 429:
                 refused = response
@@ -288,9 +261,10 @@ async def _budget(
     admin_key: str,
     through: Through,
     limit: int,
+    prefix: str = "exact",
 ) -> tuple[str, str]:
     """A project entitled to echo, its key, and an hourly total-token quota the gateway knows."""
-    project = await new_project(authz, admin_key, "exact")
+    project = await new_project(authz, admin_key, prefix)
     key = await ok(
         await authz.post(
             f"/v1/projects/{project}/keys",
