@@ -44,6 +44,7 @@ from gateway.sync import Syncer, authz_feed, catalog_feed, inference_feed, meter
 from gateway.tracing import KNOWN_METHODS, configured_tracer, extract, inject_httpx
 from gateway.upstream import UpstreamPool
 from gateway.usage import UsageRecorder
+from gateway.vocab import Tokenizers
 from libs.common.bus import Bus
 from libs.common.clients import AuthzClient, CatalogClient, ServiceClient
 from libs.common.db import Clock, new_id, utcnow
@@ -88,6 +89,7 @@ class Gateway:
     usage: UsageRecorder
     syncer: Syncer
     http: httpx.AsyncClient
+    tokenizers: Tokenizers
     upstream: UpstreamPool = field(
         default_factory=lambda: UpstreamPool(connect_timeout=5.0, read_timeout=300.0)
     )
@@ -179,6 +181,7 @@ class Gateway:
                 tracer=tracer,
                 policy=await policy_from_settings(settings),
             ),
+            tokenizers=Tokenizers(settings.tokenizer_roots),
             clients=[authz_client, catalog_client, inference_client, metering_client],
             quota=quota,
             oidc_http=oidc_http,

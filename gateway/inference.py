@@ -33,11 +33,13 @@ from gateway.quota import client_headers
 from gateway.routes import ModelRoute
 from gateway.sse import StreamRelay
 from gateway.tokens import (
+    ESTIMATE,
+    ModelTokenizer,
+    TokenCounter,
     UsageLimits,
     completion_text,
     estimate_chars,
     estimate_prompt,
-    estimate_text,
     reported_usage,
 )
 from gateway.upstream import (
@@ -164,9 +166,10 @@ class InferenceProxy:
             started=time.perf_counter(),
             gateway_id=self.gw.quota.gateway_id,
         )
+        counter = await self.gw.tokenizers.counter(version.tokenizer)
         span = trace.get_current_span() if self.gw.tracer is not None else None
         try:
-            await self._call(scope, receive, send, extra, request, body, route, call)
+            await self._call(scope, receive, send, extra, request, body, route, call, counter)
         except Refusal as refusal:
             call.fail(refusal.status, refusal.type_)
             raise
@@ -249,6 +252,7 @@ class InferenceProxy:
         body: bytes,
         route: ModelRoute,
         call: Call,
+        counter: TokenCounter,
     ) -> None:
         cap = route.max_tokens or self.gw.settings.gateway_max_tokens
         for param in ("max_tokens", "max_completion_tokens"):
@@ -309,7 +313,9 @@ class InferenceProxy:
                 ) from None
             headers.append((b"authorization", b"Bearer " + secret.encode()))
         url = route.upstream + scope["path"][3:]
-        state = _Progress(UsageLimits.of(request, len(body), cap))
+        state = _Progress(
+            request, prompt_estimate, UsageLimits.of(request, len(body), cap), counter
+        )
         journal = self.gw.usage.journal
         if journal is not None:
             journal.begin(call.interrupted(prompt_estimate))
@@ -328,11 +334,11 @@ class InferenceProxy:
         )
         try:
             if await until_disconnect(work, receive):
-                _after_disconnect(call, state, prompt_estimate)
+                _after_disconnect(call, state)
         except UpstreamTimeout as exc:
             call.fail(504, "timeout")
             if not isinstance(exc, UpstreamConnectError):
-                _settle_cut_stream(call, state, prompt_estimate)
+                _settle_cut_stream(call, state)
             if not state.started:
                 raise Refusal(504, "the model did not answer in time", "timeout") from None
             await _end_stream_with_error(send, "the model stopped answering", "timeout")
@@ -346,7 +352,7 @@ class InferenceProxy:
         except UpstreamError as exc:
             call.fail(502, "upstream_unavailable")
             if not isinstance(exc, UpstreamConnectError):
-                _settle_cut_stream(call, state, prompt_estimate)
+                _settle_cut_stream(call, state)
             log.warning("upstream unreachable", extra={"route": route.name, "error": str(exc)})
             if not state.started:
                 raise Refusal(502, "the model is unreachable", "upstream_error") from None
@@ -397,7 +403,7 @@ class InferenceProxy:
                 )
                 await send({"type": "http.response.body", "body": payload})
                 state.complete = True
-                _account(call, response.status, payload, request, state.limits)
+                _account(call, response.status, payload, request, state)
         finally:
             response.close()
 
@@ -418,7 +424,7 @@ class InferenceProxy:
         if redirect:
             call.fail(status, "upstream_redirect")
         else:
-            _account(call, response.status, raw, request, state.limits)
+            _account(call, response.status, raw, request, state)
         state.started = True
         headers = MODEL.error_headers(response.headers, body) + extra
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -435,7 +441,9 @@ class InferenceProxy:
         strip_usage: bool,
         state: _Progress,
     ) -> None:
-        relay = StreamRelay(strip_usage=strip_usage)
+        relay = StreamRelay(
+            strip_usage=strip_usage, keep_text=isinstance(state.counter, ModelTokenizer)
+        )
         state.relay = relay
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         state.started = True
@@ -455,7 +463,7 @@ class InferenceProxy:
         tail = relay.flush()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         state.complete = True
-        _settle_stream_usage(call, state, estimate_prompt(request))
+        _settle_stream_usage(call, state)
         if relay.upstream_error is not None:
             call.status = "error"
             call.error_type = str(relay.upstream_error.get("type") or "upstream_error")
@@ -484,14 +492,38 @@ class _Progress:
     """How far a response got: headers sent (no more error status possible), ``[DONE]`` sent
     (the client has the whole answer), all sent."""
 
-    __slots__ = ("answered", "complete", "limits", "relay", "started")
+    __slots__ = (
+        "_counted",
+        "answered",
+        "complete",
+        "counter",
+        "estimate",
+        "limits",
+        "relay",
+        "request",
+        "started",
+    )
 
-    def __init__(self, limits: UsageLimits) -> None:
+    def __init__(
+        self, request: dict[str, Any], estimate: int, limits: UsageLimits, counter: TokenCounter
+    ) -> None:
+        self.request = request
+        self.estimate = estimate  # the prompt estimate the quota reserved
         self.limits = limits
+        self.counter = counter
+        self._counted: int | None = None
         self.started = False
         self.answered = False
         self.complete = False
         self.relay: StreamRelay | None = None
+
+    def prompt(self) -> int:
+        """The prompt's tokens by the model's counter (once; the estimate is already known)."""
+        if self.counter is ESTIMATE:
+            return self.estimate
+        if self._counted is None:
+            self._counted = self.counter.prompt(self.request)
+        return self._counted
 
 
 def _parse(body: bytes) -> dict[str, Any]:
@@ -507,7 +539,7 @@ def _parse(body: bytes) -> dict[str, Any]:
 
 
 def _account(
-    call: Call, status: int, payload: bytes, request: dict[str, Any], limits: UsageLimits
+    call: Call, status: int, payload: bytes, request: dict[str, Any], state: _Progress
 ) -> None:
     """Tokens of a non-streamed answer: the upstream's usage if believable, else our count."""
     if status >= 400:
@@ -524,17 +556,19 @@ def _account(
         response = json.loads(payload)
     except (ValueError, RecursionError):
         response = None
-    reported = reported_usage(response.get("usage") if isinstance(response, dict) else None, limits)
+    usage = response.get("usage") if isinstance(response, dict) else None
+    reported = reported_usage(usage, state.limits)
     if isinstance(reported, tuple):
         call.prompt_tokens, call.completion_tokens = reported
         return
-    call.usage_source = "corrected" if reported == "implausible" else "estimated"
-    call.prompt_tokens = estimate_prompt(request)
+    counter = state.counter
+    call.usage_source = "corrected" if reported == "implausible" else counter.source
+    call.prompt_tokens = state.prompt()
     if isinstance(response, dict) and call.kind != "embedding":
-        call.completion_tokens = estimate_text(completion_text(response))
+        call.completion_tokens = counter.text(completion_text(response))
 
 
-def _after_disconnect(call: Call, state: _Progress, prompt_estimate: int) -> None:
+def _after_disconnect(call: Call, state: _Progress) -> None:
     """The client left. After ``[DONE]`` it had the whole answer (it hung up before the
     upstream's last bytes): the call is complete, with the usage it carried. Before, the call
     was cancelled and its tokens are estimated from what was relayed."""
@@ -543,15 +577,15 @@ def _after_disconnect(call: Call, state: _Progress, prompt_estimate: int) -> Non
     if state.answered:
         assert state.relay is not None
         state.complete = True
-        _settle_stream_usage(call, state, prompt_estimate)
+        _settle_stream_usage(call, state)
         return
     call.status = "cancelled"
     call.error_type = "client_disconnected"
     call.http_status = call.http_status or 499
-    _settle_cut_stream(call, state, prompt_estimate)
+    _settle_cut_stream(call, state)
 
 
-def _settle_stream_usage(call: Call, state: _Progress, prompt_estimate: int) -> None:
+def _settle_stream_usage(call: Call, state: _Progress) -> None:
     relay = state.relay
     assert relay is not None
     reported = reported_usage(relay.usage, state.limits)
@@ -559,20 +593,21 @@ def _settle_stream_usage(call: Call, state: _Progress, prompt_estimate: int) -> 
         call.prompt_tokens, call.completion_tokens = reported
         call.usage_source = "upstream"
         return
-    call.usage_source = "corrected" if reported == "implausible" else "estimated"
-    call.prompt_tokens = reported[0] if isinstance(reported, tuple) else prompt_estimate
-    call.completion_tokens = estimate_chars(relay.chars)
+    call.usage_source = "corrected" if reported == "implausible" else state.counter.source
+    call.prompt_tokens = reported[0] if isinstance(reported, tuple) else state.prompt()
+    call.completion_tokens = state.counter.streamed(relay)
 
 
-def _settle_cut_stream(call: Call, state: _Progress, prompt_estimate: int) -> None:
-    """A stream that did not finish: count what was relayed, as an estimate."""
+def _settle_cut_stream(call: Call, state: _Progress) -> None:
+    """A stream that did not finish: count what was relayed (the upstream's usage, if any came,
+    does not cover what the client never got)."""
     if state.relay is not None and not state.complete:
-        _settle_stream_usage(call, state, prompt_estimate)
+        _settle_stream_usage(call, state)
         if call.usage_source == "upstream":
-            call.usage_source = "estimated"
+            call.usage_source = state.counter.source
     elif state.relay is None:
-        call.prompt_tokens = prompt_estimate
-        call.usage_source = "estimated"
+        call.prompt_tokens = state.prompt()
+        call.usage_source = state.counter.source
 
 
 async def _end_stream_with_error(send: Send, message: str, type_: str) -> None:

@@ -4,7 +4,8 @@ Nothing is held back longer than it takes for the event it belongs to to end: ea
 chunk is split at event boundaries, the complete events go to the client at once, and only an
 unfinished tail waits for the next chunk. The relay notes the first content delta (time to first
 token), the usage chunk (and drops it when the client did not ask for one), the text length (for
-an estimate when no usage comes), and whether the stream ended with ``[DONE]``.
+an estimate when no usage comes) or the text itself (for the model's tokenizer), and whether the
+stream ended with ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ def event_data(raw: bytes) -> bytes | None:
 class StreamRelay:
     """Feed upstream chunks in, get the bytes to send the client out."""
 
-    def __init__(self, *, strip_usage: bool) -> None:
+    def __init__(self, *, strip_usage: bool, keep_text: bool = False) -> None:
         self.strip_usage = strip_usage
+        # The generated text itself, for counting with the model's tokenizer: JSON-escaped
+        # pieces (as the fast path finds them) or decoded ones.
+        self._text: list[bytes | str] | None = [] if keep_text else None
         self._tail = b""
         self.first_content = False  # set by feed() the first time a content delta passes
         self.usage: dict[str, Any] | None = None
@@ -64,6 +68,19 @@ class StreamRelay:
         self._tail = buffer[start:]
         return b"".join(out)
 
+    def text(self) -> str:
+        """The text relayed so far (kept only when asked for)."""
+        parts: list[str] = []
+        for part in self._text or ():
+            if isinstance(part, str):
+                parts.append(part)
+                continue
+            try:
+                parts.append(json.loads(b'"' + part + b'"'))
+            except ValueError:  # a piece the regex cut oddly: count its bytes as text
+                parts.append(part.decode("utf-8", "replace"))
+        return "".join(parts)
+
     def flush(self) -> bytes:
         """What is left when the upstream closed mid-event (sent as is)."""
         tail, self._tail = self._tail, b""
@@ -83,6 +100,8 @@ class StreamRelay:
             # (for an estimate), and a regex finds it several times faster than a JSON parse.
             for match in _TEXT.finditer(data):
                 self.chars += len(match.group(1))
+                if self._text is not None:
+                    self._text.append(match.group(1))
             return True
         try:
             event = json.loads(data)
@@ -105,6 +124,8 @@ class StreamRelay:
                 if isinstance(text, str) and text:
                     self.chars += len(text)
                     self.first_content = True
+                    if self._text is not None:
+                        self._text.append(text)
         usage = event.get("usage")
         if isinstance(usage, dict):
             self.usage = usage

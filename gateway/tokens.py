@@ -1,15 +1,25 @@
-"""Token counts when an upstream reports none: an estimate from the text, marked as such.
+"""Token counts when an upstream reports none: the model's own tokenizer, else an estimate.
 
-No tokenizer is bundled (they are model-specific and download their vocabularies); OpenAI's rule
-of thumb of about four characters per token for English is used, never less than the number of
-words. Every such count travels with ``usage_source="estimated"``, or ``"corrected"`` when it
-replaces counts the upstream reported but no call could have used.
+A catalog version may name its model's tokenizer (``serving.tokenizer``, loaded by
+gateway/vocab.py); its counts travel with ``usage_source="tokenizer"``. Completions and text
+prompts are then exact; a chat prompt is its messages' tokens plus the template's framing,
+taken as OpenAI's 4 per message (chat templates are model-specific code). Without one, OpenAI's
+rule of thumb of about four characters per token for English is used, never less than the number
+of words (``"estimated"``). Either replaces counts the upstream reported but no call could have
+used as ``"corrected"``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from libs.common.events.usage import UsageSource
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from gateway.sse import StreamRelay
 
 # The OpenAI cookbook's per-message framing overhead for chat prompts.
 MESSAGE_OVERHEAD = 4
@@ -100,3 +110,71 @@ def completion_text(response: dict[str, Any]) -> str:
         elif isinstance(choice.get("text"), str):
             parts.append(choice["text"])
     return "".join(parts)
+
+
+class TokenCounter(Protocol):
+    """How a model's calls are counted when its upstream's usage cannot be used."""
+
+    source: UsageSource
+
+    def prompt(self, request: dict[str, Any]) -> int: ...
+
+    def text(self, text: str) -> int: ...
+
+    def streamed(self, relay: StreamRelay) -> int: ...
+
+
+class Estimator:
+    source: UsageSource = "estimated"
+
+    def prompt(self, request: dict[str, Any]) -> int:
+        return estimate_prompt(request)
+
+    def text(self, text: str) -> int:
+        return estimate_text(text)
+
+    def streamed(self, relay: StreamRelay) -> int:
+        return estimate_chars(relay.chars)
+
+
+ESTIMATE = Estimator()
+
+
+class ModelTokenizer:
+    """Counts with the model's tokenizer. Inputs are encoded as the model receives them (with
+    its special tokens, e.g. BOS or [CLS]/[SEP]); generated text without them."""
+
+    source: UsageSource = "tokenizer"
+    # A stream's text is kept (not only its length) for this counter.
+    keeps_text = True
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        # Published files often pad and truncate (to batch a model's inputs): a count is of
+        # exactly what was sent or generated.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self._tokenizer = tokenizer
+
+    def _count(self, texts: list[str], special: bool) -> int:
+        if not texts:
+            return 0
+        encoded = self._tokenizer.encode_batch(texts, add_special_tokens=special)
+        return sum(len(e.ids) for e in encoded)
+
+    def prompt(self, request: dict[str, Any]) -> int:
+        messages = request.get("messages")
+        if isinstance(messages, list):
+            contents = [_content_text(m.get("content")) for m in messages if isinstance(m, dict)]
+            return MESSAGE_OVERHEAD * len(contents) + self._count(contents, special=False)
+        prompt = request.get("prompt", request.get("input"))
+        if isinstance(prompt, str):
+            return self._count([prompt], special=True)
+        if isinstance(prompt, list):
+            return self._count([p for p in prompt if isinstance(p, str)], special=True)
+        return 0
+
+    def text(self, text: str) -> int:
+        return self._count([text], special=False) if text else 0
+
+    def streamed(self, relay: StreamRelay) -> int:
+        return self.text(relay.text())

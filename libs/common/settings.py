@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     gateway_kong_config: Path | None = None
     gateway_max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     gateway_max_tokens: int = Field(default=32_768, gt=0)
+    # Where catalog versions' file:// tokenizers may lie (a JSON list; empty: data_dir/tokenizers).
+    gateway_tokenizer_roots: list[Path] = []
     # Client-side limits of the proxy listener (gateway/app.py server_config): a request's head
     # must arrive within the header timeout (else the connection is closed), its whole body
     # within the body timeout (else 408), an idle kept-alive connection is closed after
@@ -227,6 +229,10 @@ class Settings(BaseSettings):
     def audit_checkpoint_path(self) -> Path | None:
         path = self.audit_checkpoint_file.replace("{data_dir}", str(self.data_dir))
         return Path(path) if path else None
+
+    @property
+    def tokenizer_roots(self) -> list[Path]:
+        return self.gateway_tokenizer_roots or [self.data_dir / "tokenizers"]
 
     @cached_property
     def pepper(self) -> bytes:

@@ -64,6 +64,7 @@ def version_state(version: Version, asset: Asset) -> dict[str, Any]:
         "status": version.status,
         "tags": list(version.tags),
         "tools": [ToolRef.model_validate(t) for t in version.tools],
+        "tokenizer": (version.spec.get("serving") or {}).get("tokenizer"),
     }
 
 

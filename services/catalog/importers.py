@@ -38,6 +38,7 @@ from libs.common.events.catalog import ToolRef
 from libs.common.names import AssetName
 
 ALLOWED_SCHEMES = ("oci", "hf", "s3", "pvc")
+TOKENIZER_SCHEMES = ("file", "pkg")
 PUBLISHER_META = "io.modelcontextprotocol.registry/publisher-provided"
 SHA256 = re.compile(r"^sha256:[a-f0-9]{64}$")
 _OCI_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
@@ -132,6 +133,29 @@ class Serving(BaseModel):
     runtime: Literal["vllm", "tgi", "triton", "llama.cpp", "other"] = "vllm"
     gpus: int | None = Field(default=None, ge=0, le=64)
     context_length: int | None = Field(default=None, ge=1, le=10_000_000, alias="contextLength")
+    # The model's own tokenizer (a Hugging Face tokenizer.json), for exact token counts where the
+    # engine reports none: file:///path/tokenizer.json or pkg://<package>/<path in it>.
+    tokenizer: str | None = Field(default=None, max_length=1000)
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme, sep, rest = value.partition("://")
+        if scheme not in TOKENIZER_SCHEMES or not sep or not rest.endswith(".json"):
+            raise ValueError(
+                "must name a tokenizer.json as file:///path/tokenizer.json or "
+                f"pkg://<package>/<path>.json; got {value!r}"
+            )
+        if scheme == "file" and not rest.startswith("/"):
+            raise ValueError(f"a file:// tokenizer needs an absolute path; got {value!r}")
+        return value
+
+    def spec(self) -> dict[str, Any]:
+        """The stored form. An unset tokenizer is left out, so a version imported before the
+        field existed keeps its content hash (and an approved one can be imported again)."""
+        return self.model_dump(exclude={"tokenizer"} if self.tokenizer is None else None)
 
 
 class KubeflowArtifact(_Lenient):
@@ -437,7 +461,7 @@ def _model_entry(model: KubeflowModel, source: str, where: str) -> Entry:
         "library_name": model.library_name,
         "maturity": model.maturity,
         "readme": model.readme,
-        "serving": model.serving.model_dump() if model.serving else None,
+        "serving": model.serving.spec() if model.serving else None,
         "custom_properties": model.custom_properties or {},
         "metrics_artifacts": sum(a.artifact_type == "metrics-artifact" for a in model.artifacts),
         "updated_at_epoch_ms": model.update_time,

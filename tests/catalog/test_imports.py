@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
+from libs.common.events.catalog import VersionState
+from services.catalog import domain
+from services.catalog.models import Asset, Version
 from tests.approval.support import asset, catalog_yaml, import_yaml, mcp_server, model, uname
 from tests.helpers import bearer, ok
 
@@ -175,6 +179,12 @@ async def test_a_catalog_file_with_one_bad_entry_imports_nothing(
         ({"name": "m", "digest": "md5:abc"}, "models[0].digest"),
         ({"name": "m", "artifacts": [{"name": "no-uri"}]}, "models[0].artifacts[0]"),
         ({"name": "m", "serving": {"gpus": -1}}, "models[0].serving.gpus"),
+        (
+            {"name": "m", "serving": {"tokenizer": "https://x/t.json"}},
+            "models[0].serving.tokenizer",
+        ),
+        ({"name": "m", "serving": {"tokenizer": "file://t.json"}}, "models[0].serving.tokenizer"),
+        ({"name": "m", "serving": {"tokenizer": "file:///t.bin"}}, "models[0].serving.tokenizer"),
         ({"name": "m", "createTimeSinceEpoch": "yesterday"}, "models[0].createTimeSinceEpoch"),
     ],
 )
@@ -251,6 +261,7 @@ async def test_serving_hints_tags_and_mcp_extensions_are_kept(
     assert version["spec"]["serving"] == {"runtime": "vllm", "gpus": 2, "context_length": 32768}
     assert version["spec"]["digest"] == "sha256:" + "b" * 64
     assert version["spec"]["source_uri"] == f"hf://acme/{name}"
+    assert domain.version_state(_version(version), _asset(found))["tokenizer"] is None
     mcp = await asset(catalog, admin_key, "mcp_server", server)
     assert mcp is not None
     assert mcp["versions"][0]["tools"] == [
@@ -297,3 +308,28 @@ async def test_a_dry_run_reports_what_an_import_would_do_and_writes_nothing(
     assert imported["created"] == 1
     again = await ok(await catalog.post(url, content=text.encode(), headers=headers))
     assert (again["created"], again["unchanged"]) == (0, 1)
+
+
+def _version(read: dict[str, Any]) -> Version:
+    return Version(id=read["id"], version=read["version"], status=read["status"],
+                   spec=read["spec"], tags=read["tags"], tools=read["tools"])  # fmt: skip
+
+
+def _asset(read: dict[str, Any]) -> Asset:
+    return Asset(id=read["id"], kind=read["kind"], name=read["name"])
+
+
+async def test_a_models_tokenizer_is_kept_and_published_with_its_version(
+    catalog: httpx.AsyncClient, admin_key: str
+) -> None:
+    """The gateway counts with it where the model's engine reports no usage."""
+    name = uname("tokenized")
+    uri = "pkg://llm_models/smollm2/tokenizer.json"
+    text = catalog_yaml([model(name, serving={"runtime": "llama.cpp", "tokenizer": uri})])
+    await import_yaml(catalog, admin_key, text)
+    found = await asset(catalog, admin_key, "model", name)
+    assert found is not None
+    [version] = found["versions"]
+    assert version["spec"]["serving"]["tokenizer"] == uri
+    state = VersionState(**domain.version_state(_version(version), _asset(found)))
+    assert state.tokenizer == uri

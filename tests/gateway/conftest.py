@@ -38,7 +38,12 @@ MODELS = [
     "unapproved",
     "uncatalogued",
     "public-name",
+    "tokenized-nousage",
 ]
+# A published tokenizer (see tests/fixtures/README.md), named by the catalog version of the
+# route "tokenized-nousage", whose upstream reports no usage.
+TOKENIZERS = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers"
+TOKENIZER = TOKENIZERS / "all-MiniLM-L6-v2.tokenizer.json"
 
 
 @dataclass
@@ -93,6 +98,8 @@ async def catalog_stub() -> AsyncIterator[tuple[CatalogStub, str]]:
     for name in MODELS:
         if name == "unapproved":
             stub.versions[name] = version(name, "submitted")
+        elif name == "tokenized-nousage":
+            stub.versions[name] = version(name, tokenizer=TOKENIZER.as_uri())
         elif name != "uncatalogued":
             stub.versions[name] = version(name)
     tools = [ToolRef(name="echo", access="read_only")]
@@ -174,6 +181,7 @@ async def gateway_settings(
             "gateway_routes_file": write_routes(data_dir / "routes.yaml", upstream, mcp_upstream),
             "gateway_max_request_bytes": 64 * 1024,
             "gateway_max_tokens": 4096,
+            "gateway_tokenizer_roots": [TOKENIZERS],
         }
     )
 

@@ -164,10 +164,10 @@ async def embeddings(request: Request) -> Response:
     data = [
         {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(items))
     ]
-    usage = {"prompt_tokens": 3 * len(items), "total_tokens": 3 * len(items)}
-    return JSONResponse(
-        {"object": "list", "data": data, "model": body.get("model"), "usage": usage}
-    )
+    answer = {"object": "list", "data": data, "model": body.get("model")}
+    if "nousage" not in str(body.get("model")):
+        answer["usage"] = {"prompt_tokens": 3 * len(items), "total_tokens": 3 * len(items)}
+    return JSONResponse(answer)
 
 
 async def anything(request: Request) -> Response:

@@ -29,6 +29,8 @@ class VersionState(EventPayload):
     status: Literal["draft", "submitted", "approved", "deprecated", "revoked"]
     tags: list[str] = []
     tools: list[ToolRef] = []
+    # A model's own tokenizer (serving.tokenizer), for exact counts where an engine reports none.
+    tokenizer: str | None = None
 
 
 class VersionSubmitted(VersionState):

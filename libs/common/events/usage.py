@@ -13,10 +13,10 @@ from pydantic import Field
 
 from libs.common.events.envelope import EventPayload
 
-# upstream: its own usage; estimated: it reported none, the gateway counted; corrected: it
-# reported counts no call could have used (negative, not integers, past the request's limits),
-# replaced by the gateway's count.
-UsageSource = Literal["upstream", "estimated", "corrected"]
+# upstream: its own usage; it reported none, so the gateway counted: with the model's own
+# tokenizer (named by its catalog version), else estimated; corrected: it reported counts no call
+# could have used (negative, not integers, past the request's limits), replaced by the gateway's.
+UsageSource = Literal["upstream", "tokenizer", "estimated", "corrected"]
 # interrupted: the gateway stopped (crashed, was killed) while the call ran; metered at its next
 # start with what it had streamed.
 CallStatus = Literal["ok", "error", "cancelled", "interrupted"]
