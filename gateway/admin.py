@@ -12,9 +12,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.app import Gateway
 from gateway.authn import AuthFailure
 from gateway.kong.export import export_kong
+from gateway.state import Gateway
 from libs.common.auth import Principal
 from libs.common.errors import Forbidden, Unauthorized, Unprocessable, install_error_handlers
 from libs.common.events.usage import UsageRecorded

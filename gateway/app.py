@@ -1,8 +1,8 @@
-"""The gateway's composition root: what it holds, how it starts and stops, and its two servers.
+"""The gateway's composition root: its two servers, and which proxy serves which path.
 
 One process, one event loop, two listeners: the proxy (``/v1``, ``/mcp``, ``/api``, Kong routes)
 and the admin API (Kong-compatible ``/config``, ``/services``…, plus probes and metrics). Both
-share the replicas and the upstream connection pool built here.
+share the state gateway/state.py builds; each proxy is handed only the parts it uses.
 """
 
 from __future__ import annotations
@@ -15,41 +15,26 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvicorn
 from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.api import SERVICES, ApiProxy, console
-from gateway.authn import Authenticator
-from gateway.http import bad_path, openai_error, send_json
+from gateway.admission import INVALID_REQUEST, Refusal, rpc_error
+from gateway.console import console
+from gateway.http import bad_path, body_limits, openai_error, send_json
 from gateway.inference import ENDPOINTS, InferenceProxy
-from gateway.journal import Journal
-from gateway.kong.config import load_file, load_state
 from gateway.kong.proxy import KongProxy, send_kong_error
-from gateway.kong.runtime import KongError, KongRuntime
 from gateway.listener import guarded_protocol
-from gateway.mcp import INVALID_REQUEST, McpProxy, rpc_error
-from gateway.quota import QuotaLedger
-from gateway.replica import AuthReplica, CatalogReplica
-from gateway.routes import RouteTable
-from gateway.spool import Spool
-from gateway.sync import Syncer, authz_feed, catalog_feed, inference_feed, metering_feed
-from gateway.tracing import KNOWN_METHODS, configured_tracer, extract, inject_httpx
-from gateway.upstream import UpstreamPool
-from gateway.usage import UsageRecorder
-from gateway.vocab import Tokenizers
-from libs.common.bus import Bus
-from libs.common.clients import AuthzClient, CatalogClient, ServiceClient
-from libs.common.db import Clock, new_id, utcnow
-from libs.common.netpolicy import policy_from_settings
-from libs.common.oidc import verifier_from_settings
+from gateway.mcp import McpProxy
+from gateway.service_api import SERVICES, ServiceApiProxy
+from gateway.state import Gateway
+from gateway.tracing import KNOWN_METHODS, extract
+from libs.common.db import new_id
 from libs.common.service import settle_heap
 from libs.common.settings import Settings
 
@@ -62,176 +47,6 @@ PROBES = frozenset({"/healthz", "/readyz"})
 REQUESTS = Counter(
     "steward_gateway_requests_total", "Requests received by the proxy", ["area", "status"]
 )
-
-
-class InferenceClient(ServiceClient):
-    """Only the routes snapshot is read from inference; endpoint changes arrive as events."""
-
-    service = "inference"
-
-
-class MeteringClient(ServiceClient):
-    """Only the quota snapshot is read from metering; quota changes arrive as events."""
-
-    service = "metering"
-
-
-@dataclass
-class Gateway:
-    """Everything the request path reads; built once, shared by both listeners."""
-
-    settings: Settings
-    bus: Bus
-    auth: AuthReplica
-    catalog: CatalogReplica
-    routes: RouteTable
-    authn: Authenticator
-    usage: UsageRecorder
-    syncer: Syncer
-    http: httpx.AsyncClient
-    tokenizers: Tokenizers
-    upstream: UpstreamPool = field(
-        default_factory=lambda: UpstreamPool(connect_timeout=5.0, read_timeout=300.0)
-    )
-    quota: QuotaLedger = field(default_factory=QuotaLedger)
-    clients: list[ServiceClient] = field(default_factory=list)
-    oidc_http: httpx.AsyncClient | None = None
-    # The Kong declarative config in force (None: no Kong routes); replaced whole by POST /config.
-    kong: KongRuntime | None = None
-    # None unless a tracer provider was installed before start (see gateway/tracing.py).
-    tracer: trace.Tracer | None = None
-
-    @classmethod
-    async def start(cls, settings: Settings, *, clock: Clock = utcnow) -> Gateway:
-        """``clock`` is the gateway's "now" for key expiry and quota windows: the wall clock,
-        or one a test moves instead of waiting."""
-        bus = Bus(settings.nats_url, settings.event_namespace, name="steward-gateway")
-        await bus.connect()
-        tracer = configured_tracer()
-        # Every httpx request made while serving a request (``/api``, ``/mcp``, Kong routes)
-        # carries the request's trace context; the service clients (authz's whoami for a new
-        # token) inject it themselves.
-        hooks: dict[str, list[Any]] = {"request": [inject_httpx]} if tracer is not None else {}
-        auth = AuthReplica(settings.pepper, clock)
-        catalog = CatalogReplica()
-        key = settings.gateway_api_key.get_secret_value() if settings.gateway_api_key else None
-        if key is None:
-            log.warning("STEWARD_GATEWAY_API_KEY is unset: the replicas cannot be loaded")
-        authz_client = AuthzClient(settings.authz_url, timeout=10.0)
-        catalog_client = CatalogClient(settings.catalog_url, timeout=10.0)
-        inference_client = InferenceClient(settings.inference_url, timeout=10.0)
-        routes = RouteTable.from_file(settings.gateway_routes_file)
-        metering_client = MeteringClient(settings.metering_url, timeout=10.0)
-        # This process's usage events carry its id; its ledger counts its own calls itself.
-        quota = QuotaLedger(clock=clock, gateway_id=new_id())
-        oidc_http = httpx.AsyncClient(timeout=5.0)
-        authn = Authenticator(
-            auth, verifier_from_settings(settings, oidc_http), whoami=authz_client.whoami
-        )
-        syncer = Syncer(
-            bus,
-            [
-                authz_feed(auth, authz_client, key, forget=authn.forget),
-                catalog_feed(catalog, catalog_client, key),
-                inference_feed(routes, inference_client, key),
-                metering_feed(quota, metering_client, key),
-            ],
-            resync_seconds=settings.gateway_resync_seconds,
-            offline_poll_seconds=settings.gateway_offline_poll_seconds,
-        )
-        limits = httpx.Limits(
-            max_connections=settings.gateway_upstream_max_connections,
-            max_keepalive_connections=settings.gateway_upstream_max_connections,
-            keepalive_expiry=30.0,
-        )
-        timeout = httpx.Timeout(
-            connect=settings.gateway_upstream_connect_timeout_seconds,
-            read=settings.gateway_upstream_read_timeout_seconds,
-            write=30.0,
-            pool=settings.gateway_upstream_connect_timeout_seconds,
-        )
-        journal = Journal(settings.data_dir / "gateway")
-        usage = UsageRecorder(bus, Spool(settings.data_dir / "gateway"), journal=journal)
-        # Calls an earlier process was serving when it stopped: metered as interrupted, safe on
-        # disk before the journal that remembered them is dropped.
-        interrupted = journal.recover()
-        if interrupted:
-            usage.spool_now(interrupted)
-            log.warning(
-                "calls interrupted by the last stop metered", extra={"calls": len(interrupted)}
-            )
-        journal.forget()
-        gateway = cls(
-            settings=settings,
-            bus=bus,
-            auth=auth,
-            catalog=catalog,
-            routes=routes,
-            authn=authn,
-            usage=usage,
-            syncer=syncer,
-            http=httpx.AsyncClient(
-                limits=limits, timeout=timeout, follow_redirects=False, event_hooks=hooks
-            ),
-            upstream=UpstreamPool(
-                connect_timeout=settings.gateway_upstream_connect_timeout_seconds,
-                read_timeout=settings.gateway_upstream_read_timeout_seconds,
-                max_idle_per_origin=settings.gateway_upstream_max_connections,
-                max_active_per_origin=settings.gateway_upstream_max_connections,
-                tracer=tracer,
-                policy=await policy_from_settings(settings),
-            ),
-            tokenizers=Tokenizers(settings.tokenizer_roots),
-            clients=[authz_client, catalog_client, inference_client, metering_client],
-            quota=quota,
-            oidc_http=oidc_http,
-            tracer=tracer,
-        )
-        kong = (
-            load_file(settings.gateway_kong_config)
-            if settings.gateway_kong_config is not None
-            else load_state(settings.data_dir / "gateway")
-        )
-        gateway.kong = KongRuntime(kong) if kong is not None else None
-        await usage.start()
-        await syncer.start()
-        return gateway
-
-    async def stop(self) -> None:
-        await self.syncer.stop()
-        await self.usage.stop()
-        if self.usage.journal is not None:
-            self.usage.journal.close()
-        await self.bus.close()
-        await self.http.aclose()
-        self.upstream.close()
-        for client in self.clients:
-            await client.aclose()
-        if self.oidc_http is not None:
-            await self.oidc_http.aclose()
-
-    async def wait_loaded(self, seconds: float) -> None:
-        """For tests and start-up scripts: until the authz replica (and catalog's) is loaded."""
-        async with asyncio.timeout(seconds):
-            while not (self.auth.loaded and self.catalog.loaded):  # noqa: ASYNC110 - rare, polled
-                await asyncio.sleep(0.02)
-
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        checks = {
-            "authz_replica": "ok" if self.auth.loaded else "not loaded",
-            "catalog_replica": "ok" if self.catalog.loaded else "not loaded",
-            "nats": "ok" if self.bus.connected else "unreachable (usage is spooled)",
-        }
-        # NATS down is degraded, not unready: keys still verify and usage goes to disk.
-        ready = self.auth.loaded
-        return ready, {
-            "status": "ready" if ready else "not ready",
-            "checks": checks,
-            "replicas": self.syncer.status(),
-            "usage": self.usage.status(),
-            "keys": self.auth.key_count,
-            "entitlements": self.auth.entitlement_count,
-        }
 
 
 def request_id(scope: Scope) -> bytes:
@@ -258,10 +73,33 @@ class ProxyApp:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
-        self.inference = InferenceProxy(gateway)
-        self.mcp = McpProxy(gateway)
-        self.api = ApiProxy(gateway)
-        self.kong = KongProxy(gateway)
+        traced = gateway.tracer is not None
+        settings = gateway.settings
+        self.inference = InferenceProxy(
+            admission=gateway.admission,
+            routes=gateway.routes,
+            upstream=gateway.upstream,
+            usage=gateway.usage,
+            tokenizers=gateway.tokenizers,
+            settings=settings,
+            traced=traced,
+        )
+        self.mcp = McpProxy(
+            admission=gateway.admission,
+            routes=gateway.routes,
+            http=gateway.http,
+            usage=gateway.usage,
+            body=body_limits(settings),
+            traced=traced,
+        )
+        self.api = ServiceApiProxy(http=gateway.http, settings=settings)
+        self.kong = KongProxy(
+            runtime=lambda: gateway.kong,
+            admission=gateway.admission,
+            http=gateway.http,
+            body=body_limits(settings),
+            traced=traced,
+        )
         # The console's static files: configured, else the repository's console/ (embedded mode).
         bundled = Path(__file__).resolve().parents[1] / "console"
         self.console_dir = gateway.settings.gateway_console_dir or (
@@ -377,7 +215,7 @@ async def refuse_path(path: str, reason: str, send: Send, rid: bytes) -> None:
     elif path.startswith("/mcp/"):
         await send_json(send, 400, rpc_error(reason, INVALID_REQUEST), headers)
     else:
-        await send_kong_error(send, KongError(400, reason), rid, time.perf_counter())
+        await send_kong_error(send, Refusal(400, reason), rid, time.perf_counter())
 
 
 def _traced(path: str) -> bool:

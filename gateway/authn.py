@@ -11,7 +11,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from starlette.types import Scope
 
@@ -54,12 +53,6 @@ def credential(scope: Scope) -> str | None:
             if scheme.lower() == "bearer" and rest.strip():
                 bearer = rest.strip()
     return bearer
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    principal: Principal
-    project: str | None  # the project the call is made for (billing, entitlements)
 
 
 Whoami = Callable[[str], Awaitable[Principal]]

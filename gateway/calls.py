@@ -9,14 +9,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
 from prometheus_client import Counter, Histogram
 from starlette.types import Receive
 
 from gateway.http import wait_disconnect
+from gateway.usage import UsageRecorder
 from libs.common.db import new_id
 from libs.common.events.usage import CallStatus, UsageRecorded, UsageSource
 from libs.common.observability import GEN_AI_OPERATIONS, LATENCY_BUCKETS_SECONDS
+from libs.common.outbox import current_traceparent
 
 # Bucket boundaries shared by the Prometheus histograms and their OpenTelemetry twins.
 TTFT_BUCKETS = DURATION_BUCKETS = LATENCY_BUCKETS_SECONDS
@@ -164,6 +166,29 @@ class Call:
             ttft = self.first_token - self.sent_upstream
             TTFT.labels(self.model).observe(ttft)
             OTEL_TTFT.record(ttft, attributes)
+
+
+def finish(call: Call, usage: UsageRecorder, *, traced: bool) -> None:
+    """The call's metrics, what it learnt on its request's span, and its usage event (in the
+    request's trace when tracing is on)."""
+    call.observe()
+    if not traced:
+        usage.record(call.to_event())
+        return
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes(
+            {
+                "steward.project": call.project,
+                "steward.endpoint": call.endpoint,
+                "gen_ai.operation.name": GEN_AI_OPERATIONS[call.kind],
+                "gen_ai.request.model": call.model,
+                "gen_ai.usage.input_tokens": call.prompt_tokens,
+                "gen_ai.usage.output_tokens": call.completion_tokens,
+                "steward.call.status": call.status,
+            }
+        )
+    usage.record(call.to_event(), traceparent=current_traceparent())
 
 
 async def until_disconnect(work: Awaitable[None], receive: Receive) -> bool:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
+
+from libs.common.settings import Settings
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -84,9 +87,23 @@ def bad_path(path: str) -> str | None:
     return None
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int, seconds: float) -> bytes:
-    """The whole request body, refusing more than ``limit`` bytes before reading them, and a
+@dataclass(frozen=True, slots=True)
+class BodyLimits:
+    """How much of a request body the proxy reads (``STEWARD_GATEWAY_MAX_REQUEST_BYTES``), and
+    how long it waits for all of it (``STEWARD_GATEWAY_BODY_TIMEOUT_SECONDS``)."""
+
+    max_bytes: int
+    seconds: float
+
+
+def body_limits(settings: Settings) -> BodyLimits:
+    return BodyLimits(settings.gateway_max_request_bytes, settings.gateway_body_timeout_seconds)
+
+
+async def read_body(scope: Scope, receive: Receive, limits: BodyLimits) -> bytes:
+    """The whole request body, refusing more than ``max_bytes`` before reading them, and a
     body that takes longer than ``seconds`` in all (BodyTooLarge, BodyTimeout)."""
+    limit, seconds = limits.max_bytes, limits.seconds
     length = header(scope, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise BodyTooLarge(limit)

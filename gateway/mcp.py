@@ -12,17 +12,19 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import httpx
 from opentelemetry import trace
 from starlette.types import Receive, Scope, Send
 
-from gateway.authn import AuthFailure, project_of
-from gateway.calls import Call
+from gateway.admission import Admission, Refusal, rpc_error
+from gateway.calls import Call, finish
 from gateway.egress import MCP
 from gateway.http import (
     CLOSE,
     BodyError,
+    BodyLimits,
     ClientGone,
     Headers,
     read_body,
@@ -30,41 +32,34 @@ from gateway.http import (
     upstream_headers,
 )
 from gateway.relay import Outcome, forward
-from libs.common.auth import decide
-from libs.common.outbox import current_traceparent
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.routes import RouteTable
+from gateway.usage import UsageRecorder
 
 SESSION_HEADER = "mcp-session-id"
 MAX_SESSIONS = 100_000
-# JSON-RPC error codes: the reserved "server error" range for gateway refusals.
-REFUSED = -32001
-INVALID_REQUEST = -32600
-
-
-def rpc_error(message: str, code: int = REFUSED, id_: Any = None) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": id_, "error": {"code": code, "message": message}}
 
 
 def _error_body(status: int, message: str) -> tuple[bytes, bytes]:
     return json.dumps(rpc_error(message)).encode(), b"application/json"
 
 
-class McpRefusal(Exception):
-    def __init__(
-        self, status: int, message: str, kind: str, id_: Any = None, headers: Headers | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-        self.headers = headers or []
-        self.body = rpc_error(message, REFUSED if status != 400 else INVALID_REQUEST, id_)
-
-
 class McpProxy:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+    def __init__(
+        self,
+        *,
+        admission: Admission,
+        routes: RouteTable,
+        http: httpx.AsyncClient,
+        usage: UsageRecorder,
+        body: BodyLimits,
+        traced: bool,
+    ) -> None:
+        self.admission = admission
+        self.routes = routes
+        self.http = http
+        self.usage = usage
+        self.body = body
+        self.traced = traced
         # session id → project that opened it (bounded, oldest forgotten first)
         self._sessions: OrderedDict[str, str] = OrderedDict()
 
@@ -72,55 +67,38 @@ class McpProxy:
         extra: Headers = [(b"x-request-id", rid)]
         try:
             await self._handle(scope, receive, send, extra)
-        except McpRefusal as refusal:
+        except Refusal as refusal:
             headers = extra + refusal.headers
             if refusal.status == 401:
                 headers = [*extra, (b"www-authenticate", b'Bearer realm="steward"')]
-            await send_json(send, refusal.status, refusal.body, headers)
+            await send_json(send, refusal.status, refusal.jsonrpc(), headers)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, extra: Headers) -> None:
         name, _, rest = scope["path"][len("/mcp/") :].partition("/")
-        route = self.gw.routes.mcp.get(name)
+        route = self.routes.mcp.get(name)
         if route is None:
-            raise McpRefusal(404, f"no MCP server named '{name}'", "not_found")
-        try:
-            principal = await self.gw.authn.principal(scope)
-            project = project_of(principal, scope)
-        except AuthFailure as failure:
-            raise McpRefusal(failure.status, failure.message, failure.code) from None
-        if self.gw.tracer is not None:
+            raise Refusal(404, f"no MCP server named '{name}'", "not_found")
+        who = await self.admission.caller(scope, "mcp.invoke")
+        project, principal = who.project, who.principal
+        if self.traced:
             span = trace.get_current_span()
             if span.is_recording():
                 span.set_attributes({"steward.project": project, "steward.mcp.server": name})
-        decision = decide(principal, "mcp.invoke", project)
-        if not decision.allowed:
-            raise McpRefusal(403, decision.reason, "forbidden")
-        if not self.gw.auth.entitled(project, "mcp_server", route.asset_name):
-            raise McpRefusal(
-                403, f"project '{project}' is not entitled to the MCP server '{name}'", "forbidden"
-            )
-        if not self.gw.catalog.loaded:
-            raise McpRefusal(503, "the catalog replica is not loaded yet", "unavailable")
-        approved = self.gw.catalog.approved("mcp_server", route.asset_name, route.version)
-        if approved is None:
-            raise McpRefusal(403, f"the MCP server '{name}' has no approved version", "forbidden")
+        approved = self.admission.version(
+            project, "mcp_server", route.asset_name, route.version, f"the MCP server '{name}'"
+        )
         session = _header(scope, b"mcp-session-id")
         if session is not None and self._sessions.get(session, project) != project:
-            raise McpRefusal(404, "unknown session", "not_found")  # as the server would say
+            raise Refusal(404, "unknown session", "not_found")  # as the server would say
 
         method = scope["method"]
         body = b""
         call: Call | None = None
         if method == "POST":
             try:
-                body = await read_body(
-                    scope,
-                    receive,
-                    self.gw.settings.gateway_max_request_bytes,
-                    self.gw.settings.gateway_body_timeout_seconds,
-                )
+                body = await read_body(scope, receive, self.body)
             except BodyError as exc:
-                raise McpRefusal(exc.status, str(exc), "bad_body", headers=CLOSE) from None
+                raise Refusal(exc.status, str(exc), "bad_body", headers=CLOSE) from None
             except ClientGone:
                 return
             messages = _messages(body)
@@ -141,11 +119,11 @@ class McpProxy:
                     asset=route.asset_name,
                     asset_version=approved.version,
                     started=time.perf_counter(),
-                    gateway_id=self.gw.quota.gateway_id,
+                    gateway_id=self.admission.quota.gateway_id,
                 )
                 if tool not in allowed_tools:
                     call.fail(200, "tool_not_approved")
-                    self._record(call)
+                    finish(call, self.usage, traced=self.traced)
                     refusal = f"the tool '{tool}' is not approved for the MCP server '{name}'"
                     await send_json(send, 200, rpc_error(refusal, id_=message.get("id")), extra)
                     return
@@ -156,11 +134,11 @@ class McpProxy:
         headers = upstream_headers(scope, {"x-request-id": extra[0][1].decode()})
         if route.api_key is not None:
             headers["authorization"] = "Bearer " + route.api_key.get_secret_value()
-        request = self.gw.http.build_request(method, url, content=body, headers=headers)
+        request = self.http.build_request(method, url, content=body, headers=headers)
         if call is not None:
             call.sent_upstream = time.perf_counter()
         outcome = await forward(
-            self.gw.http,
+            self.http,
             receive,
             send,
             request,
@@ -179,12 +157,7 @@ class McpProxy:
                 call.status, call.error_type = "cancelled", "client_disconnected"
             elif outcome.status >= 400:
                 call.fail(outcome.status, f"upstream_{outcome.status}")
-            self._record(call)
-
-    def _record(self, call: Call) -> None:
-        call.observe()
-        traceparent = current_traceparent() if self.gw.tracer is not None else None
-        self.gw.usage.record(call.to_event(), traceparent=traceparent)
+            finish(call, self.usage, traced=self.traced)
 
     def _track_session(self, method: str, sent: str | None, outcome: Outcome, project: str) -> None:
         if method == "DELETE" and sent is not None:
@@ -208,8 +181,8 @@ def _messages(body: bytes) -> list[dict[str, Any]]:
     try:
         parsed = json.loads(body)
     except (ValueError, RecursionError):
-        raise McpRefusal(400, "the body is not valid JSON-RPC", "invalid") from None
+        raise Refusal(400, "the body is not valid JSON-RPC", "invalid") from None
     items = parsed if isinstance(parsed, list) else [parsed]
     if not items or not all(isinstance(m, dict) for m in items):
-        raise McpRefusal(400, "the body is not valid JSON-RPC", "invalid")
+        raise Refusal(400, "the body is not valid JSON-RPC", "invalid")
     return items

@@ -8,7 +8,6 @@ which is drained in order once NATS is back. Shutdown publishes or spools what i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 
@@ -180,8 +179,3 @@ class UsageRecorder:
             "spooled": self.spooled,
             "spool_bytes": self.spool.size(),
         }
-
-
-async def close_quietly(recorder: UsageRecorder) -> None:
-    with contextlib.suppress(Exception):
-        await recorder.stop()

@@ -13,7 +13,7 @@ from gateway.kong.runtime import KongRuntime
 from gateway.kong.schema import InvalidConfig, KongConfig, parse
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.state import Gateway
 
 KONG_VERSION = "3.4.0"
 LISTED = {

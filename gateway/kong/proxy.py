@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 from opentelemetry import trace
 from starlette.types import Receive, Scope, Send
 
+from gateway.admission import Admission, Refusal
 from gateway.http import (
     HOP_BY_HOP,
     BodyError,
+    BodyLimits,
     BodyTooLarge,
     ClientGone,
     Headers,
@@ -27,7 +30,6 @@ from gateway.http import (
 )
 from gateway.kong.runtime import (
     Identity,
-    KongError,
     KongRuntime,
     Match,
     cookies_of,
@@ -38,9 +40,6 @@ from gateway.kong.schema import RateLimitingConfig
 from gateway.relay import Outcome, forward
 from gateway.tracing import KNOWN_METHODS
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
-
 VIA = b"1.1 steward-gateway (kong/3.4-compatible)"
 JSON = b"application/json; charset=utf-8"
 
@@ -49,25 +48,25 @@ def kong_error_body(status: int, message: str) -> tuple[bytes, bytes]:
     return json.dumps({"message": message}).encode(), JSON
 
 
-async def send_kong_error(send: Send, error: KongError, rid: bytes, started: float) -> None:
-    body = error.body()
+async def send_kong_error(send: Send, error: Refusal, rid: bytes, started: float) -> None:
+    body = error.kong()
     headers: Headers = [
         (b"content-type", JSON),
         (b"content-length", str(len(body)).encode()),
         (b"x-kong-request-id", rid),
         (b"x-kong-response-latency", _ms(time.perf_counter() - started)),
-        *((k.lower().encode(), v.encode()) for k, v in error.headers.items()),
+        *error.headers,
     ]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-def body_refusal(exc: BodyError) -> KongError:
+def body_refusal(exc: BodyError) -> Refusal:
     """Kong's words for a body it will not read (nginx's ``client_max_body_size`` and
     ``client_body_timeout``)."""
     message = "Request size limit exceeded" if isinstance(exc, BodyTooLarge) else "Request timeout"
     # The rest of the body stays unread: the connection cannot carry another request.
-    return KongError(exc.status, message, {"connection": "close"})
+    return Refusal(exc.status, message, headers={"connection": "close"})
 
 
 def _ms(seconds: float) -> bytes:
@@ -75,17 +74,30 @@ def _ms(seconds: float) -> bytes:
 
 
 class KongProxy:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+    def __init__(
+        self,
+        *,
+        runtime: Callable[[], KongRuntime | None],
+        admission: Admission,
+        http: httpx.AsyncClient,
+        body: BodyLimits,
+        traced: bool,
+    ) -> None:
+        # The config in force: POST /config on the admin listener replaces it whole.
+        self.runtime = runtime
+        self.admission = admission
+        self.http = http
+        self.body = body
+        self.traced = traced
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, rid: bytes) -> None:
         started = time.perf_counter()
-        runtime = self.gw.kong
+        runtime = self.runtime()
         try:
             if runtime is None:
-                raise KongError(404, "no Route matched with those values")
+                raise Refusal(404, "no Route matched with those values")
             await self._handle(runtime, scope, receive, send, rid, started)
-        except KongError as error:
+        except Refusal as error:
             await send_kong_error(send, error, rid, started)
 
     async def _handle(
@@ -101,9 +113,9 @@ class KongProxy:
         path: str = scope["path"]
         match = runtime.match(scope["method"], headers.get("host", ""), path)
         if match is None:
-            raise KongError(404, "no Route matched with those values")
+            raise Refusal(404, "no Route matched with those values")
         route_id, service_id = match.route["id"], match.service["id"]
-        if self.gw.tracer is not None:
+        if self.traced:
             _name_span(trace.get_current_span(), scope["method"], match)
         query = split_query(scope.get("query_string", b""))
         identity = Identity()
@@ -136,32 +148,28 @@ class KongProxy:
             if config.hide_client_headers:
                 rate_headers = {"Retry-After": rate_headers["Retry-After"]} if not allowed else {}
             if not allowed:
-                raise KongError(int(config.error_code), config.error_message, rate_headers)
+                raise Refusal(int(config.error_code), config.error_message, headers=rate_headers)
             client_headers += [(k.lower().encode(), v.encode()) for k, v in rate_headers.items()]
         quota = runtime.plugin("steward-quota", route_id, service_id, consumer_id)
         if quota is not None:
             consumer = identity.consumer or {}
-            reservation = self.gw.quota.reserve(
-                project=str(
-                    quota["config"].get("project") or consumer.get("username") or "anonymous"
-                ),
-                credential_id=identity.credential_id or "",
-                model=str(match.service.get("name") or service_id),
-                # A Kong route's call has no token estimate; it costs at least one, so a spent
-                # budget refuses it. Its real usage reaches metering through usage events.
-                input_tokens=1,
-                output_tokens=0,
-            )
-            self.gw.quota.settle(reservation, input_tokens=0, output_tokens=0)
-            if not reservation.allowed:
-                raise KongError(429, "Token quota exceeded", dict(reservation.headers))
+            try:
+                reservation = self.admission.reserve(
+                    project=str(
+                        quota["config"].get("project") or consumer.get("username") or "anonymous"
+                    ),
+                    credential_id=identity.credential_id or "",
+                    model=str(match.service.get("name") or service_id),
+                    # A Kong route's call has no token estimate; it costs at least one, so a
+                    # spent budget refuses it. Its real usage reaches metering as usage events.
+                    input_tokens=1,
+                    output_tokens=0,
+                )
+            except Refusal as refused:  # in Kong's words
+                raise Refusal(429, "Token quota exceeded", headers=refused.headers) from None
+            self.admission.quota.settle(reservation, input_tokens=0, output_tokens=0)
         try:
-            body = await read_body(
-                scope,
-                receive,
-                self.gw.settings.gateway_max_request_bytes,
-                self.gw.settings.gateway_body_timeout_seconds,
-            )
+            body = await read_body(scope, receive, self.body)
         except BodyError as exc:
             raise body_refusal(exc) from None
         except ClientGone:
@@ -182,7 +190,7 @@ class KongProxy:
             ]
 
         await forward(
-            self.gw.http,
+            self.http,
             receive,
             send,
             request,
@@ -259,7 +267,7 @@ class KongProxy:
             write=service["write_timeout"] / 1000,
             pool=service["connect_timeout"] / 1000,
         )
-        return self.gw.http.build_request(
+        return self.http.build_request(
             scope["method"], url, content=body, headers=out, timeout=timeout
         )
 

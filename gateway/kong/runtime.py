@@ -8,7 +8,6 @@ the reference, so requests in flight finish on the config they started with.
 from __future__ import annotations
 
 import base64
-import json
 import re
 import time
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import jwt
 
+from gateway.admission import Refusal
 from gateway.kong.schema import PERIOD_SECONDS, KongConfig, RateLimitingConfig
 
 # Kong's plugin priorities decide the order they run in: higher first.
@@ -46,20 +46,6 @@ class Match:
     @property
     def service(self) -> dict[str, Any]:
         return self.compiled.service
-
-
-class KongError(Exception):
-    """A response Kong itself gives: status, ``{"message": …}`` body, extra headers."""
-
-    def __init__(self, status: int, message: Any, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(str(message))
-        self.status = status
-        self.message = message
-        self.headers = dict(headers or {})
-
-    def body(self) -> bytes:
-        payload = self.message if isinstance(self.message, dict) else {"message": self.message}
-        return json.dumps(payload).encode()
 
 
 @dataclass(slots=True)
@@ -230,11 +216,13 @@ class KongRuntime:
         realm = config.get("realm") or "kong"
         challenge = {"WWW-Authenticate": f'Key realm="{realm}"'}
         if key is None:
-            return self._anonymous(config, KongError(401, "No API key found in request", challenge))
+            return self._anonymous(
+                config, Refusal(401, "No API key found in request", headers=challenge)
+            )
         credential = self.keys.get(key)
         if credential is None:
             return self._anonymous(
-                config, KongError(401, "Invalid authentication credentials", challenge)
+                config, Refusal(401, "Invalid authentication credentials", headers=challenge)
             )
         if config.get("hide_credentials") and source is not None:
             (headers if source[0] == "header" else query).pop(source[1], None)
@@ -257,25 +245,25 @@ class KongRuntime:
                 if scheme.lower() == "bearer" and rest:
                     tokens.append(rest.strip())
         if not tokens:
-            return self._anonymous(config, KongError(401, "Unauthorized"))
+            return self._anonymous(config, Refusal(401, "Unauthorized"))
         if len(set(tokens)) > 1:
-            raise KongError(401, "Multiple tokens provided")
+            raise Refusal(401, "Multiple tokens provided")
         token = tokens[0]
         try:
             header = jwt.get_unverified_header(token)
             claims = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError as exc:
-            raise KongError(401, f"Bad token; {exc}") from None
+            raise Refusal(401, f"Bad token; {exc}") from None
         claim = config["key_claim_name"]
         if claim not in claims:
-            raise KongError(401, f"No mandatory '{claim}' in claims")
+            raise Refusal(401, f"No mandatory '{claim}' in claims")
         if not claims[claim]:
-            raise KongError(401, f"Invalid '{claim}' in claims")
+            raise Refusal(401, f"Invalid '{claim}' in claims")
         secret = self.jwt_secrets.get(str(claims[claim]))
         if secret is None:
-            raise KongError(401, f"No credentials found for given '{claim}'")
+            raise Refusal(401, f"No credentials found for given '{claim}'")
         if header.get("alg") != secret["algorithm"]:
-            raise KongError(403, "Invalid algorithm")
+            raise Refusal(403, "Invalid algorithm")
         if secret["algorithm"].startswith("HS"):
             key: Any = secret["secret"] or ""
             if config.get("secret_is_base64"):
@@ -296,17 +284,17 @@ class KongRuntime:
                 },
             )
         except jwt.PyJWTError:
-            raise KongError(401, "Invalid signature") from None
+            raise Refusal(401, "Invalid signature") from None
         errors = _verify_claims(claims, config.get("claims_to_verify") or [])
         if errors:
-            raise KongError(401, errors)
+            raise Refusal(401, errors)
         maximum = config.get("maximum_expiration") or 0
         if maximum > 0 and float(claims.get("exp", 0)) - time.time() > maximum:
-            raise KongError(401, {"exp": "exceeds maximum allowed expiration"})
+            raise Refusal(401, {"exp": "exceeds maximum allowed expiration"})
         consumer = self.consumers[secret["consumer"]["id"]]
         return Identity(consumer=consumer, credential_id=secret["key"])
 
-    def _anonymous(self, config: Mapping[str, Any], error: KongError) -> Identity:
+    def _anonymous(self, config: Mapping[str, Any], error: Refusal) -> Identity:
         anonymous = config.get("anonymous")
         if not anonymous:
             raise error
@@ -314,21 +302,21 @@ class KongRuntime:
             (c for c in self.consumers.values() if c.get("username") == anonymous), None
         )
         if consumer is None:
-            raise KongError(500, "An unexpected error occurred")
+            raise Refusal(500, "An unexpected error occurred")
         return Identity(consumer=consumer, anonymous=True)
 
     # -- acl -------------------------------------------------------------------------------------
 
     def acl(self, config: Mapping[str, Any], identity: Identity) -> None:
         if identity.consumer is None:
-            raise KongError(401, "Unauthorized")
+            raise Refusal(401, "Unauthorized")
         groups = self.groups.get(identity.consumer["id"], [])
         identity.groups = groups
         allow, deny = config.get("allow"), config.get("deny")
         if allow is not None and not set(allow) & set(groups):
-            raise KongError(403, "You cannot consume this service")
+            raise Refusal(403, "You cannot consume this service")
         if deny is not None and set(deny) & set(groups):
-            raise KongError(403, "You cannot consume this service")
+            raise Refusal(403, "You cannot consume this service")
 
 
 def _host_matches(pattern: str, host: str) -> bool:

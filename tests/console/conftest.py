@@ -71,7 +71,8 @@ async def stack(
     console_gateway_key: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Stack]:
-    from gateway.app import Gateway, ProxyApp
+    from gateway.app import ProxyApp
+    from gateway.state import Gateway
 
     async with contextlib.AsyncExitStack() as stack:
         urls = {

@@ -51,7 +51,8 @@ async def full_stack(
     admin_key: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Stack]:
-    from gateway.app import Gateway, ProxyApp
+    from gateway.app import ProxyApp
+    from gateway.state import Gateway
     from services.inference.app import create_app as inference_app
     from services.inference.config import SIMULATOR_COMMAND, InferenceConfig, LocalProfile
 

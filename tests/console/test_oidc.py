@@ -194,7 +194,8 @@ async def sso(
     admin_key: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[SSO]:
-    from gateway.app import Gateway, ProxyApp
+    from gateway.app import ProxyApp
+    from gateway.state import Gateway
     from services.approval.app import SPEC as APPROVAL
     from services.authz.app import SPEC as AUTHZ
     from services.catalog.app import SPEC as CATALOG

@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from gateway.admin import create_admin_app
-from gateway.app import Gateway, ProxyApp
+from gateway.app import ProxyApp
+from gateway.state import Gateway
 from libs.common.bus import Bus
 from libs.common.events.catalog import ToolRef, VersionState
 from libs.common.settings import Settings
@@ -39,6 +40,8 @@ MODELS = [
     "uncatalogued",
     "public-name",
     "tokenized-nousage",
+    "sealed-broken",  # its upstream credential cannot be unsealed
+    "unreachable",  # nothing listens at its upstream
 ]
 # A published tokenizer (see tests/fixtures/README.md), named by the catalog version of the
 # route "tokenized-nousage", whose upstream reports no usage.
@@ -139,6 +142,10 @@ def write_routes(path: Path, upstream: str, mcp: str) -> Path:
         if name == "public-name":
             route["upstream_model"] = "echo-internal"
             route["api_key"] = "upstream-secret"
+        if name == "sealed-broken":
+            route["sealed_api_key"] = "gAAAAAB-sealed-with-another-key"
+        if name == "unreachable":
+            route["upstream"] = "http://127.0.0.1:9/v1"  # the discard port: closed here
         models.append(route)
     servers = [
         {"name": "tools", "upstream": mcp},

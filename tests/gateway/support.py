@@ -23,7 +23,9 @@ from starlette.routing import Route
 from libs.common.bus import Bus
 from libs.common.events import CloudEvent, EventPayload
 from libs.common.events.catalog import VersionState
+from libs.common.events.metering import QuotaLimits, QuotaState, Window
 from libs.common.events.usage import UsageRecorded
+from libs.common.quota import window_bounds
 from tests.common.support import Listener, until
 from tests.helpers import child_log, free_port
 
@@ -167,3 +169,22 @@ async def usage_events(
     found = reader.found
     assert len(found) == count, f"expected {count} usage events, got {len(found)}: {found}"
     return found
+
+
+def quota(
+    project: str, total: int, now: datetime, used: int = 0, window: Window = "hour"
+) -> QuotaState:
+    """A total-token quota of ``project`` as metering announces it, ``used`` spent already."""
+    start, end = window_bounds(window, now)
+    return QuotaState(
+        quota_id=f"quota-{project}-{window}-{total}",
+        project=project,
+        window=window,
+        limits=QuotaLimits(total_tokens=total),
+        soft_threshold=0.8,
+        revision=1,
+        window_start=start,
+        window_end=end,
+        input_used=used,
+        as_of=now,
+    )

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from gateway.admin import create_admin_app
-from gateway.app import Gateway, ProxyApp
+from gateway.app import ProxyApp
+from gateway.state import Gateway
 from libs.common.bus import Bus
 from libs.common.events.catalog import VersionApproved, VersionRevoked
 from libs.common.settings import Settings

@@ -18,7 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.app import Gateway, ProxyApp, _Server, server_config
+from gateway.app import ProxyApp, _Server, server_config
+from gateway.state import Gateway
 from libs.common.settings import Settings
 from tests.gateway.conftest import RunningGateway, tenant
 from tests.helpers import bearer, free_port, serve

@@ -4,31 +4,12 @@ and settles each call's real usage."""
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import httpx
 
-from libs.common.events.metering import QuotaLimits, QuotaState
-from libs.common.quota import window_bounds
 from tests.gateway.conftest import RunningGateway, tenant
+from tests.gateway.support import quota
 from tests.gateway.test_kong import kong_yml, post_config
-from tests.helpers import bearer, unique
-
-
-def quota(project: str, total: int, now: datetime, used: int = 0) -> QuotaState:
-    start, end = window_bounds("hour", now)
-    return QuotaState(
-        quota_id=unique("quota"),
-        project=project,
-        window="hour",
-        limits=QuotaLimits(total_tokens=total),
-        soft_threshold=0.8,
-        revision=1,
-        window_start=start,
-        window_end=end,
-        input_used=used,
-        as_of=now,
-    )
+from tests.helpers import bearer
 
 
 async def test_quotas_warn_then_refuse_with_ratelimit_headers_on_v1_and_kong_routes(

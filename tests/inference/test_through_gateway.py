@@ -37,7 +37,8 @@ async def gateway_url(
     inference_settings: Settings,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[str]:
-    from gateway.app import Gateway, ProxyApp
+    from gateway.app import ProxyApp
+    from gateway.state import Gateway
 
     key = await ok(
         await authz.post(

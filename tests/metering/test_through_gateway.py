@@ -50,7 +50,8 @@ async def through(
     metering: httpx.AsyncClient,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Through]:
-    from gateway.app import Gateway, ProxyApp
+    from gateway.app import ProxyApp
+    from gateway.state import Gateway
 
     upstream = python_process("tests.gateway.upstream")
     await upstream.start()
