@@ -30,7 +30,7 @@ from gateway.http import bad_path, body_limits, openai_error, send_json
 from gateway.inference import ENDPOINTS, InferenceProxy
 from gateway.kong.proxy import KongProxy, send_kong_error
 from gateway.listener import guarded_protocol
-from gateway.mcp import McpProxy
+from gateway.mcp import WELL_KNOWN, McpProxy
 from gateway.service_api import SERVICES, ServiceApiProxy
 from gateway.state import Gateway
 from gateway.tracing import KNOWN_METHODS, extract
@@ -88,6 +88,9 @@ class ProxyApp:
             admission=gateway.admission,
             routes=gateway.routes,
             http=gateway.http,
+            guarded_http=gateway.guarded_http,
+            public_url=settings.gateway_public_url,
+            issuer=settings.oidc_issuer,
             usage=gateway.usage,
             body=body_limits(settings),
             traced=traced,
@@ -138,9 +141,12 @@ class ProxyApp:
             elif path.startswith("/v1/"):
                 area = "v1"
                 await self.inference(scope, receive, send_counted, rid)
-            elif path.startswith("/mcp/"):
+            elif path.startswith("/mcp/") or path == "/mcp":
                 area = "mcp"
                 await self.mcp(scope, receive, send_counted, rid)
+            elif path.startswith(WELL_KNOWN):
+                area = "mcp"
+                await self.mcp.resource_metadata(scope, send_counted, rid)
             elif path.startswith("/api/"):
                 area = "api"
                 await self.api(scope, receive, send_counted, rid)
@@ -229,8 +235,12 @@ def route_template(path: str) -> str | None:
         if path in ENDPOINTS or path == "/v1/models":
             return path
         return "/v1/models/{model}" if path.startswith("/v1/models/") else None
+    if path in ("/mcp", "/mcp/"):
+        return "/mcp/"
     if path.startswith("/mcp/"):
         return "/mcp/{server}/{path}"
+    if path.startswith(WELL_KNOWN):
+        return WELL_KNOWN + "/{path}"
     if path.startswith("/api/"):
         service = path[len("/api/") :].partition("/")[0]
         return f"/api/{service}/{{path}}" if service in SERVICES else None

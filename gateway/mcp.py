@@ -1,10 +1,17 @@
 """MCP over streamable HTTP at ``/mcp/{server}/``: approved servers, approved tools only.
 
-Each POST carries JSON-RPC; the gateway reads it once to refuse a ``tools/call`` for a tool the
-catalog does not list for the server's approved version (the only check that needs the body), then
-relays the request and streams the answer (JSON or SSE) back untouched. ``Mcp-Session-Id`` passes
-through both ways and is bound to the project that opened the session, so another tenant cannot
-ride on a session id it learned.
+A server is routed when the routes file names it or, with no file and no restart, while its
+newest approved catalog version has a streamable-HTTP remote (server.json ``remotes``). Each POST
+carries JSON-RPC; the gateway reads it once to refuse a ``tools/call`` for a tool the catalog does
+not list for the server's approved version, relays the request, and streams the answer (JSON or
+SSE) back, with ``tools/list`` answers cut down to the catalogued tools (gateway/mcp_tools.py).
+``Mcp-Session-Id`` passes through both ways and is bound to the project that opened the session,
+so another tenant cannot ride on a session id it learned.
+
+``GET /mcp/`` lists the servers the caller may use, with their URLs and tools. The gateway is an
+OAuth 2.1 protected resource as the MCP authorization spec asks: a request without a credential
+gets ``401`` with ``WWW-Authenticate: Bearer resource_metadata=…``, and
+``/.well-known/oauth-protected-resource[/mcp/{server}/]`` (RFC 9728) names the configured issuer.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any
 
 import httpx
@@ -31,10 +39,13 @@ from gateway.http import (
     send_json,
     upstream_headers,
 )
+from gateway.mcp_tools import ToolsFilter, list_ids
 from gateway.relay import Outcome, forward
 from gateway.routes import RouteTable
 from gateway.usage import UsageRecorder
+from libs.common.auth import decide
 
+WELL_KNOWN = "/.well-known/oauth-protected-resource"
 SESSION_HEADER = "mcp-session-id"
 MAX_SESSIONS = 100_000
 
@@ -50,16 +61,24 @@ class McpProxy:
         admission: Admission,
         routes: RouteTable,
         http: httpx.AsyncClient,
+        guarded_http: httpx.AsyncClient,
         usage: UsageRecorder,
         body: BodyLimits,
         traced: bool,
+        public_url: str | None = None,
+        issuer: str | None = None,
     ) -> None:
         self.admission = admission
         self.routes = routes
         self.http = http
+        # For upstreams a publisher named (catalog remotes): the address policy checks each
+        # connection (libs/common/netpolicy.py).
+        self.guarded_http = guarded_http
         self.usage = usage
         self.body = body
         self.traced = traced
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.issuer = issuer
         # session id → project that opened it (bounded, oldest forgotten first)
         self._sessions: OrderedDict[str, str] = OrderedDict()
 
@@ -70,14 +89,22 @@ class McpProxy:
         except Refusal as refusal:
             headers = extra + refusal.headers
             if refusal.status == 401:
-                headers = [*extra, (b"www-authenticate", b'Bearer realm="steward"')]
+                metadata = self._base(scope) + WELL_KNOWN + self._resource(scope["path"])
+                challenge = f'Bearer realm="steward", resource_metadata="{metadata}"'
+                headers = [*extra, (b"www-authenticate", challenge.encode())]
             await send_json(send, refusal.status, refusal.jsonrpc(), headers)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, extra: Headers) -> None:
-        name, _, rest = scope["path"][len("/mcp/") :].partition("/")
-        route = self.routes.mcp.get(name)
-        if route is None:
+        path: str = scope["path"]
+        if path in ("/mcp", "/mcp/"):
+            await self._discovery(scope, send, extra)
+            return
+        found = self.routes.mcp_route(path[len("/mcp/") :])
+        if found is None:
+            name = path[len("/mcp/") :].partition("/")[0]
             raise Refusal(404, f"no MCP server named '{name}'", "not_found")
+        route, rest = found
+        name = route.name
         who = await self.admission.caller(scope, "mcp.invoke")
         project, principal = who.project, who.principal
         if self.traced:
@@ -94,6 +121,9 @@ class McpProxy:
         method = scope["method"]
         body = b""
         call: Call | None = None
+        listing: set[Hashable] = set()
+        # Fail closed: a version that lists no tools offers none.
+        allowed_tools = {t.name for t in approved.tools}
         if method == "POST":
             try:
                 body = await read_body(scope, receive, self.body)
@@ -102,7 +132,7 @@ class McpProxy:
             except ClientGone:
                 return
             messages = _messages(body)
-            allowed_tools = {t.name for t in approved.tools}
+            listing = list_ids(messages)
             for message in messages:
                 if message.get("method") != "tools/call":
                     continue
@@ -134,17 +164,26 @@ class McpProxy:
         headers = upstream_headers(scope, {"x-request-id": extra[0][1].decode()})
         if route.api_key is not None:
             headers["authorization"] = "Bearer " + route.api_key.get_secret_value()
-        request = self.http.build_request(method, url, content=body, headers=headers)
+        http = self.guarded_http if route.guarded else self.http
+        request = http.build_request(method, url, content=body, headers=headers)
         if call is not None:
             call.sent_upstream = time.perf_counter()
+
+        def rewrite(response: httpx.Response) -> ToolsFilter | None:
+            if not listing:
+                return None
+            sse = response.headers.get("content-type", "").startswith("text/event-stream")
+            return ToolsFilter(listing, allowed_tools, sse=sse)
+
         outcome = await forward(
-            self.http,
+            http,
             receive,
             send,
             request,
             extra_headers=lambda _: extra,
             error_body=_error_body,
             egress=MCP,
+            rewrite=rewrite,
         )
         self._track_session(method, session, outcome, project)
         if call is not None:
@@ -158,6 +197,65 @@ class McpProxy:
             elif outcome.status >= 400:
                 call.fail(outcome.status, f"upstream_{outcome.status}")
             finish(call, self.usage, traced=self.traced)
+
+    async def _discovery(self, scope: Scope, send: Send, extra: Headers) -> None:
+        """The MCP servers this caller may use: entitled, approved, routed; with the URL to
+        give a client and the tools it may call."""
+        if scope["method"] != "GET":
+            raise Refusal(405, "/mcp/ accepts GET only", "method_not_allowed")
+        who = await self.admission.identify(scope)
+        servers: list[dict[str, Any]] = []
+        base = self._base(scope)
+        if decide(who.principal, "mcp.invoke", who.project).allowed:
+            for name, route in sorted(self.routes.mcp.items()):
+                version = self.admission.catalog.approved(
+                    "mcp_server", route.asset_name, route.version
+                )
+                if version is None or not self.admission.auth.entitled(
+                    who.project, "mcp_server", route.asset_name
+                ):
+                    continue
+                servers.append(
+                    {
+                        "name": name,
+                        "version": version.version,
+                        "url": f"{base}/mcp/{name}/",
+                        "transport": "streamable-http",
+                        "tools": [t.model_dump() for t in version.tools],
+                    }
+                )
+        await send_json(send, 200, {"object": "list", "data": servers}, extra)
+
+    async def resource_metadata(self, scope: Scope, send: Send, rid: bytes) -> None:
+        """RFC 9728 metadata for the gateway's MCP servers (``/.well-known/
+        oauth-protected-resource`` for all of ``/mcp/``, or followed by one server's path)."""
+        extra: Headers = [(b"x-request-id", rid), (b"cache-control", b"max-age=300")]
+        path = scope["path"][len(WELL_KNOWN) :] or "/mcp/"
+        if scope["method"] != "GET" or not (path == "/mcp/" or path.startswith("/mcp/")):
+            await send_json(send, 404, {"error": "not_found"}, extra[:1])
+            return
+        metadata: dict[str, Any] = {
+            "resource": self._base(scope) + path,
+            "bearer_methods_supported": ["header"],
+            "scopes_supported": ["mcp:invoke"],
+            "resource_name": "Steward MCP gateway",
+        }
+        if self.issuer:
+            metadata["authorization_servers"] = [self.issuer]
+        await send_json(send, 200, metadata, extra)
+
+    def _resource(self, path: str) -> str:
+        """The resource a ``/mcp/…`` path belongs to: its server's root (``/mcp/{server}/``)."""
+        found = self.routes.mcp_route(path[len("/mcp/") :]) if path.startswith("/mcp/") else None
+        return f"/mcp/{found[0].name}/" if found is not None else "/mcp/"
+
+    def _base(self, scope: Scope) -> str:
+        """The gateway's public URL: configured (STEWARD_GATEWAY_PUBLIC_URL), else as the
+        client reached it."""
+        if self.public_url:
+            return self.public_url
+        host = _header(scope, b"host") or "localhost"
+        return f"{scope.get('scheme', 'http')}://{host}"
 
     def _track_session(self, method: str, sent: str | None, outcome: Outcome, project: str) -> None:
         if method == "DELETE" and sent is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import httpx
 from starlette.types import Receive, Send
@@ -19,6 +20,18 @@ from gateway.http import Headers, response_headers
 
 # (status, message) → (body, content type): each area words its own errors.
 ErrorBody = Callable[[int, str], tuple[bytes, bytes]]
+
+
+# What no longer describes a rewritten body (it is decoded, and its length changes).
+_REWRITTEN = frozenset({b"content-length", b"content-encoding"})
+
+
+class Rewrite(Protocol):
+    """Changes a relayed 2xx body on its way (chunks in, bytes out; the rest at the end)."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
 
 
 @dataclass(slots=True)
@@ -40,10 +53,13 @@ async def forward(
     extra_headers: Callable[[Outcome], Headers],
     error_body: ErrorBody,
     egress: Egress | None = None,
+    rewrite: Callable[[httpx.Response], Rewrite | None] | None = None,
 ) -> Outcome:
     """Relay ``request``'s answer. With ``egress`` (an upstream not trusted with the client's
     side, gateway/egress.py) only its allowed headers and 2xx bodies pass; without (``/api``'s
-    own services, Kong routes as Kong would), the answer passes minus hop-by-hop headers."""
+    own services, Kong routes as Kong would), the answer passes minus hop-by-hop headers. With
+    ``rewrite``, a 2xx body it returns a rewriter for is changed on its way (its length is then
+    unknown: the answer goes chunked)."""
     outcome = Outcome()
     started = False
 
@@ -63,13 +79,21 @@ async def forward(
                 headers = egress.headers(response.headers.raw) + extra_headers(outcome)
             else:
                 headers = response_headers(response.headers.raw) + extra_headers(outcome)
+            changer = rewrite(response) if rewrite is not None and response.is_success else None
+            if changer is not None:
+                headers = [(k, v) for k, v in headers if k not in _REWRITTEN]
             await send(
                 {"type": "http.response.start", "status": response.status_code, "headers": headers}
             )
             started = outcome.started = True
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            # Decoded (not raw) when rewriting: the rewriter reads the text.
+            chunks = response.aiter_bytes() if changer is not None else response.aiter_raw()
+            async for chunk in chunks:
+                out = changer.feed(chunk) if changer is not None else chunk
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            tail = changer.flush() if changer is not None else b""
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             await response.aclose()
 

@@ -24,10 +24,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from libs.common.events.catalog import VersionState
 from libs.common.events.inference import EndpointState
 from libs.common.names import ASSET_PATTERN
 
 NAME_PATTERN = ASSET_PATTERN
+MAX_NAME_SEGMENTS = 4
 
 
 class _Route(BaseModel):
@@ -39,6 +41,10 @@ class _Route(BaseModel):
     version: str | None = None
     # Sent upstream as ``Authorization: Bearer`` (the client's own credential never is).
     api_key: SecretStr | None = None
+    # A tenant or a publisher named the upstream (an external endpoint, an MCP server's remote):
+    # the address policy checks each connection. Routes the operator declared, and endpoints
+    # Steward runs, are trusted.
+    guarded: bool = False
 
     @field_validator("upstream")
     @classmethod
@@ -63,9 +69,6 @@ class ModelRoute(_Route):
     exposure: Literal["project", "internal", "public"] = "public"
     # Fernet token of the upstream credential (opened only when a request is sent).
     sealed_api_key: str | None = None
-    # A tenant named the upstream (an external endpoint): the address policy checks each
-    # connection. Routes the operator declared, and endpoints Steward runs, are trusted.
-    guarded: bool = False
 
     def visible_to(self, project: str) -> bool:
         """A project-exposed endpoint serves its own project only."""
@@ -88,22 +91,59 @@ class RoutesFile(BaseModel):
 
 
 class RouteTable:
-    """Declared routes plus inference endpoints; ``models`` is what the request path reads."""
+    """Declared routes plus inference endpoints and the catalog's MCP servers; ``models`` and
+    ``mcp`` are what the request path reads."""
 
     def __init__(self) -> None:
         self.models: dict[str, ModelRoute] = {}
         self.mcp: dict[str, McpRoute] = {}
         self._declared: dict[str, ModelRoute] = {}
+        self._declared_mcp: dict[str, McpRoute] = {}
         self._endpoints: dict[str, ModelRoute] = {}  # endpoint id → route
+        self._catalog_mcp: dict[str, McpRoute] = {}  # asset name → route
 
     def install(self, routes: RoutesFile) -> None:
         self._declared = {r.name: r for r in routes.models}
-        self.mcp = {r.name: r for r in routes.mcp_servers}
+        self._declared_mcp = {r.name: r for r in routes.mcp_servers}
         self._rebuild()
 
     def _rebuild(self) -> None:
-        # A declared route keeps its name even if an endpoint claims it: the operator said so.
+        # A declared route keeps its name even if an endpoint or the catalog claims it: the
+        # operator said so.
         self.models = {**{r.name: r for r in self._endpoints.values()}, **self._declared}
+        self.mcp = {**self._catalog_mcp, **self._declared_mcp}
+
+    def catalog_servers(self, versions: Iterable[VersionState]) -> None:
+        """Route every MCP server whose newest approved version has a remote, at that remote:
+        a route appears when such a version is approved and goes when it is revoked."""
+        newest: dict[str, VersionState] = {}
+        for v in versions:
+            if v.asset_kind != "mcp_server" or v.status != "approved":
+                continue
+            if v.asset_name not in newest or v.version_id > newest[v.asset_name].version_id:
+                newest[v.asset_name] = v
+        routes: dict[str, McpRoute] = {}
+        for name, v in newest.items():
+            if v.remote is None:
+                continue
+            try:
+                routes[name] = McpRoute(
+                    name=name, upstream=v.remote, version=v.version, guarded=True
+                )
+            except ValueError:  # a remote that is no http(s) URL: not routable
+                continue
+        self._catalog_mcp = routes
+        self._rebuild()
+
+    def mcp_route(self, path: str) -> tuple[McpRoute, str] | None:
+        """The MCP route a ``/mcp/…`` path names, and the rest of the path. Catalog names may
+        hold slashes (``io.github.acme/weather``): the longest name that matches wins."""
+        parts = path.split("/", MAX_NAME_SEGMENTS)
+        for i in range(min(len(parts), MAX_NAME_SEGMENTS), 0, -1):
+            route = self.mcp.get("/".join(parts[:i]))
+            if route is not None:
+                return route, "/".join(parts[i:])
+        return None
 
     def replace_endpoints(self, states: Iterable[EndpointState]) -> None:
         self._endpoints = {}

@@ -63,6 +63,9 @@ class Gateway:
     usage: UsageRecorder
     syncer: Syncer
     http: httpx.AsyncClient
+    # For upstreams a tenant or publisher named (MCP remotes from the catalog): every new
+    # connection passes the address policy.
+    guarded_http: httpx.AsyncClient
     tokenizers: Tokenizers
     upstream: UpstreamPool
     quota: QuotaLedger
@@ -105,7 +108,7 @@ class Gateway:
             bus,
             [
                 authz_feed(auth, authz_client, key, forget=authn.forget),
-                catalog_feed(catalog, catalog_client, key),
+                catalog_feed(catalog, routes, catalog_client, key),
                 inference_feed(routes, inference_client, key),
                 metering_feed(quota, metering_client, key),
             ],
@@ -123,6 +126,7 @@ class Gateway:
             write=30.0,
             pool=settings.gateway_upstream_connect_timeout_seconds,
         )
+        policy = await policy_from_settings(settings)
         journal = Journal(settings.data_dir / "gateway")
         usage = UsageRecorder(bus, Spool(settings.data_dir / "gateway"), journal=journal)
         # Calls an earlier process was serving when it stopped: metered as interrupted, safe on
@@ -146,13 +150,19 @@ class Gateway:
             http=httpx.AsyncClient(
                 limits=limits, timeout=timeout, follow_redirects=False, event_hooks=hooks
             ),
+            guarded_http=httpx.AsyncClient(
+                transport=policy.transport(limits=limits),
+                timeout=timeout,
+                follow_redirects=False,
+                event_hooks=hooks,
+            ),
             upstream=UpstreamPool(
                 connect_timeout=settings.gateway_upstream_connect_timeout_seconds,
                 read_timeout=settings.gateway_upstream_read_timeout_seconds,
                 max_idle_per_origin=settings.gateway_upstream_max_connections,
                 max_active_per_origin=settings.gateway_upstream_max_connections,
                 tracer=tracer,
-                policy=await policy_from_settings(settings),
+                policy=policy,
             ),
             tokenizers=Tokenizers(settings.tokenizer_roots),
             clients=[authz_client, catalog_client, inference_client, metering_client],
@@ -178,6 +188,7 @@ class Gateway:
             self.usage.journal.close()
         await self.bus.close()
         await self.http.aclose()
+        await self.guarded_http.aclose()
         self.upstream.close()
         for client in self.clients:
             await client.aclose()

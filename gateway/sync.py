@@ -206,14 +206,25 @@ def authz_feed(
     )
 
 
-def catalog_feed(replica: CatalogReplica, client: ServiceClient, credential: str | None) -> Feed:
+def catalog_feed(
+    replica: CatalogReplica, routes: RouteTable, client: ServiceClient, credential: str | None
+) -> Feed:
+    """Catalog versions; an approved MCP server version with a remote is also a route."""
+
     async def load(_: bool) -> Install | None:
         snap = CatalogSnapshot.model_validate(await _get_snapshot(client, credential))
-        return lambda: replica.replace(snap.versions)
+
+        def install() -> None:
+            replica.replace(snap.versions)
+            routes.catalog_servers(replica.versions())
+
+        return install
 
     def upsert(p: EventPayload) -> None:
         assert isinstance(p, VersionState)
         replica.upsert(p)
+        if p.asset_kind == "mcp_server":
+            routes.catalog_servers(replica.versions())
 
     subjects = (VersionSubmitted, VersionApproved, VersionDeprecated, VersionRevoked)
     return Feed(name="catalog", handlers={s.subject: upsert for s in subjects}, load=load)

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     gateway_kong_config: Path | None = None
     gateway_max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     gateway_max_tokens: int = Field(default=32_768, gt=0)
+    # The gateway's URL as clients reach it (MCP discovery and OAuth metadata); unset: as the
+    # request's Host header says.
+    gateway_public_url: str | None = None
     # Where catalog versions' file:// tokenizers may lie (a JSON list; empty: data_dir/tokenizers).
     gateway_tokenizer_roots: list[Path] = []
     # Client-side limits of the proxy listener (gateway/app.py server_config): a request's head

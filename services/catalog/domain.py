@@ -9,6 +9,7 @@ of it) and an audit record in the same transaction.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,35 @@ def version_state(version: Version, asset: Asset) -> dict[str, Any]:
         "tags": list(version.tags),
         "tools": [ToolRef.model_validate(t) for t in version.tools],
         "tokenizer": (version.spec.get("serving") or {}).get("tokenizer"),
+        "remote": mcp_remote(version.spec) if asset.kind == "mcp_server" else None,
     }
+
+
+_VARIABLE = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
+
+
+def mcp_remote(spec: dict[str, Any]) -> str | None:
+    """The streamable-HTTP URL an MCP server version is reached at, for the gateway to route:
+    server.json's ``remotes`` (URL variables filled with their defaults; None when one has
+    none) or a Kubeflow entry's ``endpoints``. SSE-only remotes are not routed: their message
+    URLs point past the gateway."""
+    if spec.get("format") == "mcp-server.json":
+        server = spec.get("server") or {}
+        for remote in server.get("remotes") or []:
+            if remote.get("type") != "streamable-http" or not remote.get("url"):
+                continue
+            variables = remote.get("variables") or {}
+            url = str(remote["url"])
+            for name in _VARIABLE.findall(url):
+                default = (variables.get(name) or {}).get("default")
+                if not isinstance(default, str) or not default:
+                    return None
+                url = url.replace("{" + name + "}", default)
+            return url
+        return None
+    endpoints = spec.get("endpoints") or {}
+    found = endpoints.get("streamable-http") or endpoints.get("http")
+    return str(found) if found else None
 
 
 # -- imports ----------------------------------------------------------------------------------

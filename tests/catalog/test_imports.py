@@ -333,3 +333,56 @@ async def test_a_models_tokenizer_is_kept_and_published_with_its_version(
     assert version["spec"]["serving"]["tokenizer"] == uri
     state = VersionState(**domain.version_state(_version(version), _asset(found)))
     assert state.tokenizer == uri
+
+
+def _guide_server_json() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The server.json the platform guide shows, and the example file it names."""
+    root = FIXTURES.parents[1]
+    guide = (root / "docs" / "platform-guide.md").read_text()
+    shown = guide.split("`examples/gitops/servers/weather.json`, complete:")[1]
+    shown = shown.split("```json\n", 1)[1].split("```", 1)[0]
+    example = root / "examples" / "gitops" / "servers" / "weather.json"
+    return json.loads(shown), json.loads(example.read_text())
+
+
+async def test_the_platform_guides_server_json_imports_with_its_remote_and_tools(
+    catalog: httpx.AsyncClient, admin_key: str
+) -> None:
+    """The guide shows examples/gitops/servers/weather.json whole; both must say the same, and
+    import as the guide explains: tools with access types, a remote the gateway can route."""
+    shown, example = _guide_server_json()
+    assert shown == example
+    server = dict(example)
+    server["name"] = f"io.example/{uname('weather')}"
+    response = await catalog.post("/v1/imports/mcp-servers", json=server, headers=bearer(admin_key))
+    assert response.status_code in (200, 201), response.text
+    found = await asset(catalog, admin_key, "mcp_server", server["name"])
+    assert found is not None
+    [version] = found["versions"]
+    assert version["tools"] == [
+        {"name": "get_forecast", "access": "read_only"},
+        {"name": "set_alert", "access": "read_write"},
+    ]
+    state = VersionState(**domain.version_state(_version(version), _asset(found)))
+    assert state.remote == "https://weather.example.com/mcp"
+
+
+@pytest.mark.parametrize(
+    ("remotes", "routed"),
+    [
+        ([{"type": "sse", "url": "https://a.example/sse"}], None),
+        ([{"type": "streamable-http", "url": "https://{h}/mcp", "variables": {"h": {}}}], None),
+        (
+            [
+                {"type": "sse", "url": "https://a.example/sse"},
+                {"type": "streamable-http", "url": "https://b.example/mcp"},
+            ],
+            "https://b.example/mcp",
+        ),
+    ],
+)
+def test_which_remote_the_gateway_routes(remotes: list[dict[str, Any]], routed: str | None) -> None:
+    spec = {"format": "mcp-server.json", "server": {"remotes": remotes}}
+    assert domain.mcp_remote(spec) == routed
+    kubeflow = {"format": "kubeflow-catalog", "endpoints": {"streamable-http": "https://k/mcp"}}
+    assert domain.mcp_remote(kubeflow) == "https://k/mcp"

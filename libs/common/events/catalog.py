@@ -31,6 +31,9 @@ class VersionState(EventPayload):
     tools: list[ToolRef] = []
     # A model's own tokenizer (serving.tokenizer), for exact counts where an engine reports none.
     tokenizer: str | None = None
+    # An MCP server's streamable-HTTP URL (server.json remotes): the gateway routes it while the
+    # version is approved, with no routes file and no restart.
+    remote: str | None = None
 
 
 class VersionSubmitted(VersionState):

@@ -1,0 +1,113 @@
+"""MCP governed from the catalog: an approved server version with a streamable-HTTP remote is
+routed live (no routes file, no restart) and unrouted when revoked; ``GET /mcp/`` tells a caller
+what it may use and where; ``tools/list`` shows only the catalogued tools; a client without a
+credential is pointed at the OAuth metadata (MCP authorization spec, RFC 9728)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from libs.common.bus import Bus
+from libs.common.events.catalog import ToolRef, VersionApproved, VersionRevoked
+from tests.gateway.conftest import RunningGateway, tenant, version
+from tests.gateway.support import eventually, publish
+from tests.gateway.test_mcp import ACCEPT, INIT, mcp_client
+from tests.helpers import bearer, unique
+
+ECHO = ToolRef(name="echo", access="read_only")
+
+
+async def _approve(
+    bus: Bus, gw: RunningGateway, name: str, remote: str, tools: list[ToolRef]
+) -> VersionApproved:
+    approved = VersionApproved(
+        **version(name, kind="mcp_server", tools=tools, remote=remote).model_dump()
+    )
+    await publish(bus, approved)
+    await eventually(lambda: name in gw.gateway.routes.mcp)
+    return approved
+
+
+async def _discover(gw: RunningGateway, key: str) -> dict[str, dict[str, object]]:
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        listed = await http.get("/mcp/", headers=bearer(key))
+    assert listed.status_code == 200, listed.text
+    return {s["name"]: s for s in listed.json()["data"]}
+
+
+async def test_an_approved_catalog_server_is_routed_live_and_unrouted_when_revoked(
+    gw: RunningGateway, authz: httpx.AsyncClient, admin_key: str, bus: Bus, mcp_upstream: str
+) -> None:
+    # A registry name, slash included, as server.json spells them.
+    name = f"io.github.steward/{unique('weather')}"
+    t = await tenant(authz, admin_key, gw, [name], kind="mcp_server")
+    outsider = await tenant(authz, admin_key, gw, ["echo"])
+    assert name not in await _discover(gw, t.key)
+
+    approved = await _approve(bus, gw, name, mcp_upstream, [ECHO])
+    listed = await _discover(gw, t.key)
+    assert listed[name]["url"] == f"{gw.url}/mcp/{name}/"
+    assert listed[name]["tools"] == [{"name": "echo", "access": "read_only"}]
+    assert name not in await _discover(gw, outsider.key)  # not entitled: not shown
+
+    async with mcp_client(str(listed[name]["url"]), t.key) as client:
+        tools = await client.list_tools()
+        # The server has two tools; the catalog lists one: the other is never advertised.
+        assert [tool.name for tool in tools.tools] == ["echo"]
+        result = await client.call_tool("echo", {"text": "live"})
+        assert result.content[0].text == "echo: live"  # type: ignore[union-attr]
+
+    await publish(bus, VersionRevoked(**{**approved.model_dump(), "status": "revoked"}))
+    await eventually(lambda: name not in gw.gateway.routes.mcp)
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        gone = await http.post(f"/mcp/{name}/", json=INIT, headers={**bearer(t.key), **ACCEPT})
+    assert gone.status_code == 404
+    assert name not in await _discover(gw, t.key)
+
+
+async def test_a_version_that_lists_no_tools_advertises_none(
+    gw: RunningGateway, authz: httpx.AsyncClient, admin_key: str, bus: Bus, mcp_upstream: str
+) -> None:
+    name = unique("toolless")
+    t = await tenant(authz, admin_key, gw, [name], kind="mcp_server")
+    await _approve(bus, gw, name, mcp_upstream, [])
+    async with mcp_client(f"{gw.url}/mcp/{name}/", t.key) as client:
+        assert (await client.list_tools()).tools == []
+        with pytest.raises(Exception, match="not approved"):
+            await client.call_tool("echo", {"text": "x"})
+
+
+async def test_a_remote_the_address_policy_denies_is_never_connected(
+    gw: RunningGateway, authz: httpx.AsyncClient, admin_key: str, bus: Bus
+) -> None:
+    """A publisher names the remote: cloud metadata (link-local) is refused at connect time."""
+    name = unique("metadata")
+    t = await tenant(authz, admin_key, gw, [name], kind="mcp_server")
+    await _approve(bus, gw, name, "http://169.254.169.254/mcp", [ECHO])
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+        refused = await http.post(f"/mcp/{name}/", json=INIT, headers={**bearer(t.key), **ACCEPT})
+    assert refused.status_code == 502
+    assert refused.json()["error"]["code"] < 0  # a JSON-RPC error, in the MCP client's terms
+
+
+async def test_an_anonymous_client_is_pointed_at_the_oauth_metadata(
+    gw: RunningGateway,
+) -> None:
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        anonymous = await http.post("/mcp/tools/", json=INIT, headers=ACCEPT)
+        assert anonymous.status_code == 401
+        challenge = anonymous.headers["www-authenticate"]
+        metadata_url = f"{gw.url}/.well-known/oauth-protected-resource/mcp/tools/"
+        assert challenge.startswith("Bearer ")
+        assert f'resource_metadata="{metadata_url}"' in challenge
+        metadata = await http.get(metadata_url)
+        assert metadata.status_code == 200
+        document = metadata.json()
+        assert document["resource"] == f"{gw.url}/mcp/tools/"
+        assert document["bearer_methods_supported"] == ["header"]
+        issuer = gw.settings.oidc_issuer
+        assert document.get("authorization_servers") == ([issuer] if issuer else None)
+        root = await http.get("/.well-known/oauth-protected-resource")
+        assert root.json()["resource"] == f"{gw.url}/mcp/"
+        assert (await http.get("/.well-known/oauth-protected-resource/v1/")).status_code == 404
