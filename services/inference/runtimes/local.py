@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from libs.common.artifacts import LOCAL_SCHEMES, NotLocal, local_path
 from libs.common.db import utcnow
 from services.inference.config import InferenceConfig, LocalProfile
 from services.inference.runtimes.base import EndpointSpec, RuntimeFailure, RuntimeStatus, clip
@@ -45,10 +46,20 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def _model_arg(spec: EndpointSpec) -> str:
-    """What a server like vLLM takes as the model: the source without its ``hf://`` scheme."""
-    if spec.source_uri:
-        return spec.source_uri.removeprefix("hf://")
-    return spec.asset_name
+    """What a server takes as the model: a local file's path (``file://``, ``pkg://``: a GGUF
+    for llama.cpp), else the source without its ``hf://`` scheme (vLLM)."""
+    uri = spec.source_uri
+    if not uri:
+        return spec.asset_name
+    if uri.startswith(tuple(f"{s}://" for s in LOCAL_SCHEMES)):
+        try:
+            path = local_path(uri)
+        except NotLocal as exc:
+            raise RuntimeFailure(f"the model's artifact is not on this host: {exc}") from None
+        if not path.is_file():
+            raise RuntimeFailure(f"the model's artifact {uri} is not a file on this host")
+        return str(path)
+    return uri.removeprefix("hf://")
 
 
 class Supervised:
