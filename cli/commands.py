@@ -352,7 +352,8 @@ USAGE_COLUMNS = ["requests", "errors", "prompt_tokens", "completion_tokens", "to
 def usage(
     project: Annotated[str | None, typer.Option(help="one project (platform admins: all)")] = None,
     group_by: Annotated[
-        str | None, typer.Option(help="project, model, credential, endpoint (comma-separated)")
+        str | None,
+        typer.Option(help="project, model, credential, endpoint, tool (comma-separated)"),
     ] = None,
     start: Annotated[str | None, typer.Option(help="ISO time with zone; default 24 h ago")] = None,
     end: Annotated[str | None, typer.Option(help="ISO time with zone; default now")] = None,

@@ -11,16 +11,18 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
     Select,
     String,
+    case,
     delete,
     func,
     literal,
     literal_column,
+    null,
     select,
     text,
     true,
@@ -650,6 +652,17 @@ def _bucket(session: AsyncSession, interval: str, column: Any) -> Any:
     return type_coerce(expression, UTCDateTime)
 
 
+def dimension(m: Any, name: str) -> ColumnElement[Any]:
+    """A report's grouping key on an aggregate table: its column, or for ``tool`` the tool of
+    an MCP call, whose endpoint is ``<server>/<tool>`` with the server as its model (NULL for a
+    model call)."""
+    if name != "tool":
+        return cast("ColumnElement[Any]", m[DIMENSIONS[name]])
+    prefix = func.length(m.model) + 1
+    is_tool = func.substr(m.endpoint, 1, prefix) == m.model + "/"
+    return case((is_tool, func.substr(m.endpoint, prefix + 1)), else_=null())
+
+
 def _filters(
     principal: Principal, f: UsageFilter, start: datetime, end: datetime, m: Any = usage_minutes.c
 ) -> list[ColumnElement[bool]]:
@@ -673,7 +686,7 @@ async def usage(
 ) -> Sequence[Any]:
     """Summed aggregates per group (and per interval for a series), ordered by the keys."""
     m = usage_minutes.c
-    keys = [m[DIMENSIONS[g]].label(g) for g in group_by]
+    keys = [dimension(m, g).label(g) for g in group_by]
     if interval is not None:
         keys.insert(0, _bucket(session, interval, m.minute).label("start"))
     sums = [func.coalesce(func.sum(m[c]), 0).label(c) for c in SUM_COLUMNS]
@@ -701,7 +714,7 @@ async def latency_sketches(
 ) -> Sketches:
     """The latency sketches of the groups ``usage`` reports, summed over their minutes."""
     b = usage_latency_bins.c
-    keys = [b[DIMENSIONS[g]].label(g) for g in group_by]
+    keys = [dimension(b, g).label(g) for g in group_by]
     if interval is not None:
         keys.insert(0, _bucket(session, interval, b.minute).label("start"))
     query = (

@@ -101,7 +101,7 @@ def _group_by(value: list[str] | str | None) -> list[str]:
         return []
     items = value if isinstance(value, list) else [value]
     parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
-    allowed = ("project", "model", "credential", "endpoint")
+    allowed = ("project", "model", "credential", "endpoint", "tool")
     unknown = [p for p in parts if p not in allowed]
     if unknown:
         raise ValueError(f"unknown group_by {unknown}; use any of {list(allowed)}")
@@ -112,7 +112,9 @@ def _group_by(value: list[str] | str | None) -> list[str]:
 
 class TotalsQuery(UsageFilter):
     group_by: list[str] = Field(
-        default=[], description="Any of project, model, credential, endpoint (comma-separated)"
+        default=[],
+        description="Any of project, model, credential, endpoint, tool (comma-separated); "
+        "tool is an MCP call's tool (none for model calls)",
     )
 
     @field_validator("group_by", mode="before")
@@ -169,6 +171,7 @@ class UsageRow(BaseModel):
     model: str | None = None
     credential: str | None = None
     endpoint: str | None = None
+    tool: str | None = Field(default=None, description="An MCP call's tool (group_by=tool)")
     requests: int
     errors: int
     prompt_tokens: int

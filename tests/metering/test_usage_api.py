@@ -98,6 +98,29 @@ async def test_totals_grouped_by_model_and_credential(
     assert {r["model"]: r["requests"] for r in recent["rows"]} == {"llama": 4, "mistral": 1}
 
 
+async def test_mcp_usage_by_tool(
+    authz: httpx.AsyncClient, metering: httpx.AsyncClient, gateway_bus: Bus, admin_key: str
+) -> None:
+    """A tool call's endpoint is ``<server>/<tool>``; server names may hold slashes. Grouped by
+    tool (and server), model calls beside them have none."""
+    p = await new_project(authz, admin_key, "usage-tools")
+    server = "io.github.acme/weather"
+    calls = ["forecast", "forecast", "forecast", "set_alert"]
+    events = [
+        *(usage(p, model=server, endpoint=f"{server}/{tool}", kind="mcp") for tool in calls),
+        usage(p, model="llama", endpoint="llama", prompt=10, completion=5),
+    ]
+    await publish(gateway_bus, events)
+    await wait_counted(metering, admin_key, p, 5)
+    body = await ok(
+        await metering.get(
+            "/v1/usage", params={"project": p, "group_by": "model,tool"}, headers=bearer(admin_key)
+        )
+    )
+    rows = {(r["model"], r["tool"]): r["requests"] for r in body["rows"]}
+    assert rows == {(server, "forecast"): 3, (server, "set_alert"): 1, ("llama", None): 1}
+
+
 async def test_time_series_by_hour_and_csv_export(
     metering: httpx.AsyncClient, admin_key: str, two_projects: dict[str, Any]
 ) -> None:
