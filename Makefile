@@ -58,6 +58,7 @@ bench: install
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { [ "$$(id -u)" = 0 ] && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; } || true
 	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/engine.py
 
 lock: install         ## recompile requirements/*.lock after a change to pyproject.toml
 	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -o requirements/runtime.lock $(UPGRADE)

@@ -250,12 +250,18 @@ http {{
 
 
 class Stack:
-    def __init__(self, workdir: Path) -> None:
+    """NATS, authz, the gateway, nginx and an upstream: the test upstream, or, given
+    ``upstream_port``, a server already listening there (bench/engine.py: a real model)."""
+
+    def __init__(self, workdir: Path, upstream_port: int | None = None) -> None:
         self.dir = workdir
+        self.own_upstream = upstream_port is None
         self.processes: list[subprocess.Popen[bytes]] = []
         self.ports = {
             n: free_port() for n in ("nats", "authz", "upstream", "nginx", "proxy", "admin")
         }
+        if upstream_port is not None:
+            self.ports["upstream"] = upstream_port
         self.namespace = "bench" + os.urandom(3).hex()
         self.pids: dict[str, list[int]] = {}
         self.key = ""
@@ -286,11 +292,12 @@ class Stack:
             [nats, "-js", "-a", "127.0.0.1", "-p", str(self.ports["nats"]), "-sd", str(store)]
         )
         await wait_port(self.ports["nats"], p)
-        p = self.spawn(
-            [sys.executable, "-m", "tests.gateway.upstream", str(self.ports["upstream"])],
-            log="upstream",
-        )
-        await wait_port(self.ports["upstream"], p)
+        if self.own_upstream:
+            p = self.spawn(
+                [sys.executable, "-m", "tests.gateway.upstream", str(self.ports["upstream"])],
+                log="upstream",
+            )
+            await wait_port(self.ports["upstream"], p)
 
         values: dict[str, Any] = {
             k.removeprefix("STEWARD_").lower(): v for k, v in self.env().items()
@@ -412,7 +419,7 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def catalog_stub() -> AsyncIterator[str]:
+async def catalog_stub(tokenizer: str | None = None) -> AsyncIterator[str]:
     """The catalog's snapshot with the benched model approved (served in this process)."""
     version = {
         "asset_id": "a-bench",
@@ -421,6 +428,7 @@ async def catalog_stub() -> AsyncIterator[str]:
         "version_id": "v-bench",
         "version": "1.0",
         "status": "approved",
+        "tokenizer": tokenizer,
     }
 
     async def snapshot(request: Request) -> JSONResponse:
