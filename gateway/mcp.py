@@ -5,6 +5,9 @@ newest approved catalog version has a streamable-HTTP remote (server.json ``remo
 carries JSON-RPC; the gateway reads it once to refuse a ``tools/call`` for a tool the catalog does
 not list for the server's approved version, relays the request, and streams the answer (JSON or
 SSE) back, with ``tools/list`` answers cut down to the catalogued tools (gateway/mcp_tools.py).
+A project's entitlement may cover less than the server (tools of some access types, named
+tools): what it does not cover is neither listed nor callable, and a grant of named tools alone
+does not reach the server's resources or prompts.
 ``Mcp-Session-Id`` passes through both ways and is bound to the project that opened the session,
 so another tenant cannot ride on a session id it learned.
 
@@ -44,9 +47,12 @@ from gateway.relay import Outcome, forward
 from gateway.routes import RouteTable
 from gateway.usage import UsageRecorder
 from libs.common.auth import decide
+from libs.common.events.authz import EntitlementState
 
 WELL_KNOWN = "/.well-known/oauth-protected-resource"
 SESSION_HEADER = "mcp-session-id"
+# What only reads a server: covered by a grant of read-only tools, not by one of named tools.
+READING = frozenset({"resources/read", "prompts/get"})
 MAX_SESSIONS = 100_000
 
 
@@ -122,8 +128,10 @@ class McpProxy:
         body = b""
         call: Call | None = None
         listing: set[Hashable] = set()
-        # Fail closed: a version that lists no tools offers none.
-        allowed_tools = {t.name for t in approved.tools}
+        grant = self.admission.auth.limits(project, "mcp_server", route.asset_name)
+        # Fail closed: a version that lists no tools offers none; a grant may offer fewer.
+        catalogued = {t.name for t in approved.tools}
+        allowed_tools = {t.name for t in approved.tools if grant is None or grant.allows(t)}
         if method == "POST":
             try:
                 body = await read_body(scope, receive, self.body)
@@ -134,6 +142,14 @@ class McpProxy:
             messages = _messages(body)
             listing = list_ids(messages)
             for message in messages:
+                reading = message.get("method") in READING
+                if reading and grant is not None and not grant.allows_reading():
+                    refusal = (
+                        f"project '{project}' may use named tools of the MCP server "
+                        f"'{name}' only, not its resources or prompts"
+                    )
+                    await send_json(send, 200, rpc_error(refusal, id_=message.get("id")), extra)
+                    return
                 if message.get("method") != "tools/call":
                     continue
                 params = message.get("params")
@@ -152,9 +168,17 @@ class McpProxy:
                     gateway_id=self.admission.quota.gateway_id,
                 )
                 if tool not in allowed_tools:
-                    call.fail(200, "tool_not_approved")
+                    if tool in catalogued:
+                        assert grant is not None
+                        call.fail(200, "tool_not_granted")
+                        refusal = (
+                            f"the tool '{tool}' is outside project '{project}''s access to the "
+                            f"MCP server '{name}' ({_describe(grant)})"
+                        )
+                    else:
+                        call.fail(200, "tool_not_approved")
+                        refusal = f"the tool '{tool}' is not approved for the MCP server '{name}'"
                     finish(call, self.usage, traced=self.traced)
-                    refusal = f"the tool '{tool}' is not approved for the MCP server '{name}'"
                     await send_json(send, 200, rpc_error(refusal, id_=message.get("id")), extra)
                     return
         url = route.upstream + ("/" + rest if rest else "")
@@ -215,13 +239,15 @@ class McpProxy:
                     who.project, "mcp_server", route.asset_name
                 ):
                     continue
+                grant = self.admission.auth.limits(who.project, "mcp_server", route.asset_name)
+                tools = [t for t in version.tools if grant is None or grant.allows(t)]
                 servers.append(
                     {
                         "name": name,
                         "version": version.version,
                         "url": f"{base}/mcp/{name}/",
                         "transport": "streamable-http",
-                        "tools": [t.model_dump() for t in version.tools],
+                        "tools": [t.model_dump() for t in tools],
                     }
                 )
         await send_json(send, 200, {"object": "list", "data": servers}, extra)
@@ -266,6 +292,15 @@ class McpProxy:
             self._sessions[opened] = project
             while len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)
+
+
+def _describe(grant: EntitlementState) -> str:
+    limits = []
+    if grant.tool_access is not None:
+        limits.append(" or ".join(grant.tool_access) + " tools")
+    if grant.tools is not None:
+        limits.append("the tools " + ", ".join(grant.tools))
+    return "limited to " + " among ".join(limits)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -82,6 +82,8 @@ class AuthReplica:
         # same key costs a dict lookup and a constant-time compare instead of an HMAC.
         self._verified: dict[str, tuple[KeyRecord, str]] = {}
         self._entitlements: set[tuple[str, str, str]] = set()
+        # The grants that cover less than their MCP server (most cover all of it).
+        self._limited: dict[tuple[str, str, str], EntitlementState] = {}
         self.loaded = False
 
     # -- changes (snapshot and events) --------------------------------------------------------
@@ -90,7 +92,11 @@ class AuthReplica:
         """Install a snapshot wholesale (events received since are re-applied by the caller)."""
         self._keys = {k.key_id: KeyRecord.from_state(k) for k in keys}
         self._verified = {}
+        entitlements = list(entitlements)
         self._entitlements = {(e.project, e.asset_kind, e.asset_name) for e in entitlements}
+        self._limited = {
+            (e.project, e.asset_kind, e.asset_name): e for e in entitlements if e.limited
+        }
         self.loaded = True
 
     def upsert_key(self, state: KeyState) -> None:
@@ -102,10 +108,18 @@ class AuthReplica:
         self._verified.pop(key_id, None)
 
     def grant(self, state: EntitlementState) -> None:
-        self._entitlements.add((state.project, state.asset_kind, state.asset_name))
+        """A new grant, or a change of what one covers."""
+        triple = (state.project, state.asset_kind, state.asset_name)
+        self._entitlements.add(triple)
+        if state.limited:
+            self._limited[triple] = state
+        else:
+            self._limited.pop(triple, None)
 
     def revoke(self, state: EntitlementState) -> None:
-        self._entitlements.discard((state.project, state.asset_kind, state.asset_name))
+        triple = (state.project, state.asset_kind, state.asset_name)
+        self._entitlements.discard(triple)
+        self._limited.pop(triple, None)
 
     # -- reads (the request path) ---------------------------------------------------------------
 
@@ -130,6 +144,10 @@ class AuthReplica:
 
     def entitled(self, project: str, kind: str, name: str) -> bool:
         return (project, kind, name) in self._entitlements
+
+    def limits(self, project: str, kind: str, name: str) -> EntitlementState | None:
+        """What an entitlement is limited to, if it covers less than the whole asset."""
+        return self._limited.get((project, kind, name))
 
     def entitlement_triples(self) -> set[tuple[str, str, str]]:
         """Every (project, asset kind, asset name) entitled, for exports."""

@@ -17,6 +17,8 @@ ASSET_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$"
 # OIDC subjects and local user names: no white space, slash or control character.
 SUBJECT_PATTERN = r"^[^\s/\x00-\x1f\x7f]{1,255}$"
 KEY_ID_PATTERN = r"^[0-9A-Za-z]{8}$"
+# An MCP tool's name.
+TOOL_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_./-]{0,127}$"
 UUID_PATTERN = r"^[0-9a-f-]{36}$"
 
 ProjectName = Annotated[
@@ -28,6 +30,7 @@ ProjectName = Annotated[
     ),
 ]
 AssetName = Annotated[str, Field(pattern=ASSET_PATTERN)]
+ToolName = Annotated[str, Field(pattern=TOOL_PATTERN)]
 Subject = Annotated[
     str,
     Field(

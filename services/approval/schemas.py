@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from libs.common.events.approval import (
     AssetKind,
@@ -17,6 +17,7 @@ from libs.common.events.approval import (
     RequestStatus,
     VersionName,
 )
+from libs.common.events.authz import ToolAccessLimit, ToolLimit, check_tool_limits
 from libs.common.names import AssetName
 from services.approval.policies import Rule
 
@@ -35,6 +36,14 @@ class AccessRequestIn(Input):
     asset_kind: AssetKind
     asset_name: AssetName
     justification: str = Field(default="", max_length=2000)
+    # An MCP server in part: only tools of these access types, and/or only these tools.
+    tool_access: ToolAccessLimit = None
+    tools: ToolLimit = None
+
+    @model_validator(mode="after")
+    def _tools_of_servers(self) -> AccessRequestIn:
+        check_tool_limits(self.asset_kind, self.tool_access, self.tools)
+        return self
 
 
 class PlanIn(CostSecurityPlan):

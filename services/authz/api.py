@@ -130,6 +130,8 @@ def _entitlement_read(e: Entitlement, project: str) -> EntitlementRead:
         granted_at=e.granted_at,
         granted_by=e.granted_by,
         reason=e.reason,
+        tool_access=e.tool_access,
+        tools=e.tools,
     )
 
 
@@ -394,7 +396,7 @@ async def list_entitlements(
     "/projects/{project}/entitlements/{asset_kind}/{asset_name:path}",
     tags=["entitlements"],
     responses={
-        201: {"description": "Granted now (200: it already was)"},
+        201: {"description": "Granted now (200: it already was, or what it covers changed)"},
         **problem_responses(NotFound),
     },
 )
@@ -407,8 +409,10 @@ async def grant_entitlement(
     response: Response,
     body: EntitlementPut | None = None,
 ) -> EntitlementRead:
+    body = body or EntitlementPut()
+    limits = domain.ToolLimits(tool_access=body.tool_access, tools=body.tools)
     entitlement, created = await domain.grant_entitlement(
-        uow, project, asset_kind, asset_name, body.reason if body else ""
+        uow, project, asset_kind, asset_name, body.reason, limits
     )
     response.status_code = 201 if created else 200
     return _entitlement_read(entitlement, project.name)
@@ -459,7 +463,13 @@ async def snapshot(
     response.headers["ETag"] = etag
     keys = [KeyState(**domain.key_state(k, p)) for k, p in await repo.active_keys(session, now)]
     entitlements = [
-        EntitlementState(project=p, asset_kind=e.asset_kind, asset_name=e.asset_name)
+        EntitlementState(
+            project=p,
+            asset_kind=e.asset_kind,
+            asset_name=e.asset_name,
+            tool_access=e.tool_access,
+            tools=e.tools,
+        )
         for e, p in await repo.all_entitlements(session)
     ]
     return Snapshot(generated_at=now, revision=revision, keys=keys, entitlements=entitlements)

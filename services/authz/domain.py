@@ -25,6 +25,7 @@ from libs.common.events.authz import (
     KeyUpdated,
     MemberChanged,
     ProjectCreated,
+    check_tool_limits,
 )
 from libs.common.uow import UnitOfWork
 from services.authz import repository as repo
@@ -391,34 +392,68 @@ async def rotate_key(
 # -- entitlements -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ToolLimits:
+    """How much of an MCP server a grant covers (both None: all of it)."""
+
+    tool_access: Sequence[str] | None = None
+    tools: Sequence[str] | None = None
+
+    def stored(self) -> dict[str, list[str] | None]:
+        return {
+            "tool_access": sorted(set(self.tool_access)) if self.tool_access else None,
+            "tools": sorted(set(self.tools)) if self.tools else None,
+        }
+
+
 async def grant_entitlement(
-    uow: UnitOfWork, project: Project, kind: str, name: str, reason: str
+    uow: UnitOfWork,
+    project: Project,
+    kind: str,
+    name: str,
+    reason: str,
+    limits: ToolLimits = ToolLimits(),
 ) -> tuple[Entitlement, bool]:
-    """Idempotent: granting what is already granted changes nothing (and returns False)."""
-    existing = await repo.entitlement(uow.session, project, kind, name)
+    """Grant, or change what a grant covers. Idempotent: granting what is already granted, as
+    it is, changes nothing (and returns False). Returns whether the grant is new."""
+    wanted = limits.stored()
+    try:
+        check_tool_limits(kind, wanted["tool_access"], wanted["tools"])
+    except ValueError as exc:
+        raise Unprocessable(str(exc)) from None
+    existing = await repo.entitlement(uow.session, project, kind, name, for_update=True)
+    before = None
     if existing is not None:
-        return existing, False
-    entitlement = Entitlement(
-        project_id=project.id,
-        asset_kind=kind,
-        asset_name=name,
-        granted_by=uow.actor,
-        reason=reason,
-    )
-    uow.session.add(entitlement)
+        held = {"tool_access": existing.tool_access, "tools": existing.tools}
+        if held == wanted:
+            return existing, False
+        before = held
+        entitlement = existing
+        entitlement.tool_access, entitlement.tools = wanted["tool_access"], wanted["tools"]
+    else:
+        entitlement = Entitlement(
+            project_id=project.id,
+            asset_kind=kind,
+            asset_name=name,
+            granted_by=uow.actor,
+            reason=reason,
+            **wanted,
+        )
+        uow.session.add(entitlement)
     await uow.session.flush()
     await _mirrored(
         uow,
-        EntitlementGranted(project=project.name, asset_kind=kind, asset_name=name),
+        EntitlementGranted(project=project.name, asset_kind=kind, asset_name=name, **wanted),
         entity=f"{project.name}/{kind}/{name}",
     )
     await uow.audit(
-        "entitlement.grant",
+        "entitlement.grant" if before is None else "entitlement.change",
         f"project/{project.name}/entitlement/{kind}/{name}",
         project=project.name,
-        after={"reason": reason},
+        before=before,
+        after={"reason": reason, **wanted},
     )
-    return entitlement, True
+    return entitlement, before is None
 
 
 async def revoke_entitlement(uow: UnitOfWork, project: Project, kind: str, name: str) -> None:

@@ -60,6 +60,7 @@ async def on_request_approved(session: AsyncSession, event: CloudEvent) -> None:
         access.asset_kind,
         access.asset_name,
         f"access request {approved.request_id}",
+        domain.ToolLimits(tool_access=access.tool_access, tools=access.tools),
     )
 
 

@@ -85,6 +85,9 @@ class Entitlement(Base):
     granted_at: Mapped[datetime] = mapped_column(default=utcnow)
     granted_by: Mapped[str] = mapped_column(String(255))
     reason: Mapped[str] = mapped_column(String(500), default="")
+    # An MCP server's grant may cover less of it: tools of these access types, these tools.
+    tool_access: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    tools: Mapped[list[str] | None] = mapped_column(JSON, default=None)
 
 
 class ReplicaRevision(Base):

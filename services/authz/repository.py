@@ -133,15 +133,18 @@ async def entitlements_of(session: AsyncSession, project: Project) -> Sequence[E
 
 
 async def entitlement(
-    session: AsyncSession, project: Project, kind: str, name: str
+    session: AsyncSession, project: Project, kind: str, name: str, *, for_update: bool = False
 ) -> Entitlement | None:
-    return await session.scalar(
-        select(Entitlement).where(
-            Entitlement.project_id == project.id,
-            Entitlement.asset_kind == kind,
-            Entitlement.asset_name == name,
-        )
+    """``for_update`` locks the grant's row (PostgreSQL; SQLite has one writer): two changes of
+    what it covers are decided one after the other, never merged column by column."""
+    query = select(Entitlement).where(
+        Entitlement.project_id == project.id,
+        Entitlement.asset_kind == kind,
+        Entitlement.asset_name == name,
     )
+    if for_update:
+        query = query.with_for_update().execution_options(populate_existing=True)
+    return await session.scalar(query)
 
 
 async def all_entitlements(session: AsyncSession) -> Sequence[tuple[Entitlement, str]]:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from libs.common.auth import ACTIONS, SCOPES
-from libs.common.events.authz import EntitlementState, KeyState
+from libs.common.events.authz import EntitlementState, KeyState, ToolAccessLimit, ToolLimit
 from libs.common.names import ProjectName, Subject
 
 ProjectRole = Literal["viewer", "developer", "project-admin"]
@@ -109,6 +109,9 @@ class KeyCreated(KeyRead):
 
 class EntitlementPut(Input):
     reason: str = Field(default="", max_length=500)
+    # An MCP server only: the grant covers tools of these access types and/or these tools.
+    tool_access: ToolAccessLimit = None
+    tools: ToolLimit = None
 
 
 class EntitlementRead(BaseModel):
@@ -118,6 +121,8 @@ class EntitlementRead(BaseModel):
     granted_at: datetime
     granted_by: str
     reason: str
+    tool_access: list[str] | None = None
+    tools: list[str] | None = None
 
 
 class PrincipalRead(BaseModel):

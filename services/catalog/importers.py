@@ -36,7 +36,7 @@ from pydantic import (
 from libs.common.artifacts import LOCAL_SCHEMES
 from libs.common.errors import Unprocessable
 from libs.common.events.catalog import ToolRef
-from libs.common.names import AssetName
+from libs.common.names import AssetName, ToolName
 
 # A model's artifact: a registry or bucket, or a file on the serving host (a local GGUF, or one
 # an installed package carries: libs/common/artifacts.py).
@@ -47,7 +47,6 @@ SHA256 = re.compile(r"^sha256:[a-f0-9]{64}$")
 _OCI_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
 
 Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
-ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_./-]{0,127}$")]
 Access = Literal["read_only", "read_write", "execute"]
 
 

@@ -24,6 +24,7 @@ from tests.approval.support import (
     eventually,
     file_request,
     import_yaml,
+    mcp_server,
     model,
     uname,
     version_status,
@@ -401,3 +402,43 @@ async def test_pending_requests_expire_after_their_deadline(
     assert found["overdue"] is False
     await wait_status(catalog, admin_key, "model", name, "1.0.0", "draft")
     assert await version_status(catalog, admin_key, "model", name, "1.0.0") == "draft"
+
+
+async def test_access_to_part_of_an_mcp_server_is_granted_as_asked(
+    authz: httpx.AsyncClient,
+    catalog: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    admin_key: str,
+    team: dict[str, str],
+) -> None:
+    """A developer asks for a server's read-only tools only; once approved, that is what the
+    project's entitlement covers. A model's access cannot be limited to tools."""
+    project, dev = team["project"], team["dev"]
+    name = uname("srv")
+    await import_yaml(catalog, admin_key, catalog_yaml([], [mcp_server(name)]))
+    await admitted(catalog, approval, admin_key, dev, project, "mcp_server", name)
+    asked = {"asset_kind": "mcp_server", "asset_name": name, "tool_access": ["read_only"]}
+    request = await file_request(approval, dev, project, "access", asked)
+    assert request["payload"]["tool_access"] == ["read_only"]
+    await approve(approval, admin_key, request["id"])
+
+    async def granted() -> list[dict[str, Any]]:
+        rows = await ok(
+            await authz.get(f"/v1/projects/{project}/entitlements", headers=bearer(admin_key))
+        )
+        return [e for e in rows if e["asset_name"] == name]
+
+    [grant] = await eventually(granted, what="the limited entitlement")
+    assert (grant["tool_access"], grant["tools"]) == (["read_only"], None)
+
+    model_name = await _draft(catalog, admin_key)
+    await admitted(catalog, approval, admin_key, dev, project, "model", model_name)
+    refused = await approval.post(
+        f"/v1/projects/{project}/requests",
+        json={
+            "kind": "access",
+            "payload": {"asset_kind": "model", "asset_name": model_name, "tools": ["search"]},
+        },
+        headers=bearer(dev),
+    )
+    assert refused.status_code == 422, refused.text

@@ -111,3 +111,64 @@ async def test_an_anonymous_client_is_pointed_at_the_oauth_metadata(
         root = await http.get("/.well-known/oauth-protected-resource")
         assert root.json()["resource"] == f"{gw.url}/mcp/"
         assert (await http.get("/.well-known/oauth-protected-resource/v1/")).status_code == 404
+
+
+BOTH = [ECHO, ToolRef(name="delete_everything", access="execute")]
+
+
+async def _limit(
+    authz: httpx.AsyncClient,
+    admin_key: str,
+    gw: RunningGateway,
+    project: str,
+    name: str,
+    **body: object,
+) -> None:
+    path = f"/v1/projects/{project}/entitlements/mcp_server/{name}"
+    answer = await authz.put(path, json=body, headers=bearer(admin_key))
+    assert answer.status_code in (200, 201), answer.text
+    await eventually(
+        lambda: (
+            (grant := gw.gateway.auth.limits(project, "mcp_server", name)) is not None
+            and grant.tool_access == body.get("tool_access")
+            and grant.tools == body.get("tools")
+        )
+    )
+
+
+async def test_a_grant_of_read_only_tools_shows_and_calls_only_those(
+    gw: RunningGateway, authz: httpx.AsyncClient, admin_key: str, bus: Bus, mcp_upstream: str
+) -> None:
+    name = unique("granted")
+    t = await tenant(authz, admin_key, gw, [name], kind="mcp_server")
+    await _approve(bus, gw, name, mcp_upstream, BOTH)
+    async with mcp_client(f"{gw.url}/mcp/{name}/", t.key) as client:  # the whole server
+        assert {tool.name for tool in (await client.list_tools()).tools} == {
+            "echo",
+            "delete_everything",
+        }
+    await _limit(authz, admin_key, gw, t.project, name, tool_access=["read_only"])
+    assert (await _discover(gw, t.key))[name]["tools"] == [{"name": "echo", "access": "read_only"}]
+    async with mcp_client(f"{gw.url}/mcp/{name}/", t.key) as client:
+        assert [tool.name for tool in (await client.list_tools()).tools] == ["echo"]
+        with pytest.raises(Exception, match="outside project") as refused:
+            await client.call_tool("delete_everything", {})
+        assert "limited to read_only tools" in str(refused.value)
+        assert (await client.call_tool("echo", {"text": "ok"})).content[0].text == "echo: ok"  # type: ignore[union-attr]
+
+
+async def test_a_grant_of_named_tools_does_not_reach_resources_or_prompts(
+    gw: RunningGateway, authz: httpx.AsyncClient, admin_key: str, bus: Bus, mcp_upstream: str
+) -> None:
+    name = unique("named")
+    t = await tenant(authz, admin_key, gw, [name], kind="mcp_server")
+    await _approve(bus, gw, name, mcp_upstream, BOTH)
+    await _limit(authz, admin_key, gw, t.project, name, tools=["delete_everything"])
+    read = {"jsonrpc": "2.0", "id": 7, "method": "resources/read", "params": {"uri": "x://y"}}
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        answer = await http.post(f"/mcp/{name}/", json=read, headers={**bearer(t.key), **ACCEPT})
+    assert answer.status_code == 200
+    assert answer.json()["id"] == 7
+    assert "not its resources or prompts" in answer.json()["error"]["message"]
+    async with mcp_client(f"{gw.url}/mcp/{name}/", t.key) as client:
+        assert [tool.name for tool in (await client.list_tools()).tools] == ["delete_everything"]

@@ -19,8 +19,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
+from libs.common.events.authz import ToolAccessLimit, ToolLimit, check_tool_limits
 from libs.common.events.envelope import EventPayload
 from libs.common.names import AssetName, KeyId
 
@@ -53,6 +54,14 @@ class AccessPayload(RequestPayload):
     justification: str = Field(default="", max_length=2000)
     # The asset's tags when the request was filed (auto-approve policies match on them).
     tags: list[str] = []
+    # An MCP server may be asked for in part: only its read-only tools, say, or named ones.
+    tool_access: ToolAccessLimit = None
+    tools: ToolLimit = None
+
+    @model_validator(mode="after")
+    def _tools_of_servers(self) -> AccessPayload:
+        check_tool_limits(self.asset_kind, self.tool_access, self.tools)
+        return self
 
 
 class CostSecurityPlan(RequestPayload):

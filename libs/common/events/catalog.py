@@ -12,12 +12,14 @@ from pydantic import BaseModel
 
 from libs.common.events.envelope import EventPayload
 
+ToolAccess = Literal["read_only", "read_write", "execute"]
+
 
 class ToolRef(BaseModel):
     """An MCP tool the catalog lists for a server version, with what it may do."""
 
     name: str
-    access: Literal["read_only", "read_write", "execute"]
+    access: ToolAccess
 
 
 class VersionState(EventPayload):
