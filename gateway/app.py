@@ -91,6 +91,7 @@ class ProxyApp:
             guarded_http=gateway.guarded_http,
             public_url=settings.gateway_public_url,
             issuer=settings.oidc_issuer,
+            redact=settings.gateway_audit_redact_keys,
             usage=gateway.usage,
             body=body_limits(settings),
             traced=traced,

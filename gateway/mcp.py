@@ -7,7 +7,9 @@ not list for the server's approved version, relays the request, and streams the 
 SSE) back, with ``tools/list`` answers cut down to the catalogued tools (gateway/mcp_tools.py).
 A project's entitlement may cover less than the server (tools of some access types, named
 tools): what it does not cover is neither listed nor callable, and a grant of named tools alone
-does not reach the server's resources or prompts.
+does not reach the server's resources or prompts. A call of a tool that may change something
+(``read_write``, ``execute``) lands in the audit log with its outcome and its arguments, secrets
+redacted (``STEWARD_GATEWAY_AUDIT_REDACT_KEYS``).
 ``Mcp-Session-Id`` passes through both ways and is bound to the project that opened the session,
 so another tenant cannot ride on a session id it learned.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from typing import Any
 
 import httpx
@@ -42,11 +44,13 @@ from gateway.http import (
     send_json,
     upstream_headers,
 )
-from gateway.mcp_tools import ToolsFilter, list_ids
+from gateway.mcp_tools import ToolsFilter, audited_arguments, list_ids
 from gateway.relay import Outcome, forward
 from gateway.routes import RouteTable
 from gateway.usage import UsageRecorder
 from libs.common.auth import decide
+from libs.common.db import utcnow
+from libs.common.events.audit import AuditRecorded
 from libs.common.events.authz import EntitlementState
 
 WELL_KNOWN = "/.well-known/oauth-protected-resource"
@@ -73,6 +77,7 @@ class McpProxy:
         traced: bool,
         public_url: str | None = None,
         issuer: str | None = None,
+        redact: Collection[str] = (),
     ) -> None:
         self.admission = admission
         self.routes = routes
@@ -85,6 +90,8 @@ class McpProxy:
         self.traced = traced
         self.public_url = public_url.rstrip("/") if public_url else None
         self.issuer = issuer
+        # Key-name fragments whose values an audited tool call's arguments do not keep.
+        self.redact = frozenset(k.lower() for k in redact)
         # session id → project that opened it (bounded, oldest forgotten first)
         self._sessions: OrderedDict[str, str] = OrderedDict()
 
@@ -130,7 +137,8 @@ class McpProxy:
         listing: set[Hashable] = set()
         grant = self.admission.auth.limits(project, "mcp_server", route.asset_name)
         # Fail closed: a version that lists no tools offers none; a grant may offer fewer.
-        catalogued = {t.name for t in approved.tools}
+        catalogued = {t.name: t for t in approved.tools}
+        audit: AuditRecorded | None = None
         allowed_tools = {t.name for t in approved.tools if grant is None or grant.allows(t)}
         if method == "POST":
             try:
@@ -181,6 +189,24 @@ class McpProxy:
                     finish(call, self.usage, traced=self.traced)
                     await send_json(send, 200, rpc_error(refusal, id_=message.get("id")), extra)
                     return
+                if catalogued[tool].access != "read_only":  # it may change something
+                    audit = AuditRecorded(
+                        service="gateway",
+                        actor=principal.subject,
+                        action="mcp.tool.call",
+                        target=f"mcp_server/{name}/{tool}",
+                        project=project,
+                        after={
+                            "access": catalogued[tool].access,
+                            "credential_id": principal.credential_id,
+                            **audited_arguments(
+                                params.get("arguments") if isinstance(params, dict) else None,
+                                self.redact,
+                            ),
+                        },
+                        request_id=extra[0][1].decode(),
+                        at=utcnow(),
+                    )
         url = route.upstream + ("/" + rest if rest else "")
         query = scope.get("query_string", b"")
         if query:
@@ -221,6 +247,10 @@ class McpProxy:
             elif outcome.status >= 400:
                 call.fail(outcome.status, f"upstream_{outcome.status}")
             finish(call, self.usage, traced=self.traced)
+        if audit is not None and call is not None:
+            assert audit.after is not None
+            audit.after.update(status=call.status, http_status=call.http_status)
+            self.usage.record(audit)
 
     async def _discovery(self, scope: Scope, send: Send, extra: Headers) -> None:
         """The MCP servers this caller may use: entitled, approved, routed; with the URL to

@@ -4,6 +4,9 @@ A ``tools/list`` answer passes through a ``ToolsFilter`` that drops every tool t
 not list, in a JSON answer and in an SSE one (each event's JSON-RPC message on its own), so a
 client never learns of a tool it could not call. A catalog version listing no tools advertises
 none (fail closed). Only the answers to the request's own ``tools/list`` ids are touched.
+
+A call of a tool that may change something (``read_write``, ``execute``) is audited with its
+arguments, secrets redacted by key name (``redacted``).
 """
 
 from __future__ import annotations
@@ -106,3 +109,34 @@ class ToolsFilter:
             self.removed += len(tools) - len(kept)
             parsed = {**parsed, "result": {**result, "tools": kept}}
         return parsed
+
+
+# An audited call's arguments are kept up to this size (as JSON); larger ones by size only.
+MAX_AUDITED_BYTES = 4096
+REDACTED = "[redacted]"
+
+
+def redacted(value: Any, fragments: Collection[str], depth: int = 0) -> Any:
+    """``value`` with every mapping key that names a secret (contains a fragment, any case)
+    replaced by ``[redacted]``, at any depth; what is nested too deep is dropped."""
+    if depth > 8:
+        return REDACTED
+    if isinstance(value, dict):
+        return {
+            str(k): REDACTED
+            if any(f in str(k).lower() for f in fragments)
+            else redacted(v, fragments, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redacted(v, fragments, depth + 1) for v in value]
+    return value
+
+
+def audited_arguments(arguments: Any, fragments: Collection[str]) -> dict[str, Any]:
+    """What the audit log keeps of a tool call's arguments."""
+    clean = redacted(arguments, fragments)
+    size = len(json.dumps(clean, default=str))
+    if size > MAX_AUDITED_BYTES:
+        return {"arguments_bytes": size}
+    return {"arguments": clean}

@@ -18,6 +18,7 @@ from gateway.journal import Journal
 from gateway.spool import Spool
 from libs.common.bus import Bus, BusUnavailable
 from libs.common.events import CloudEvent
+from libs.common.events.audit import AuditRecorded
 from libs.common.events.usage import UsageRecorded
 
 log = logging.getLogger("steward.gateway.usage")
@@ -29,8 +30,11 @@ BATCH = 256
 # Beyond this many queued events, new ones go straight to disk rather than to memory.
 MAX_QUEUED = 50_000
 
+# What the gateway records: a call's usage, or an audit record (a tool call that may change
+# something). Both need the same guarantee: published once, or on disk until they can be.
+Recorded = UsageRecorded | AuditRecorded
 # A payload and the W3C traceparent of the request that caused it (None: not traced).
-Queued = tuple[UsageRecorded, str | None]
+Queued = tuple[Recorded, str | None]
 
 
 class UsageRecorder:
@@ -56,33 +60,40 @@ class UsageRecorder:
         if spool.size():
             self._spooled.set()
 
-    def record(self, payload: UsageRecorded, *, traceparent: str | None = None) -> None:
-        """Queue a usage event; ``traceparent`` puts it in the trace of the call's request."""
+    def record(self, payload: Recorded, *, traceparent: str | None = None) -> None:
+        """Queue an event; ``traceparent`` puts it in the trace of the call's request."""
         if self._queue.qsize() >= MAX_QUEUED:
             self.spool_now([payload], traceparent)
             return
         self._queue.put_nowait((payload, traceparent))
 
-    def spool_now(self, payloads: Sequence[UsageRecorded], traceparent: str | None = None) -> None:
+    def spool_now(self, payloads: Sequence[Recorded], traceparent: str | None = None) -> None:
         """Write events straight to the disk spool (delivered in order once NATS is there)."""
-        self.spool.append([self._wrap(p, traceparent) for p in payloads])
+        self.spool.append([self._wrap(p, traceparent)[1] for p in payloads])
         self.spooled += len(payloads)
         USAGE_EVENTS.labels("spooled").inc(len(payloads))
         self._spooled.set()
         self._safe(payloads)
 
-    def _safe(self, payloads: Iterable[UsageRecorded]) -> None:
+    def _safe(self, payloads: Iterable[Recorded]) -> None:
         if self.journal is not None:
-            self.journal.end(p.event_id for p in payloads)
+            self.journal.end(p.event_id for p in payloads if isinstance(p, UsageRecorded))
 
-    def _wrap(self, payload: UsageRecorded, traceparent: str | None = None) -> bytes:
-        event = CloudEvent.wrap(
-            payload, source=self.source, entity=payload.project, traceparent=traceparent
-        )
-        # The payload's id is the event's id: one id for JetStream, metering and the spool.
-        event.id = payload.event_id
-        event.time = payload.time
-        return event.model_dump_json().encode()
+    def _wrap(self, payload: Recorded, traceparent: str | None = None) -> tuple[str, bytes]:
+        """The event's id and its CloudEvent bytes."""
+        if isinstance(payload, AuditRecorded):
+            event = CloudEvent.wrap(
+                payload, source=self.source, entity=payload.target, traceparent=traceparent
+            )
+            event.time = payload.at
+        else:
+            event = CloudEvent.wrap(
+                payload, source=self.source, entity=payload.project, traceparent=traceparent
+            )
+            # The payload's id is the event's id: one id for JetStream, metering and the spool.
+            event.id = payload.event_id
+            event.time = payload.time
+        return event.id, event.model_dump_json().encode()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._publish_loop(), name="gateway-usage")
@@ -109,23 +120,23 @@ class UsageRecorder:
                 await self._publish_or_spool(batch)
             except asyncio.CancelledError:
                 # Shutdown in the middle of a batch: keep it on disk, delivered next start.
-                self.spool.append(self._wrap(*queued) for queued in batch)
+                self.spool.append(self._wrap(*queued)[1] for queued in batch)
                 self._safe(payload for payload, _ in batch)
                 raise
 
     async def _publish_or_spool(self, batch: Sequence[Queued]) -> None:
-        bodies = [(payload.event_id, self._wrap(payload, tp)) for payload, tp in batch]
+        bodies = [(payload.subject, *self._wrap(payload, tp)) for payload, tp in batch]
         if self.bus.connected and not self._spooled.is_set():
             results = await asyncio.gather(
-                *(self._publish(event_id, body) for event_id, body in bodies),
+                *(self._publish(subject, event_id, body) for subject, event_id, body in bodies),
                 return_exceptions=True,
             )
-            failed = [body for (_, body), ok in zip(bodies, results, strict=True) if ok is not True]
+            failed = [b for (_, _, b), ok in zip(bodies, results, strict=True) if ok is not True]
             self.published += len(bodies) - len(failed)
             USAGE_EVENTS.labels("published").inc(len(bodies) - len(failed))
         else:
             # Events spooled earlier go first: keep the order metering sees.
-            failed = [body for _, body in bodies]
+            failed = [body for _, _, body in bodies]
         if failed:
             self.spool.append(failed)
             self.spooled += len(failed)
@@ -134,8 +145,8 @@ class UsageRecorder:
             self._spooled.set()
         self._safe(payload for payload, _ in batch)
 
-    async def _publish(self, event_id: str, body: bytes) -> bool:
-        await self.bus.publish(UsageRecorded.subject, body, event_id)
+    async def _publish(self, subject: str, event_id: str, body: bytes) -> bool:
+        await self.bus.publish(subject, body, event_id)
         return True
 
     async def _drain_loop(self) -> None:
@@ -161,11 +172,11 @@ class UsageRecorder:
             return 0
         for line in lines:
             try:
-                event_id = CloudEvent.model_validate_json(line).id
+                event = CloudEvent.model_validate_json(line)
             except ValidationError:
                 log.error("unreadable spooled usage event dropped")
                 continue
-            await self.bus.publish(UsageRecorded.subject, line, event_id)
+            await self.bus.publish(event.relative_subject, line, event.id)
         self.spool.delivered(end)
         self.published += len(lines)
         USAGE_EVENTS.labels("replayed").inc(len(lines))

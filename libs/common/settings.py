@@ -103,6 +103,18 @@ class Settings(BaseSettings):
     # The gateway's URL as clients reach it (MCP discovery and OAuth metadata); unset: as the
     # request's Host header says.
     gateway_public_url: str | None = None
+    # MCP tool calls that may change something (read_write, execute) are audited with their
+    # arguments; a key whose name contains one of these (any case) is stored as "[redacted]".
+    gateway_audit_redact_keys: list[str] = [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "key",
+        "authorization",
+        "credential",
+        "cookie",
+    ]
     # Where catalog versions' file:// tokenizers may lie (a JSON list; empty: data_dir/tokenizers).
     gateway_tokenizer_roots: list[Path] = []
     # Client-side limits of the proxy listener (gateway/app.py server_config): a request's head

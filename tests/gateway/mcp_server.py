@@ -1,7 +1,8 @@
 """A TEST MCP SERVER built with the official ``mcp`` SDK, served over streamable HTTP at ``/mcp``.
 
-``python -m tests.gateway.mcp_server PORT``. Two tools: ``echo`` (which the tests' catalog lists
-for this server) and ``delete_everything`` (which it does not, so the gateway must refuse it).
+``python -m tests.gateway.mcp_server PORT``. Three tools: ``echo`` (which the tests' catalog lists
+for this server), ``delete_everything`` (which it does not, so the gateway must refuse it) and
+``write_note`` (for catalogs that list a tool that changes something).
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ def delete_everything() -> str:
     """A tool nobody approved."""
     CALLS["delete_everything"] += 1
     return "everything deleted"
+
+
+@server.tool()
+def write_note(text: str, api_token: str = "") -> str:
+    """A tool that changes something (the tests' catalogs list it as read_write)."""
+    return f"noted: {text}"
 
 
 @server.custom_route("/_stats", methods=["GET"])  # type: ignore[untyped-decorator]

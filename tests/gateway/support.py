@@ -22,8 +22,10 @@ from starlette.routing import Route
 
 from libs.common.bus import Bus
 from libs.common.events import CloudEvent, EventPayload
+from libs.common.events.audit import AuditRecorded
 from libs.common.events.catalog import VersionState
 from libs.common.events.metering import QuotaLimits, QuotaState, Window
+from libs.common.events.streams import stream_for
 from libs.common.events.usage import UsageRecorded
 from libs.common.quota import window_bounds
 from tests.common.support import Listener, until
@@ -128,10 +130,12 @@ async def upstream_json(url: str, path: str) -> Any:
         return response.json()
 
 
-class _UsageReader(Listener):
-    def __init__(self, bus: Bus, project: str) -> None:
-        super().__init__(bus, UsageRecorded.subject, "USAGE", DeliverPolicy.ALL)
-        self.project = project
+class _Reader(Listener):
+    """The events of one subject whose data hold ``fields``, from the start of their stream."""
+
+    def __init__(self, bus: Bus, subject: str, stream: str, fields: dict[str, str]) -> None:
+        super().__init__(bus, subject, stream, DeliverPolicy.ALL)
+        self.fields = fields
         self.found: list[dict[str, Any]] = []
 
     def handle(self, body: bytes) -> None:
@@ -139,7 +143,7 @@ class _UsageReader(Listener):
             event = CloudEvent.model_validate_json(body)
         except ValidationError:
             return  # metering's tests publish unreadable events on purpose
-        if event.data["project"] == self.project:
+        if all(event.data.get(k) == v for k, v in self.fields.items()):
             self.found.append(event.model_dump(mode="json"))
 
 
@@ -151,10 +155,31 @@ async def usage_events(
     Reads until ``count`` arrived and every usage event the stream holds by then has been read,
     so that an extra one (a double count) published with them is seen too.
     """
-    bus = Bus(nats_url, namespace, name="test-usage-reader")
+    fields = {"project": project}
+    return await _events(nats_url, namespace, UsageRecorded.subject, fields, count, within)
+
+
+async def audit_events(
+    nats_url: str, namespace: str, project: str, service: str, count: int, within: float = 5.0
+) -> list[dict[str, Any]]:
+    """The audit events a service recorded about ``project``: exactly ``count`` of them (as
+    ``usage_events``)."""
+    fields = {"project": project, "service": service}
+    return await _events(nats_url, namespace, AuditRecorded.subject, fields, count, within)
+
+
+async def _events(
+    nats_url: str,
+    namespace: str,
+    subject: str,
+    fields: dict[str, str],
+    count: int,
+    within: float,
+) -> list[dict[str, Any]]:
+    bus = Bus(nats_url, namespace, name="test-event-reader")
     await bus.connect()
     await bus.wait_ready(10)
-    reader = _UsageReader(bus, project)
+    reader = _Reader(bus, subject, stream_for(subject), fields)
     try:
         await reader.start()
 
@@ -162,12 +187,12 @@ async def usage_events(
             return len(reader.found) >= count and await reader.heard_all()
 
         with contextlib.suppress(AssertionError):  # the count below says what is wrong
-            await until(all_read, within, "usage events")
+            await until(all_read, within, f"{subject} events")
     finally:
         await reader.stop()
         await bus.close()
     found = reader.found
-    assert len(found) == count, f"expected {count} usage events, got {len(found)}: {found}"
+    assert len(found) == count, f"expected {count} {subject} events, got {len(found)}: {found}"
     return found
 
 

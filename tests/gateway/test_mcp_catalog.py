@@ -10,8 +10,9 @@ import pytest
 
 from libs.common.bus import Bus
 from libs.common.events.catalog import ToolRef, VersionApproved, VersionRevoked
+from libs.common.settings import Settings
 from tests.gateway.conftest import RunningGateway, tenant, version
-from tests.gateway.support import eventually, publish
+from tests.gateway.support import audit_events, eventually, publish
 from tests.gateway.test_mcp import ACCEPT, INIT, mcp_client
 from tests.helpers import bearer, unique
 
@@ -172,3 +173,32 @@ async def test_a_grant_of_named_tools_does_not_reach_resources_or_prompts(
     assert "not its resources or prompts" in answer.json()["error"]["message"]
     async with mcp_client(f"{gw.url}/mcp/{name}/", t.key) as client:
         assert [tool.name for tool in (await client.list_tools()).tools] == ["delete_everything"]
+
+
+async def test_a_call_that_may_change_something_is_audited_with_secrets_redacted(
+    gw: RunningGateway,
+    authz: httpx.AsyncClient,
+    admin_key: str,
+    bus: Bus,
+    mcp_upstream: str,
+    settings: Settings,
+) -> None:
+    name = unique("audited")
+    t = await tenant(authz, admin_key, gw, [name], kind="mcp_server")
+    tools = [ECHO, ToolRef(name="write_note", access="read_write")]
+    await _approve(bus, gw, name, mcp_upstream, tools)
+    async with mcp_client(f"{gw.url}/mcp/{name}/", t.key) as client:
+        await client.call_tool("echo", {"text": "only reads"})
+        result = await client.call_tool("write_note", {"text": "hi", "api_token": "s3cr3t"})
+        assert result.content[0].text == "noted: hi"  # type: ignore[union-attr]
+    namespace = settings.event_namespace
+    [event] = await audit_events(settings.nats_url, namespace, t.project, "gateway", 1)
+    record = event["data"]
+    assert record["service"] == "gateway" and record["action"] == "mcp.tool.call"
+    assert record["target"] == f"mcp_server/{name}/write_note"
+    assert record["actor"].startswith("developer-")  # the key's owner (tenant())
+    assert record["after"]["credential_id"] == t.key_id
+    assert record["after"]["access"] == "read_write"
+    assert record["after"]["arguments"] == {"text": "hi", "api_token": "[redacted]"}
+    assert record["after"]["status"] == "ok"
+    assert "s3cr3t" not in str(event)

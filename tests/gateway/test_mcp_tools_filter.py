@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.mcp_tools import ToolsFilter, list_ids
+from gateway.mcp_tools import REDACTED, ToolsFilter, audited_arguments, list_ids, redacted
 
 TOOLS = [{"name": "echo"}, {"name": "delete_everything"}, {"name": "search"}]
 
@@ -70,3 +70,21 @@ def test_only_tools_list_requests_are_watched() -> None:
         {"jsonrpc": "2.0", "method": "tools/list"},
     ]
     assert list_ids(messages) == {1}
+
+
+def test_audited_arguments_keep_no_secret_and_no_bulk() -> None:
+    fragments = {"token", "password", "key"}
+    arguments = {
+        "text": "hello",
+        "API_Token": "stw_secret",
+        "nested": [{"password": "p", "keep": 1, "keys": ["a"]}],
+        "deep": {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": "x"}}}}}}}}},
+    }
+    kept = audited_arguments(arguments, fragments)["arguments"]
+    assert kept["text"] == "hello"
+    assert kept["API_Token"] == REDACTED
+    assert kept["nested"] == [{"password": REDACTED, "keep": 1, "keys": REDACTED}]
+    assert "stw_secret" not in json.dumps(kept)
+    assert redacted(arguments["deep"], fragments, depth=8) == {"a": REDACTED}
+    bulky = audited_arguments({"text": "x" * 10_000}, fragments)
+    assert bulky == {"arguments_bytes": len(json.dumps({"text": "x" * 10_000}))}
