@@ -138,11 +138,12 @@ def up() -> None:
 def status(
     output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
 ) -> None:
-    """Readiness of every service."""
+    """Readiness of every service and of the gateway."""
     settings = Settings()
     result: dict[str, object] = {}
-    for name in SERVICES:
-        url = f"http://{settings.host}:{settings.port_for(name)}/readyz"
+    probes = {name: f"http://{settings.host}:{settings.port_for(name)}/readyz" for name in SERVICES}
+    probes["gateway"] = f"http://{settings.host}:{settings.gateway_admin_port}/readyz"
+    for name, url in probes.items():
         try:
             result[name] = httpx.get(url, timeout=2).json()
         except httpx.HTTPError as exc:

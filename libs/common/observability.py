@@ -75,7 +75,9 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("uvicorn.access", "nats"):
+    # httpx and httpcore log every request at INFO: a local endpoint's health checks alone made
+    # most of the inference log. Failures still show (WARNING), and traces show every call.
+    for noisy in ("uvicorn.access", "nats", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -103,12 +103,13 @@ async def test_steward_up_serves_every_service_then_ctrl_c_stops_all_cleanly_and
     for name in SERVICES:
         assert up.env[f"STEWARD_{name.upper()}_URL"] in printed
 
-    # steward status reads the same settings (the environment) and finds every service ready.
+    # steward status reads the same settings (the environment) and finds every process ready,
+    # the gateway included.
     status_env = {k: v for k, v in up.env.items() if k.startswith("STEWARD_")}
     result = await steward(status_env, "status", "-o", "json")
     assert result.exit_code == 0, result.output
     assert {name: state["status"] for name, state in json.loads(result.output).items()} == {
-        name: "ready" for name in SERVICES
+        name: "ready" for name in (*SERVICES, "gateway")
     }
 
     # The printed key works through the gateway.
