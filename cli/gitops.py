@@ -4,7 +4,8 @@ Documents (any number per file, ``---`` separated) have ``apiVersion: steward/v1
 a ``metadata.name`` and a ``spec``; YAML files without such documents (a catalog.yaml that a
 ``Catalog`` document points at) are data, not manifests, and are skipped:
 
-- ``Project``: display name, ``members`` (subject → role) and, when given, ``entitlements``.
+- ``Project``: display name, ``members`` (subject → role) and, when given, ``entitlements``
+  (``{kind, name}``, and for an MCP server ``toolAccess``/``tools`` to grant part of it).
   Members (and entitlements, when listed) of a declared project are reconciled exactly:
   what the file does not list is removed. Projects the files do not declare are left alone.
 - ``Catalog``: ``spec.file`` (a Kubeflow-shaped catalog.yaml) and/or ``spec.mcpServers`` (a
@@ -115,12 +116,31 @@ def _project(api: Api, doc: Document) -> list[Change]:
             )
         )
         members: dict[str, str] = {}
-        entitlements: set[tuple[str, str]] = set()
+        entitlements: dict[tuple[str, str], Limits] = {}
     else:
+        display = doc.spec.get("displayName") or name
+        if live["display_name"] != display:
+            changes.append(
+                Change(
+                    "update",
+                    f"project/{name}",
+                    f"displayName {live['display_name']!r} → {display!r}",
+                    partial(
+                        api.call,
+                        "PATCH",
+                        "authz",
+                        f"/v1/projects/{name}",
+                        json_body={"display_name": display},
+                    ),
+                )
+            )
         listed = api.call("GET", "authz", f"/v1/projects/{name}/members")
         members = {m["subject"]: m["role"] for m in listed}
         granted = api.call("GET", "authz", f"/v1/projects/{name}/entitlements")
-        entitlements = {(e["asset_kind"], e["asset_name"]) for e in granted}
+        entitlements = {
+            (e["asset_kind"], e["asset_name"]): _limits(e.get("tool_access"), e.get("tools"))
+            for e in granted
+        }
 
     wanted = {m["subject"]: m["role"] for m in doc.spec.get("members", [])}
     for subject, role in sorted(wanted.items()):
@@ -147,17 +167,25 @@ def _project(api: Api, doc: Document) -> list[Change]:
         )
 
     if "entitlements" in doc.spec:
-        want = {(e["kind"], e["name"]) for e in doc.spec["entitlements"]}
-        for kind, asset in sorted(want - entitlements):
+        want = {
+            (e["kind"], e["name"]): _limits(e.get("toolAccess"), e.get("tools"))
+            for e in doc.spec["entitlements"]
+        }
+        for (kind, asset), limits in sorted(want.items()):
+            held = entitlements.get((kind, asset))
+            if held == limits:
+                continue
             path = f"/v1/projects/{name}/entitlements/{kind}/{asset}"
+            body = {"reason": "gitops", "tool_access": limits[0], "tools": limits[1]}
             changes.append(
                 Change(
-                    "create",
+                    "create" if held is None else "update",
                     f"project/{name}/entitlement/{kind}/{asset}",
-                    run=partial(api.call, "PUT", "authz", path, json_body={"reason": "gitops"}),
+                    "" if held is None else f"limits {_show(held)} → {_show(limits)}",
+                    partial(api.call, "PUT", "authz", path, json_body=body),
                 )
             )
-        for kind, asset in sorted(entitlements - want):
+        for kind, asset in sorted(set(entitlements) - set(want)):
             path = f"/v1/projects/{name}/entitlements/{kind}/{asset}"
             changes.append(
                 Change(
@@ -168,6 +196,21 @@ def _project(api: Api, doc: Document) -> list[Change]:
                 )
             )
     return changes
+
+
+# What an entitlement covers of an MCP server: (access types, tool names), None for no limit.
+Limits = tuple[list[str] | None, list[str] | None]
+
+
+def _limits(tool_access: Any, tools: Any) -> Limits:
+    return (sorted(tool_access) if tool_access else None, sorted(tools) if tools else None)
+
+
+def _show(limits: Limits) -> str:
+    access, tools = limits
+    if access is None and tools is None:
+        return "all tools"
+    return " ".join(f"{k}={','.join(v)}" for k, v in (("access", access), ("tools", tools)) if v)
 
 
 def _catalog(api: Api, doc: Document) -> list[Change]:

@@ -68,6 +68,7 @@ ACTIONS: Mapping[str, Rule] = {
     # authz
     "project.create": Rule(PLAT, "projects:manage"),
     "project.read": Rule(V, "projects:read"),
+    "project.update": Rule(PA, "projects:manage"),
     "member.read": Rule(V, "projects:read"),
     "member.write": Rule(PA, "projects:manage"),
     "key.read": Rule(D, "keys:manage"),

@@ -38,6 +38,7 @@ from services.authz.schemas import (
     PlatformKeyCreate,
     PrincipalRead,
     ProjectCreate,
+    ProjectPatch,
     ProjectRead,
     Snapshot,
 )
@@ -186,6 +187,17 @@ async def get_project(
     principal: Annotated[Principal, Authorized("project.read")], project: ProjectDep
 ) -> ProjectRead:
     return _project_read(project)
+
+
+@router.patch("/projects/{project}", responses=problem_responses(NotFound), tags=["projects"])
+async def update_project(
+    body: ProjectPatch,
+    principal: Annotated[Principal, Authorized("project.update")],
+    project: ProjectDep,
+    uow: UnitOfWorkDep,
+) -> ProjectRead:
+    """Rename a project for people (its ``name`` stays)."""
+    return _project_read(await domain.rename_project(uow, project, body.display_name))
 
 
 @router.get("/projects/{project}/members", tags=["members"], responses=problem_responses(NotFound))

@@ -25,6 +25,7 @@ from libs.common.events.authz import (
     KeyUpdated,
     MemberChanged,
     ProjectCreated,
+    ProjectUpdated,
     check_tool_limits,
 )
 from libs.common.uow import UnitOfWork
@@ -56,6 +57,26 @@ async def create_project(uow: UnitOfWork, name: str, display_name: str | None) -
         f"project/{name}",
         project=name,
         after={"display_name": project.display_name},
+    )
+    return project
+
+
+async def rename_project(uow: UnitOfWork, project: Project, display_name: str) -> Project:
+    """Change the display name (the name is the project's identity and never changes)."""
+    if project.display_name == display_name:
+        return project
+    before = {"display_name": project.display_name}
+    project.display_name = display_name
+    await uow.session.flush()
+    await uow.emit(
+        ProjectUpdated(project=project.name, display_name=display_name), entity=project.name
+    )
+    await uow.audit(
+        "project.update",
+        f"project/{project.name}",
+        project=project.name,
+        before=before,
+        after={"display_name": display_name},
     )
     return project
 

@@ -46,6 +46,10 @@ class ProjectCreate(Input):
     display_name: str | None = Field(default=None, min_length=1, max_length=200)
 
 
+class ProjectPatch(Input):
+    display_name: str = Field(min_length=1, max_length=200)
+
+
 class ProjectRead(BaseModel):
     name: str
     display_name: str

@@ -153,9 +153,32 @@ class Case:
     def url(self, project: str, prepared: Prepared) -> str:
         return self.path.format(p=project, **prepared)
 
+    def json(self, prepared: Prepared) -> dict[str, Any] | None:
+        """The body, its string values filled in from what ``prepare`` made."""
+        if self.body is None:
+            return None
+        return {k: v.format(**prepared) if isinstance(v, str) else v for k, v in self.body.items()}
+
+
+async def display_name(world: World, project: str) -> Prepared:
+    return {"display_name": unique("Team")}
+
+
+async def renamed(world: World, project: str, prepared: Prepared) -> bool:
+    found = await ok(await world.client.get(f"/v1/projects/{project}", headers=bearer(world.admin)))
+    return bool(found["display_name"] == prepared["display_name"])
+
 
 PROJECT_CASES = [
     Case("GET", "/v1/projects/{p}", "viewer"),
+    Case(
+        "PATCH",
+        "/v1/projects/{p}",
+        "project-admin",
+        display_name,
+        {"display_name": "{display_name}"},
+        renamed,
+    ),
     Case("GET", "/v1/projects/{p}/members", "viewer"),
     Case(
         "PUT",
@@ -237,7 +260,7 @@ async def test_project_endpoint_allows_exactly_the_roles_it_should(
     response = await world.client.request(
         case.method,
         case.url(project, prepared),
-        json=case.body,
+        json=case.json(prepared),
         headers=bearer(world.keys[role]),
     )
     allowed = role == "platform-admin" or (where == "own" and RANK[role] >= RANK[case.min_role])

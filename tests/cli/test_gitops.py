@@ -128,3 +128,47 @@ async def test_a_manifest_with_a_bad_kind_is_refused_before_any_change(
     env = {**service_urls, "STEWARD_API_KEY": admin_key}
     with pytest.raises(Exception, match="kind must be one of"):
         await steward(env, "apply", "-f", str(tmp_path))
+
+
+async def test_a_changed_display_name_and_grant_are_diffed_and_applied(
+    service_urls: dict[str, str], authz: httpx.AsyncClient, admin_key: str, tmp_path: Path
+) -> None:
+    env = {**service_urls, "STEWARD_API_KEY": admin_key}
+    folder, names = unique_copy(tmp_path)
+    assert (await steward(env, "apply", "-f", str(folder))).exit_code == 0
+    project, server = names["fraud-detection"], names["io.example/weather"]
+    projects = folder / "projects.yaml"
+    projects.write_text(
+        projects.read_text().replace(
+            "  displayName: Fraud detection\n",
+            "  displayName: Fraud & risk\n"
+            "  entitlements:\n"
+            f"    - {{kind: mcp_server, name: {server}, toolAccess: [read_only]}}\n",
+        )
+    )
+    drift = await steward(env, "diff", "-f", str(folder), "-o", "json")
+    assert drift.exit_code == 1, drift.output
+    planned = {c["target"]: c for c in json.loads(drift.output)}
+    assert planned[f"project/{project}"]["action"] == "update"
+    assert "Fraud & risk" in planned[f"project/{project}"]["detail"]
+    assert planned[f"project/{project}/entitlement/mcp_server/{server}"]["action"] == "create"
+    assert (await steward(env, "apply", "-f", str(folder))).exit_code == 0
+    assert (await steward(env, "diff", "-f", str(folder))).exit_code == 0  # nothing left
+
+    live = await ok(await authz.get(f"/v1/projects/{project}", headers=bearer(admin_key)))
+    assert live["display_name"] == "Fraud & risk"
+    [grant] = await ok(
+        await authz.get(f"/v1/projects/{project}/entitlements", headers=bearer(admin_key))
+    )
+    assert (grant["tool_access"], grant["tools"]) == (["read_only"], None)
+
+    # Widening the grant in the files is a change too.
+    projects.write_text(projects.read_text().replace(", toolAccess: [read_only]", ""))
+    widened = await steward(env, "diff", "-f", str(folder), "-o", "json")
+    [change] = json.loads(widened.output)
+    assert change["action"] == "update" and "all tools" in change["detail"]
+    assert (await steward(env, "apply", "-f", str(folder))).exit_code == 0
+    [grant] = await ok(
+        await authz.get(f"/v1/projects/{project}/entitlements", headers=bearer(admin_key))
+    )
+    assert (grant["tool_access"], grant["tools"]) == (None, None)

@@ -19,6 +19,13 @@ class ProjectCreated(EventPayload):
     display_name: str
 
 
+class ProjectUpdated(EventPayload):
+    subject: ClassVar[str] = "authz.project.updated"
+
+    project: str
+    display_name: str
+
+
 class MemberChanged(EventPayload):
     """A role binding in a project was added, changed or removed (role is None when removed)."""
 
