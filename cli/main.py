@@ -18,7 +18,6 @@ from cli.client import CliError, describe_problem, load_key
 from cli.output import errors
 from cli.stack import SERVICES, Stack
 from libs.common import apikeys
-from libs.common.migrate import upgrade
 from libs.common.settings import Settings
 
 app = typer.Typer(
@@ -29,6 +28,10 @@ app = typer.Typer(
 
 
 def _migrate(settings: Settings, services: tuple[str, ...]) -> None:
+    # Imported here: alembic and SQLAlchemy are half the CLI's start-up, and only up/migrate
+    # need them.
+    from libs.common.migrate import upgrade
+
     for name in services:
         upgrade(name, settings)
         typer.echo(f"  migrated {name}")

@@ -3,6 +3,9 @@ the next command), and figures are rounded alike."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from cli.output import Format, emit
@@ -28,3 +31,14 @@ def test_ids_stay_whole_in_a_narrow_table(
     assert ID in out and ID.replace("1", "2") in out
     assert "0.45" in out and "0.18" in out and "0.00012" in out
     assert "0.449908194" not in out
+
+
+def test_the_cli_starts_without_the_database_stack() -> None:
+    """Only ``up`` and ``migrate`` need alembic and SQLAlchemy (half its start-up): the other
+    commands must not pay for them."""
+    heavy = "('alembic', 'sqlalchemy')"
+    probe = f"import sys, cli.main; print(sorted(m for m in {heavy} if m in sys.modules))"
+    found = subprocess.run(  # noqa: S603 - this interpreter, a fixed program
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert found.stdout.strip() == "[]"
