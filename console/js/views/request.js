@@ -72,7 +72,7 @@ export async function render(main, ctx, params) {
     h("div", { class: "row" },
       field({ label: "Model", control: model, name: "model_name" }),
       field({ label: "Version", control: version, name: "version" }),
-      field({ label: "Runtime", control: select([["kubernetes", "Kubernetes (KServe + vLLM)"], ["local", "Local process"], ["external", "External URL"]], { id: "endpoint-runtime" }), name: "runtime" }),
+      field({ label: "Runtime", control: select([["local", "Local process"], ["kubernetes", "Kubernetes (KServe + vLLM)"], ["external", "External URL"]], { id: "endpoint-runtime", value: "local" }), name: "runtime" }),
       field({ label: "Context length", control: num("endpoint-context", { min: 1, step: 1 }), name: "context_length", hint: "(optional)" })),
     h("fieldset", {}, h("legend", {}, "Cost & security plan"),
       h("div", { class: "row" },
