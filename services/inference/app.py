@@ -11,6 +11,7 @@ import httpx
 from fastapi import FastAPI
 from kubernetes_asyncio import client as kube_client
 
+from libs.common.lease import Lease
 from libs.common.netpolicy import policy_from_settings
 from libs.common.service import ServiceContext, ServiceSpec, create_service_app
 from libs.common.settings import Settings
@@ -47,7 +48,9 @@ def make_spec(
             # The probe fetches a tenant-named URL: every connection checked and pinned.
             "external": ExternalRuntime(config, credential_key, transport=policy.transport()),
         }
-        reconciler = Reconciler(ctx.sessionmaker, ctx.outbox, runtimes, config)
+        # Several inference replicas may run: one leads the reconciler (services/inference).
+        lease = Lease(ctx.engine, f"{settings.event_namespace}.inference.reconciler")
+        reconciler = Reconciler(ctx.sessionmaker, ctx.outbox, runtimes, config, lease)
         service_key = settings.inference_api_key
         plane = Plane(
             config=config,
@@ -65,6 +68,7 @@ def make_spec(
             yield
         finally:
             await reconciler.close()
+            await lease.release()
             for runtime in runtimes.values():
                 with contextlib.suppress(Exception):
                     await runtime.aclose()

@@ -23,6 +23,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from libs.common.db import utcnow
+from libs.common.lease import Lease
 from libs.common.outbox import Outbox
 from libs.common.uow import UnitOfWork
 from services.inference import domain
@@ -72,8 +73,11 @@ class Reconciler:
         outbox: Outbox,
         runtimes: dict[str, Runtime],
         config: InferenceConfig,
+        lease: Lease | None = None,
     ) -> None:
         self.sessionmaker = sessionmaker
+        # With several inference replicas only the lease's holder reconciles; None: this one.
+        self.lease = lease
         self.outbox = outbox
         self.runtimes = runtimes
         self.config = config
@@ -104,6 +108,9 @@ class Reconciler:
                 await asyncio.wait_for(self._wake.wait(), self.config.reconcile_seconds)
             self._wake.clear()
             try:
+                if self.lease is not None and not await self.lease.hold():
+                    await self._follow()
+                    continue
                 await self.reconcile_once()
             except asyncio.CancelledError:
                 raise
@@ -296,6 +303,20 @@ class Reconciler:
                 self.wake_on_commit(session)
             else:
                 await domain.runtime_pending(uow, endpoint, status.reason)
+
+    async def _follow(self) -> None:
+        """Another replica leads: what this one ran is its to run now. The workers stop; the
+        runtimes' resources stay (the leader finds them), local servers stop with their
+        workers (they belong to the process that started them)."""
+        if not self.workers and not self.cleaning:
+            return
+        tasks = [w.task for w in self.workers.values()] + list(self.cleaning.values())
+        self.workers.clear()
+        self.cleaning.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.warning("not leading any more: reconciling stopped here", extra={"stopped": len(tasks)})
 
     async def close(self) -> None:
         """Stop every worker (a local server stops with its worker) and pending clean-up."""

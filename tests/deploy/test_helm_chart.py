@@ -145,10 +145,12 @@ def test_only_the_inference_service_may_manage_kserve_resources() -> None:
     assert [name for name, mounted in tokens.items() if mounted] == ["rel-steward-inference"]
 
 
-def test_inference_runs_alone_with_its_service_key() -> None:
+def test_inference_runs_replicated_with_its_service_key() -> None:
+    """Two replicas: one leads the reconciler (libs/common/lease.py), the other stands by, so a
+    rolling update needs no Recreate."""
     inference = of_kind(render(), "Deployment")["rel-steward-inference"]
-    assert inference["spec"]["replicas"] == 1
-    assert inference["spec"]["strategy"]["type"] == "Recreate"
+    assert inference["spec"]["replicas"] == 2
+    assert "strategy" not in inference["spec"]
     env = {e["name"] for e in inference["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert {"STEWARD_INFERENCE_API_KEY", "STEWARD_UPSTREAM_CREDENTIAL_KEY"} <= env
 
@@ -176,7 +178,7 @@ def test_the_gateway_scales_with_an_hpa() -> None:
         (["--set", "database.url=mysql://x"], "database.url"),
         (["--set", "secrets.bootstrapApiKey=not-a-key"], "secrets.bootstrapApiKey"),
         (["--set", "unknownTopLevel=1"], "unknownTopLevel"),
-        (["--set", "services.inference.replicas=2"], "services.inference.replicas"),
+        (["--set", "services.inference.replicas=101"], "services.inference.replicas"),
     ],
 )
 def test_bad_values_are_refused_by_the_schema(values: list[str], message: str) -> None:
