@@ -22,6 +22,7 @@ from tests.approval.support import approve, eventually, file_request
 from tests.gateway.support import usage_events
 from tests.helpers import bearer, issue_key, ok, serve
 from tests.inference.support import (
+    Team,
     approved_model,
     endpoint_of_request,
     request_endpoint,
@@ -77,6 +78,33 @@ async def gateway_url(
         yield await stack.enter_async_context(serve(ProxyApp(gateway)))
 
 
+async def _entitled_key(
+    authz: httpx.AsyncClient, approval: httpx.AsyncClient, admin_key: str, who: Team, name: str
+) -> str:
+    """The project may use the model (the gateway checks the entitlement on every call), and an
+    application key of it may call models."""
+    access = await file_request(
+        approval, who.dev, who.project, "access", {"asset_kind": "model", "asset_name": name}
+    )
+    await approve(approval, admin_key, access["id"])
+    return str((await issue_key(authz, admin_key, who.project, ["inference:invoke"]))["key"])
+
+
+async def _local_endpoint(
+    approval: httpx.AsyncClient,
+    inference: httpx.AsyncClient,
+    admin_key: str,
+    who: Team,
+    name: str,
+    within: float,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An approved endpoint request on the local runtime, until its endpoint is ready."""
+    decided = await request_endpoint(approval, admin_key, who, name, "local", gpus=0)
+    found = await endpoint_of_request(inference, who.dev, who.project, decided["id"])
+    ready = await wait_status(inference, who.dev, who.project, found["id"], "ready", within=within)
+    return found, ready
+
+
 async def test_approval_to_a_streamed_answer_through_the_gateway_and_back_to_nothing(
     authz: httpx.AsyncClient,
     catalog: httpx.AsyncClient,
@@ -87,17 +115,9 @@ async def test_approval_to_a_streamed_answer_through_the_gateway_and_back_to_not
 ) -> None:
     who = await team(authz, admin_key)
     name = await approved_model(authz, catalog, approval, admin_key, who)
-    # The project may use the model (the gateway checks the entitlement on every call).
-    access = await file_request(
-        approval, who.dev, who.project, "access", {"asset_kind": "model", "asset_name": name}
-    )
-    await approve(approval, admin_key, access["id"])
-    app_key = (await issue_key(authz, admin_key, who.project, ["inference:invoke"]))["key"]
-
+    app_key = await _entitled_key(authz, approval, admin_key, who, name)
     started = time.monotonic()
-    decided = await request_endpoint(approval, admin_key, who, name, "local", gpus=0)
-    found = await endpoint_of_request(inference, who.dev, who.project, decided["id"])
-    ready = await wait_status(inference, who.dev, who.project, found["id"], "ready")
+    found, ready = await _local_endpoint(approval, inference, admin_key, who, name, 20)
     client = openai.AsyncOpenAI(base_url=gateway_url + "/v1", api_key=app_key, max_retries=0)
 
     async def answered() -> str | None:
@@ -167,16 +187,9 @@ async def test_a_real_model_from_its_request_to_answers_through_the_gateway(
         artifacts=[{"uri": SMOLLM2}],
         serving={"runtime": "llama.cpp", "gpus": 0, "contextLength": 2048},
     )
-    access = await file_request(
-        approval, who.dev, who.project, "access", {"asset_kind": "model", "asset_name": name}
-    )
-    await approve(approval, admin_key, access["id"])
-    app_key = (await issue_key(authz, admin_key, who.project, ["inference:invoke"]))["key"]
-
+    app_key = await _entitled_key(authz, approval, admin_key, who, name)
     started = time.monotonic()
-    decided = await request_endpoint(approval, admin_key, who, name, "local", gpus=0)
-    found = await endpoint_of_request(inference, who.dev, who.project, decided["id"])
-    ready = await wait_status(inference, who.dev, who.project, found["id"], "ready", within=120)
+    found, ready = await _local_endpoint(approval, inference, admin_key, who, name, 120)
     print(f"\nrequest to a ready llama.cpp endpoint: {time.monotonic() - started:.2f}s")
     assert ready["profile"] == "llama-cpp"
     client = openai.AsyncOpenAI(base_url=gateway_url + "/v1", api_key=app_key, max_retries=0)
