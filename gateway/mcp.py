@@ -133,12 +133,14 @@ class McpProxy:
 
         method = scope["method"]
         body = b""
-        call: Call | None = None
+        # Metered: each tool call (a JSON-RPC batch may hold several); protocol chatter such as
+        # initialize or tools/list is not. Audited: the calls that may change something.
+        calls: list[Call] = []
+        audits: list[AuditRecorded] = []
         listing: set[Hashable] = set()
         grant = self.admission.auth.limits(project, "mcp_server", route.asset_name)
         # Fail closed: a version that lists no tools offers none; a grant may offer fewer.
         catalogued = {t.name: t for t in approved.tools}
-        audit: AuditRecorded | None = None
         allowed_tools = {t.name for t in approved.tools if grant is None or grant.allows(t)}
         if method == "POST":
             try:
@@ -162,7 +164,6 @@ class McpProxy:
                     continue
                 params = message.get("params")
                 tool = params.get("name") if isinstance(params, dict) else None
-                # Metered: tool calls (protocol chatter such as initialize or tools/list is not).
                 call = Call(
                     project=project,
                     credential_id=principal.credential_id,
@@ -186,26 +187,30 @@ class McpProxy:
                     else:
                         call.fail(200, "tool_not_approved")
                         refusal = f"the tool '{tool}' is not approved for the MCP server '{name}'"
+                    # The batch goes nowhere: its other calls were not made.
                     finish(call, self.usage, traced=self.traced)
                     await send_json(send, 200, rpc_error(refusal, id_=message.get("id")), extra)
                     return
+                calls.append(call)
                 if catalogued[tool].access != "read_only":  # it may change something
-                    audit = AuditRecorded(
-                        service="gateway",
-                        actor=principal.subject,
-                        action="mcp.tool.call",
-                        target=f"mcp_server/{name}/{tool}",
-                        project=project,
-                        after={
-                            "access": catalogued[tool].access,
-                            "credential_id": principal.credential_id,
-                            **audited_arguments(
-                                params.get("arguments") if isinstance(params, dict) else None,
-                                self.redact,
-                            ),
-                        },
-                        request_id=extra[0][1].decode(),
-                        at=utcnow(),
+                    audits.append(
+                        AuditRecorded(
+                            service="gateway",
+                            actor=principal.subject,
+                            action="mcp.tool.call",
+                            target=f"mcp_server/{name}/{tool}",
+                            project=project,
+                            after={
+                                "access": catalogued[tool].access,
+                                "credential_id": principal.credential_id,
+                                **audited_arguments(
+                                    params.get("arguments") if isinstance(params, dict) else None,
+                                    self.redact,
+                                ),
+                            },
+                            request_id=extra[0][1].decode(),
+                            at=utcnow(),
+                        )
                     )
         url = route.upstream + ("/" + rest if rest else "")
         query = scope.get("query_string", b"")
@@ -216,8 +221,9 @@ class McpProxy:
             headers["authorization"] = "Bearer " + route.api_key.get_secret_value()
         http = self.guarded_http if route.guarded else self.http
         request = http.build_request(method, url, content=body, headers=headers)
-        if call is not None:
-            call.sent_upstream = time.perf_counter()
+        sent = time.perf_counter()
+        for call in calls:
+            call.sent_upstream = sent
 
         def rewrite(response: httpx.Response) -> ToolsFilter | None:
             if not listing:
@@ -236,7 +242,7 @@ class McpProxy:
             rewrite=rewrite,
         )
         self._track_session(method, session, outcome, project)
-        if call is not None:
+        for call in calls:
             call.http_status = outcome.status
             if outcome.error_type is not None:
                 call.fail(outcome.status, outcome.error_type)
@@ -247,9 +253,9 @@ class McpProxy:
             elif outcome.status >= 400:
                 call.fail(outcome.status, f"upstream_{outcome.status}")
             finish(call, self.usage, traced=self.traced)
-        if audit is not None and call is not None:
+        for audit in audits:
             assert audit.after is not None
-            audit.after.update(status=call.status, http_status=call.http_status)
+            audit.after.update(status=calls[0].status, http_status=calls[0].http_status)
             self.usage.record(audit)
 
     async def _discovery(self, scope: Scope, send: Send, extra: Headers) -> None:

@@ -12,7 +12,7 @@ from libs.common.bus import Bus
 from libs.common.events.catalog import ToolRef, VersionApproved, VersionRevoked
 from libs.common.settings import Settings
 from tests.gateway.conftest import RunningGateway, tenant, version
-from tests.gateway.support import audit_events, eventually, publish
+from tests.gateway.support import audit_events, eventually, publish, usage_events
 from tests.gateway.test_mcp import ACCEPT, INIT, mcp_client
 from tests.helpers import bearer, unique
 
@@ -202,3 +202,30 @@ async def test_a_call_that_may_change_something_is_audited_with_secrets_redacted
     assert record["after"]["arguments"] == {"text": "hi", "api_token": "[redacted]"}
     assert record["after"]["status"] == "ok"
     assert "s3cr3t" not in str(event)
+
+
+async def test_each_tool_call_of_a_batch_is_metered_once(
+    gw: RunningGateway,
+    authz: httpx.AsyncClient,
+    admin_key: str,
+    bus: Bus,
+    mcp_upstream: str,
+    settings: Settings,
+) -> None:
+    """A JSON-RPC batch (MCP before 2025-06) may carry several tool calls: each is a usage event,
+    whatever the server makes of the batch, and the one that may change something is audited."""
+    name = unique("batch")
+    t = await tenant(authz, admin_key, gw, [name], kind="mcp_server")
+    tools = [ECHO, ToolRef(name="write_note", access="read_write")]
+    await _approve(bus, gw, name, mcp_upstream, tools)
+    batch = [
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo"}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "write_note"}},
+    ]
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        await http.post(f"/mcp/{name}/", json=batch, headers={**bearer(t.key), **ACCEPT})
+    namespace = settings.event_namespace
+    events = await usage_events(settings.nats_url, namespace, t.project, 2)
+    assert sorted(e["data"]["endpoint"] for e in events) == [f"{name}/echo", f"{name}/write_note"]
+    [audit] = await audit_events(settings.nats_url, namespace, t.project, "gateway", 1)
+    assert audit["data"]["target"] == f"mcp_server/{name}/write_note"
