@@ -164,6 +164,8 @@ class McpProxy:
                     continue
                 params = message.get("params")
                 tool = params.get("name") if isinstance(params, dict) else None
+                if tool is not None and not isinstance(tool, str):
+                    raise Refusal(400, "a tools/call names its tool with a string", "invalid")
                 call = Call(
                     project=project,
                     credential_id=principal.credential_id,

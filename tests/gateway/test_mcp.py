@@ -136,3 +136,14 @@ async def test_mcp_needs_the_mcp_invoke_scope_and_a_credential(
         anonymous = await http.post("/mcp/tools/", json=INIT, headers=ACCEPT)
         assert anonymous.status_code == 401
         assert anonymous.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_a_tool_call_naming_no_string_is_a_clear_4xx(
+    gw: RunningGateway, authz: httpx.AsyncClient, admin_key: str
+) -> None:
+    t = await tenant(authz, admin_key, gw, ["tools"], kind="mcp_server")
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": ["echo"]}}
+    async with httpx.AsyncClient(base_url=gw.url) as http:
+        answer = await http.post("/mcp/tools/", json=body, headers={**bearer(t.key), **ACCEPT})
+    assert answer.status_code == 400
+    assert "string" in answer.json()["error"]["message"]
