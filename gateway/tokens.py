@@ -149,8 +149,6 @@ class ModelTokenizer:
     its special tokens, e.g. BOS or [CLS]/[SEP]); generated text without them."""
 
     source: UsageSource = "tokenizer"
-    # A stream's text is kept (not only its length) for this counter.
-    keeps_text = True
 
     def __init__(
         self, tokenizer: Tokenizer, chat_template: str | None = None, bos: str | None = None

@@ -310,24 +310,24 @@ class Reconciler:
         workers (they belong to the process that started them)."""
         if not self.workers and not self.cleaning:
             return
-        tasks = [w.task for w in self.workers.values()] + list(self.cleaning.values())
+        stopped = await self._stop_tasks()
+        log.warning("not leading any more: reconciling stopped here", extra={"stopped": stopped})
+
+    async def _stop_tasks(self, *more: asyncio.Task[None]) -> int:
+        """Cancel every worker and clean-up (and ``more``), and wait for them to end."""
+        tasks = [w.task for w in self.workers.values()] + [*self.cleaning.values(), *more]
         self.workers.clear()
         self.cleaning.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        log.warning("not leading any more: reconciling stopped here", extra={"stopped": len(tasks)})
+        return len(tasks)
 
     async def close(self) -> None:
         """Stop every worker (a local server stops with its worker) and pending clean-up."""
         self._closed = True
         local = [i for i, w in self.workers.items() if w.runtime.name == "local"]
-        tasks = [w.task for w in self.workers.values()]
-        tasks += [*self.cleaning.values(), *self._side_tasks]
-        self.workers.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._stop_tasks(*self._side_tasks)
         # Reports in flight are short transactions: let them finish before the engine goes.
         await asyncio.gather(*self._reports, return_exceptions=True)
         # Local servers stop with this process: their routes go now, not at the next start.
