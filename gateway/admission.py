@@ -154,21 +154,30 @@ class Admission:
         return version
 
     def reserve(
-        self, *, project: str, credential_id: str, model: str, input_tokens: int, output_tokens: int
+        self,
+        *,
+        project: str,
+        credential_id: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        requests: int = 1,
     ) -> Reservation:
-        """Hold a call's estimate against the project's quotas (429 when one would not hold
-        it). The caller settles it: gateway/exchange.py does, whichever way the call ends."""
+        """Hold the estimate of ``requests`` calls against the project's quotas (429 when one
+        would not hold it). The caller settles it whichever way the calls end (for a model call,
+        gateway/exchange.py does)."""
         reservation = self.quota.reserve(
             project=project,
             credential_id=credential_id,
             model=model,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
+            requests=requests,
         )
         if not reservation.allowed:
             raise Refusal(
                 429,
-                reservation.reason or "token quota exceeded",
+                reservation.reason or "quota exceeded",
                 "quota_exceeded",
                 headers=client_headers(reservation),
             )

@@ -102,6 +102,8 @@ class Call:
     error_type: str | None = None
     # The gateway process that served it (its quota ledger's id).
     gateway_id: str | None = None
+    # It held quota (``UsageRecorded.admitted``): set where the quota is reserved.
+    admitted: bool = False
     # The usage event's id, fixed at the start: the in-flight journal's entry has the same one.
     event_id: str = field(default_factory=new_id)
 
@@ -137,6 +139,7 @@ class Call:
             usage_source=self.usage_source,
             stream=self.stream,
             gateway_id=self.gateway_id,
+            admitted=self.admitted,
         )
 
     def interrupted(self, prompt_tokens: int) -> UsageRecorded:

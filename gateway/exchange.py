@@ -112,6 +112,7 @@ class Exchange:
             input_tokens=self.estimate,
             output_tokens=max_tokens,
         )
+        call.admitted = True
         return self.reservation
 
     def begin(self, journal: Journal | None) -> None:

@@ -45,6 +45,7 @@ from gateway.http import (
     upstream_headers,
 )
 from gateway.mcp_tools import ToolsFilter, audited_arguments, list_ids
+from gateway.quota import Reservation, client_headers
 from gateway.relay import Outcome, forward
 from gateway.routes import RouteTable
 from gateway.usage import UsageRecorder
@@ -214,6 +215,9 @@ class McpProxy:
                             at=utcnow(),
                         )
                     )
+        reservation = self._reserve(calls, project, principal.credential_id, name)
+        if reservation is not None:
+            extra = extra + client_headers(reservation)
         url = route.upstream + ("/" + rest if rest else "")
         query = scope.get("query_string", b"")
         if query:
@@ -233,16 +237,22 @@ class McpProxy:
             sse = response.headers.get("content-type", "").startswith("text/event-stream")
             return ToolsFilter(listing, allowed_tools, sse=sse)
 
-        outcome = await forward(
-            http,
-            receive,
-            send,
-            request,
-            extra_headers=lambda _: extra,
-            error_body=_error_body,
-            egress=MCP,
-            rewrite=rewrite,
-        )
+        try:
+            outcome = await forward(
+                http,
+                receive,
+                send,
+                request,
+                extra_headers=lambda _: extra,
+                error_body=_error_body,
+                egress=MCP,
+                rewrite=rewrite,
+            )
+        finally:
+            if reservation is not None:
+                self.admission.quota.settle(
+                    reservation, input_tokens=0, output_tokens=0, requests=len(calls)
+                )
         self._track_session(method, session, outcome, project)
         for call in calls:
             call.http_status = outcome.status
@@ -259,6 +269,31 @@ class McpProxy:
             assert audit.after is not None
             audit.after.update(status=calls[0].status, http_status=calls[0].http_status)
             self.usage.record(audit)
+
+    def _reserve(
+        self, calls: list[Call], project: str, credential_id: str, server: str
+    ) -> Reservation | None:
+        """Hold the tool calls of one POST against the project's call quotas on the server
+        (a refusal is a 429 with a JSON-RPC error; its calls are recorded, not made)."""
+        if not calls:
+            return None
+        try:
+            reservation = self.admission.reserve(
+                project=project,
+                credential_id=credential_id,
+                model=server,
+                input_tokens=0,
+                output_tokens=0,
+                requests=len(calls),
+            )
+        except Refusal as refusal:
+            for call in calls:
+                call.fail(refusal.status, refusal.reason)
+                finish(call, self.usage, traced=self.traced)
+            raise
+        for call in calls:
+            call.admitted = True
+        return reservation
 
     async def _discovery(self, scope: Scope, send: Send, extra: Headers) -> None:
         """The MCP servers this caller may use: entitled, approved, routed; with the URL to

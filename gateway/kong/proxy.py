@@ -167,7 +167,8 @@ class KongProxy:
                 )
             except Refusal as refused:  # in Kong's words
                 raise Refusal(429, "Token quota exceeded", headers=refused.headers) from None
-            self.admission.quota.settle(reservation, input_tokens=0, output_tokens=0)
+            # Its usage event, if any, comes from elsewhere (a Kong plugin): nothing to count here.
+            self.admission.quota.settle(reservation, input_tokens=0, output_tokens=0, requests=0)
         try:
             body = await read_body(scope, receive, self.body)
         except BodyError as exc:

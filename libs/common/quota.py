@@ -1,10 +1,14 @@
-"""Token quota arithmetic, shared by metering (which counts) and the gateway (which enforces).
+"""Quota arithmetic, shared by metering (which counts) and the gateway (which enforces).
+
+A quota limits tokens (input, output, total) and calls (``requests``: a model call, an MCP tool
+call) of a project, one of its keys and/or one model or MCP server, per window.
 
 Metering owns the truth: it counts every usage event once and publishes each quota's state
 (``libs.common.events.metering``). A gateway replica decides locally with a ``QuotaLedger``:
 
-- ``reserve`` before forwarding a call sets aside an estimate (prompt estimate + ``max_tokens``)
-  and refuses the call when it would take any applicable limit past its budget;
+- ``reserve`` before forwarding a call sets aside an estimate (prompt estimate + ``max_tokens``,
+  and the calls it makes) and refuses the call when it would take any applicable limit it adds
+  to past its budget;
 - ``settle`` after the call replaces the estimate with the real usage, counted locally for the
   rest of the window;
 - ``apply`` merges states from the snapshot and from events: within one window counts only grow,
@@ -36,7 +40,7 @@ Worst-case overshoot with R gateway replicas sharing one budget (see README "Quo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -50,8 +54,11 @@ from libs.common.events.metering import (
 )
 
 WINDOWS: tuple[Window, ...] = ("minute", "hour", "day", "month")
-DIMENSIONS: tuple[Dimension, ...] = ("input", "output", "total")
+DIMENSIONS: tuple[Dimension, ...] = ("input", "output", "total", "requests")
 DEFAULT_SOFT_THRESHOLD = 0.8
+
+# Usage of a window: (input tokens, output tokens, requests).
+Used = tuple[int, int, int]
 
 
 def window_bounds(window: Window, at: datetime) -> tuple[datetime, datetime]:
@@ -89,15 +96,20 @@ def limit_of(limits: QuotaLimits, dimension: Dimension) -> int | None:
         return limits.input_tokens
     if dimension == "output":
         return limits.output_tokens
+    if dimension == "requests":
+        return limits.requests
     return limits.total_tokens
 
 
-def used_of(dimension: Dimension, input_used: int, output_used: int) -> int:
+def used_of(dimension: Dimension, used: Sequence[int]) -> int:
+    """One dimension of a (input, output, requests) amount."""
     if dimension == "input":
-        return input_used
+        return used[0]
     if dimension == "output":
-        return output_used
-    return input_used + output_used
+        return used[1]
+    if dimension == "requests":
+        return used[2]
+    return used[0] + used[1]
 
 
 def level(limit: int, fraction: float) -> int:
@@ -106,27 +118,27 @@ def level(limit: int, fraction: float) -> int:
 
 
 def dimensions_reached(
-    limits: QuotaLimits, input_used: int, output_used: int, fraction: float
+    limits: QuotaLimits, used: Sequence[int], fraction: float
 ) -> list[Dimension]:
     """The limited dimensions whose usage reached ``fraction`` of their limit."""
     reached: list[Dimension] = []
     for dimension in DIMENSIONS:
         limit = limit_of(limits, dimension)
-        if limit is not None and used_of(dimension, input_used, output_used) >= level(
-            limit, fraction
-        ):
+        if limit is not None and used_of(dimension, used) >= level(limit, fraction):
             reached.append(dimension)
     return reached
 
 
-def status_of(
-    limits: QuotaLimits, soft_threshold: float, input_used: int, output_used: int
-) -> QuotaStatus:
-    if dimensions_reached(limits, input_used, output_used, 1.0):
+def status_of(limits: QuotaLimits, soft_threshold: float, used: Sequence[int]) -> QuotaStatus:
+    if dimensions_reached(limits, used, 1.0):
         return "exceeded"
-    if dimensions_reached(limits, input_used, output_used, soft_threshold):
+    if dimensions_reached(limits, used, soft_threshold):
         return "warning"
     return "ok"
+
+
+def used_in(state: QuotaState) -> Used:
+    return state.input_used, state.output_used, state.requests_used
 
 
 def applies(state: QuotaState, project: str, credential_id: str, model: str) -> bool:
@@ -164,12 +176,13 @@ def rate_limit_headers(
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """Tokens set aside in one quota's window for one call in flight."""
+    """Tokens and calls set aside in one quota's window for calls in flight."""
 
     quota_id: str
     window_start: datetime
     input_tokens: int
     output_tokens: int
+    requests: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,33 +205,34 @@ class _Entry:
     state: QuotaState
     # This replica's gateway id (``UsageRecorded.gateway_id``), None for a ledger of no gateway.
     me: str | None = None
-    # Reserved for calls in flight, by window start: [input, output].
+    # Reserved for calls in flight, by window start: [input, output, requests].
     inflight: dict[datetime, list[int]] = field(default_factory=dict)
-    # Settled by this replica, by window start: [input, output], for the whole window.
+    # Settled by this replica, by window start: [input, output, requests], for the whole window.
     mine: dict[datetime, list[int]] = field(default_factory=dict)
 
-    def settled(self, start: datetime) -> tuple[int, int]:
+    def settled(self, start: datetime) -> Used:
         """Usage of finished calls in the window starting at ``start``, each counted once."""
-        used_in = used_out = 0
+        used = [0, 0, 0]
         state = self.state
         if state.window_start == start:
-            counted_mine = state.by_gateway.get(self.me, (0, 0)) if self.me else (0, 0)
-            used_in = state.input_used - counted_mine[0]
-            used_out = state.output_used - counted_mine[1]
+            used = [state.input_used, state.output_used, state.requests_used]
+            if self.me:
+                counted_in, counted_out = state.by_gateway.get(self.me, (0, 0))
+                used[0] -= counted_in
+                used[1] -= counted_out
+                used[2] -= state.requests_by_gateway.get(self.me, 0)
         own = self.mine.get(start)
         if own is not None:
-            used_in += own[0]
-            used_out += own[1]
-        return used_in, used_out
+            used = [u + o for u, o in zip(used, own, strict=True)]
+        return used[0], used[1], used[2]
 
-    def used(self, start: datetime) -> tuple[int, int]:
+    def used(self, start: datetime) -> Used:
         """Usage in the window starting at ``start`` as this replica knows it, holds included."""
-        used_in, used_out = self.settled(start)
+        used = self.settled(start)
         held = self.inflight.get(start)
-        if held is not None:
-            used_in += held[0]
-            used_out += held[1]
-        return used_in, used_out
+        if held is None:
+            return used
+        return used[0] + held[0], used[1] + held[1], used[2] + held[2]
 
     def forget_before(self, start: datetime) -> None:
         """Drop local amounts of windows that have ended."""
@@ -234,6 +248,8 @@ class _Verdict:
     start: datetime
     end: datetime
     blocked: list[Dimension]
+    # The limited dimension with the least left (None: the call is judged by no limit here).
+    dimension: Dimension | None
     limit: int
     remaining: int
     fraction_left: float
@@ -291,8 +307,8 @@ class QuotaLedger:
             if not project:
                 self._by_project.pop(entry.state.project, None)
 
-    def usage(self, quota_id: str, now: datetime) -> tuple[int, int]:
-        """(input, output) used in the current window, as this replica counts it."""
+    def usage(self, quota_id: str, now: datetime) -> Used:
+        """(input, output, requests) used in the current window, as this replica counts it."""
         entry = self._by_id[quota_id]
         return entry.used(window_start(entry.state.window, now))
 
@@ -304,13 +320,16 @@ class QuotaLedger:
         model: str,
         input_tokens: int,
         output_tokens: int,
+        requests: int = 1,
         now: datetime | None = None,
     ) -> Reservation:
-        """Admit a call if, for every applicable quota and limit, used + estimate <= limit."""
+        """Admit ``requests`` calls if, for every applicable quota and every limit they add to,
+        used + estimate <= limit (a tool call, which asks no tokens, is not refused by a token
+        budget)."""
         now = now or self.clock()
-        input_tokens, output_tokens = max(0, input_tokens), max(0, output_tokens)
+        asked: Used = (max(0, input_tokens), max(0, output_tokens), max(0, requests))
         verdicts = [
-            _judge(entry, now, input_tokens, output_tokens)
+            _judge(entry, now, asked)
             for entry in self._by_project.get(project, {}).values()
             if applies(entry.state, project, credential_id, model)
         ]
@@ -327,23 +346,27 @@ class QuotaLedger:
             return Reservation(
                 allowed=False,
                 at=now,
-                reason=_refusal(worst, input_tokens, output_tokens, retry),
+                reason=_refusal(worst, asked, retry),
                 retry_after_seconds=retry,
                 headers=rate_limit_headers(worst.limit, worst.remaining, retry, refused=True),
             )
         holds = []
         for v in verdicts:
-            held = v.entry.inflight.setdefault(v.start, [0, 0])
-            held[0] += input_tokens
-            held[1] += output_tokens
-            holds.append(Hold(v.entry.state.quota_id, v.start, input_tokens, output_tokens))
-        tightest = min(verdicts, key=lambda v: v.fraction_left)
+            held = v.entry.inflight.setdefault(v.start, [0, 0, 0])
+            for i, amount in enumerate(asked):
+                held[i] += amount
+            holds.append(Hold(v.entry.state.quota_id, v.start, *asked))
+        measured = [v for v in verdicts if v.dimension is not None]
+        if not measured:
+            return Reservation(allowed=True, at=now, holds=tuple(holds))
+        tightest = min(measured, key=lambda v: v.fraction_left)
         warning = None
         if 1.0 - tightest.fraction_left >= tightest.entry.state.soft_threshold:
             used_pct = round(100 * (1.0 - tightest.fraction_left))
+            budget = "call" if tightest.dimension == "requests" else "token"
             warning = (
                 f"{describe(tightest.entry.state)} has used {used_pct}% of its "
-                f"{tightest.entry.state.window} token budget"
+                f"{tightest.entry.state.window} {budget} budget"
             )
         return Reservation(
             allowed=True,
@@ -364,10 +387,13 @@ class QuotaLedger:
         *,
         input_tokens: int,
         output_tokens: int,
+        requests: int = 1,
         at: datetime | None = None,
     ) -> None:
-        """Replace a call's estimate by its real usage (``at``: the usage event's time)."""
+        """Replace the estimate by the real usage (``at``: the usage event's time): the tokens
+        and the calls that were made (each admitted call is one usage event metering counts)."""
         at = at or self.clock()
+        real = (max(0, input_tokens), max(0, output_tokens), max(0, requests))
         for hold in reservation.holds:
             entry = self._by_id.get(hold.quota_id)
             if entry is None:
@@ -376,13 +402,14 @@ class QuotaLedger:
             if held is not None:
                 held[0] -= hold.input_tokens
                 held[1] -= hold.output_tokens
-                if held[0] <= 0 and held[1] <= 0:
+                held[2] -= hold.requests
+                if all(h <= 0 for h in held):
                     del entry.inflight[hold.window_start]
             start = window_start(entry.state.window, at)
             entry.forget_before(start)
-            amount = entry.mine.setdefault(start, [0, 0])
-            amount[0] += max(0, input_tokens)
-            amount[1] += max(0, output_tokens)
+            amount = entry.mine.setdefault(start, [0, 0, 0])
+            for i, value in enumerate(real):
+                amount[i] += value
 
 
 def _merge(known: QuotaState, incoming: QuotaState) -> QuotaState:
@@ -404,12 +431,12 @@ def _merge(known: QuotaState, incoming: QuotaState) -> QuotaState:
             "window_end": counts.window_end,
             "input_used": counts.input_used,
             "output_used": counts.output_used,
+            "requests_used": counts.requests_used,
             "by_gateway": counts.by_gateway,
+            "requests_by_gateway": counts.requests_by_gateway,
             "as_of": max(known.as_of, incoming.as_of),
             "counted_through": max(through) if through else None,
-            "status": status_of(
-                base.limits, base.soft_threshold, counts.input_used, counts.output_used
-            ),
+            "status": status_of(base.limits, base.soft_threshold, used_in(counts)),
         }
     )
 
@@ -418,36 +445,51 @@ def _read_order(state: QuotaState) -> tuple[int, int, datetime]:
     """Which of two reads of one window is the newer: counts and their attributed parts only
     grow (a state without the split, from an older metering, loses a tie)."""
     attributed = sum(i + o for i, o in state.by_gateway.values())
-    return state.input_used + state.output_used, attributed, state.as_of
+    attributed += sum(state.requests_by_gateway.values())
+    return state.input_used + state.output_used + state.requests_used, attributed, state.as_of
 
 
-def _judge(entry: _Entry, now: datetime, input_tokens: int, output_tokens: int) -> _Verdict:
+def _judged(asked: Used) -> tuple[Dimension, ...]:
+    """The limits a call is judged by: the token limits when it asks for tokens (a tool call
+    does not), the call limit when it makes calls."""
+    tokens: tuple[Dimension, ...] = ("input", "output", "total") if asked[0] + asked[1] else ()
+    return (*tokens, "requests") if asked[2] else tokens
+
+
+def _judge(entry: _Entry, now: datetime, asked: Used) -> _Verdict:
     state = entry.state
     start, end = window_bounds(state.window, now)
     entry.forget_before(start)
-    used_in, used_out = entry.used(start)
-    settled_in, settled_out = entry.settled(start)
+    used_now = entry.used(start)
+    settled = entry.settled(start)
     held_only = True
     blocked: list[Dimension] = []
+    tight: Dimension | None = None
     tight_limit, tight_remaining, tight_fraction = 0, 0, math.inf
-    for dimension in DIMENSIONS:
+    for dimension in _judged(asked):
         limit = limit_of(state.limits, dimension)
         if limit is None:
             continue
-        used = used_of(dimension, used_in, used_out)
-        asked = used_of(dimension, input_tokens, output_tokens)
-        if used + asked > limit:
+        used = used_of(dimension, used_now)
+        wanted = used_of(dimension, asked)
+        if used + wanted > limit:
             blocked.append(dimension)
-            if used_of(dimension, settled_in, settled_out) + asked > limit:
+            if used_of(dimension, settled) + wanted > limit:
                 held_only = False
         fraction = (limit - used) / limit if limit > 0 else 0.0
         if fraction < tight_fraction:
-            tight_limit, tight_remaining, tight_fraction = limit, limit - used, fraction
+            tight, tight_limit, tight_remaining, tight_fraction = (
+                dimension,
+                limit,
+                limit - used,
+                fraction,
+            )
     return _Verdict(
         entry,
         start,
         end,
         blocked,
+        tight,
         tight_limit,
         tight_remaining,
         tight_fraction,
@@ -455,14 +497,19 @@ def _judge(entry: _Entry, now: datetime, input_tokens: int, output_tokens: int) 
     )
 
 
-def _refusal(v: _Verdict, input_tokens: int, output_tokens: int, retry: int) -> str:
+def _refusal(v: _Verdict, asked: Used, retry: int) -> str:
     dimension = v.blocked[0]
     limit = limit_of(v.entry.state.limits, dimension)
-    asked = used_of(dimension, input_tokens, output_tokens)
-    what = f"{dimension} token quota of {limit} per {v.entry.state.window}"
-    if limit is not None and asked > limit:
+    wanted = used_of(dimension, asked)
+    unit = "calls" if dimension == "requests" else "tokens"
+    what = (
+        f"call quota of {limit} per {v.entry.state.window}"
+        if dimension == "requests"
+        else f"{dimension} token quota of {limit} per {v.entry.state.window}"
+    )
+    if limit is not None and wanted > limit:
         return (
-            f"this request alone may use {asked} tokens, over the {what}"
+            f"this request alone may use {wanted} {unit}, over the {what}"
             f" of {describe(v.entry.state)}"
         )
     if v.held_only:

@@ -193,6 +193,7 @@ def _quota_read(quota: Quota, state: Any) -> QuotaRead:
         window_end=state.window_end,
         input_used=state.input_used,
         output_used=state.output_used,
+        requests_used=state.requests_used,
         status=state.status,
     )
 

@@ -50,6 +50,7 @@ def limits_of(quota: Quota) -> QuotaLimits:
         input_tokens=quota.input_limit,
         output_tokens=quota.output_limit,
         total_tokens=quota.total_limit,
+        requests=quota.request_limit,
     )
 
 
@@ -60,14 +61,15 @@ def scope_of(project: str, key_id: str | None, model: str | None, window: str) -
 def state_of(
     quota: Quota,
     now: datetime,
-    used: tuple[int, int],
+    used: q.Used,
     counted_through: datetime | None,
     *,
     model: type[QuotaState] = QuotaState,
-    by_gateway: Mapping[str, tuple[int, int]] | None = None,
+    by_gateway: Mapping[str, q.Used] | None = None,
     **extra: Any,
 ) -> QuotaState:
-    """The quota and its usage in the window containing ``now``."""
+    """The quota and its usage (input, output, requests) in the window containing ``now``;
+    ``by_gateway``: the part of it each gateway's calls make up."""
     window: Window = quota.window  # type: ignore[assignment]
     start, end = q.window_bounds(window, now)
     limits = limits_of(quota)
@@ -84,10 +86,12 @@ def state_of(
         window_end=end,
         input_used=used[0],
         output_used=used[1],
-        status=q.status_of(limits, quota.soft_threshold, used[0], used[1]),
+        requests_used=used[2],
+        status=q.status_of(limits, quota.soft_threshold, used),
         as_of=now,
         counted_through=counted_through,
-        by_gateway=dict(by_gateway or {}),
+        by_gateway={g: (u[0], u[1]) for g, u in (by_gateway or {}).items()},
+        requests_by_gateway={g: u[2] for g, u in (by_gateway or {}).items() if u[2]},
         **extra,
     )
 
@@ -122,8 +126,8 @@ async def raise_alerts(
     quota: Quota,
     now: datetime,
     window_start: datetime,
-    used: tuple[int, int],
-    before: tuple[int, int] | None,
+    used: q.Used,
+    before: q.Used | None,
 ) -> None:
     """Warn (soft threshold) and flag (hard limit) once per (quota, window, threshold).
 
@@ -137,10 +141,10 @@ async def raise_alerts(
     if end <= now:
         return  # late usage of a window that is over: nothing left to warn about
     for threshold, event_type in ((quota.soft_threshold, QuotaWarning), (1.0, QuotaExceeded)):
-        reached = q.dimensions_reached(limits, used[0], used[1], threshold)
+        reached = q.dimensions_reached(limits, used, threshold)
         if not reached:
             continue
-        if before is not None and q.dimensions_reached(limits, before[0], before[1], threshold):
+        if before is not None and q.dimensions_reached(limits, before, threshold):
             continue
         pct = round(threshold * 100)
         level = "exceeded" if threshold >= 1.0 else "warning"
@@ -247,7 +251,7 @@ async def _announce(
         quota,
         now,
         state.window_start,
-        (state.input_used, state.output_used),
+        q.used_in(state),
         None,
     )
     return state
@@ -286,6 +290,7 @@ async def create_quota(
         input_limit=body.limits.input_tokens,
         output_limit=body.limits.output_tokens,
         total_limit=body.limits.total_tokens,
+        request_limit=body.limits.requests,
         soft_threshold=body.soft_threshold or settings.metering_soft_threshold,
         webhook_url=str(body.webhook_url) if body.webhook_url else None,
         revision=1,
@@ -315,6 +320,7 @@ async def update_quota(
             "total_limit": body.limits.total_tokens
             if "total_tokens" in given
             else quota.total_limit,
+            "request_limit": body.limits.requests if "requests" in given else quota.request_limit,
         }
         if not any(limits.values()):
             raise Unprocessable("limits: a quota keeps at least one limit; delete it instead")

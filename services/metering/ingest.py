@@ -275,19 +275,22 @@ class Ingest:
                 amount = sums.setdefault((quota_id, start), [0, 0, 0])
                 amount[0] += u.prompt_tokens
                 amount[1] += u.completion_tokens
-                amount[2] += 1
+                amount[2] += u.admitted
                 if u.gateway_id is not None:
-                    part = parts.setdefault((quota_id, start, u.gateway_id), [0, 0])
+                    part = parts.setdefault((quota_id, start, u.gateway_id), [0, 0, 0])
                     part[0] += u.prompt_tokens
                     part[1] += u.completion_tokens
+                    part[2] += u.admitted
         by_id = {quota.id: quota for quota in quotas}
         totals = await repo.add_to_counters(
             session, {k: (v[0], v[1], v[2]) for k, v in sums.items()}, now
         )
-        await repo.add_to_gateway_counters(session, {k: (v[0], v[1]) for k, v in parts.items()})
+        await repo.add_to_gateway_counters(
+            session, {k: (v[0], v[1], v[2]) for k, v in parts.items()}
+        )
         for (quota_id, start), used in sorted(totals.items()):
-            tokens_in, tokens_out, _ = sums[(quota_id, start)]
-            before = (used[0] - tokens_in, used[1] - tokens_out)
+            added = sums[(quota_id, start)]
+            before = (used[0] - added[0], used[1] - added[1], used[2] - added[2])
             await domain.raise_alerts(
                 session, self.outbox, self.settings, by_id[quota_id], now, start, used, before
             )

@@ -152,7 +152,8 @@ class Base(DeclarativeBase):
 
 
 class Quota(Base):
-    """A token budget of a project (optionally of one key, and/or one model) per window."""
+    """A budget of a project (optionally of one key, and/or one model or MCP server) per
+    window: tokens, and calls (``request_limit``)."""
 
     __tablename__ = "quotas"
 
@@ -166,6 +167,7 @@ class Quota(Base):
     input_limit: Mapped[int | None] = mapped_column(BigInteger)
     output_limit: Mapped[int | None] = mapped_column(BigInteger)
     total_limit: Mapped[int | None] = mapped_column(BigInteger)
+    request_limit: Mapped[int | None] = mapped_column(BigInteger)
     soft_threshold: Mapped[float] = mapped_column(Float)
     webhook_url: Mapped[str | None] = mapped_column(String(2000))
     revision: Mapped[int] = mapped_column(Integer, default=1)
@@ -178,7 +180,8 @@ class Quota(Base):
 
 
 class QuotaCounter(Base):
-    """Tokens counted against a quota in one window (written by the ingest, exactly once)."""
+    """Tokens and calls counted against a quota in one window (written by the ingest, exactly
+    once; ``requests`` counts admitted calls, ``UsageRecorded.admitted``)."""
 
     __tablename__ = "quota_counters"
 
@@ -204,6 +207,7 @@ class QuotaGatewayCounter(Base):
     gateway_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class QuotaAlert(Base):

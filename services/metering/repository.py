@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from libs.common.auth import Principal, decide
 from libs.common.db import UTCDateTime
 from libs.common.errors import Forbidden, NotFound
+from libs.common.quota import Used
 from services.metering.models import (
     DIMENSIONS,
     DURATION_BUCKETS,
@@ -329,7 +330,7 @@ _ADD_COUNTERS_PG = text(
     " output_tokens = quota_counters.output_tokens + EXCLUDED.output_tokens,"
     " requests = quota_counters.requests + EXCLUDED.requests,"
     " updated_at = EXCLUDED.updated_at"
-    " RETURNING quota_id, window_start, input_tokens, output_tokens"
+    " RETURNING quota_id, window_start, input_tokens, output_tokens, requests"
 )
 
 
@@ -337,9 +338,9 @@ async def add_to_counters(
     session: AsyncSession,
     amounts: Mapping[tuple[str, datetime], tuple[int, int, int]],
     now: datetime,
-) -> dict[tuple[str, datetime], tuple[int, int]]:
+) -> dict[tuple[str, datetime], Used]:
     """Add (input, output, requests) to each (quota, window) counter in one statement, in key
-    order (two replicas never deadlock); returns the new (input, output) totals."""
+    order (two replicas never deadlock); returns the new totals."""
     if not amounts:
         return {}
     table = QuotaCounter.__table__
@@ -354,11 +355,11 @@ async def add_to_counters(
         }
         for (quota_id, start), (i, o, n) in sorted(amounts.items())
     ]
-    totals: dict[tuple[str, datetime], tuple[int, int]] = {}
+    totals: dict[tuple[str, datetime], Used] = {}
     if is_postgres(session):
         params = {c: [v[c] for v in values] for c in _COUNTER_COLUMNS}
         for row in await session.execute(_ADD_COUNTERS_PG, params):
-            totals[(row[0], row[1])] = (int(row[2]), int(row[3]))
+            totals[(row[0], row[1])] = (int(row[2]), int(row[3]), int(row[4]))
         return totals
     ins = _insert(session, table)
     statement = ins.on_conflict_do_update(
@@ -369,10 +370,16 @@ async def add_to_counters(
             "requests": table.c.requests + ins.excluded.requests,
             "updated_at": ins.excluded.updated_at,
         },
-    ).returning(table.c.quota_id, table.c.window_start, table.c.input_tokens, table.c.output_tokens)
+    ).returning(
+        table.c.quota_id,
+        table.c.window_start,
+        table.c.input_tokens,
+        table.c.output_tokens,
+        table.c.requests,
+    )
     for start in range(0, len(values), 100):  # 6 parameters each: within SQLite's limit
         for row in await session.execute(statement.values(values[start : start + 100])):
-            totals[(row[0], row[1])] = (int(row[2]), int(row[3]))
+            totals[(row[0], row[1])] = (int(row[2]), int(row[3]), int(row[4]))
     return totals
 
 
@@ -410,8 +417,8 @@ async def claim_alert(
 class Counted:
     """A quota window's count, and the part each gateway process's calls make up (one read)."""
 
-    used: tuple[int, int] = (0, 0)
-    by_gateway: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    used: Used = (0, 0, 0)
+    by_gateway: Mapping[str, Used] = field(default_factory=dict)
 
 
 async def counters(
@@ -422,8 +429,8 @@ async def counters(
     if not keys:
         return {}
     c, g = QuotaCounter, QuotaGatewayCounter
-    totals: dict[tuple[str, datetime], tuple[int, int]] = {}
-    parts: dict[tuple[str, datetime], dict[str, tuple[int, int]]] = {}
+    totals: dict[tuple[str, datetime], Used] = {}
+    parts: dict[tuple[str, datetime], dict[str, Used]] = {}
     for start in range(0, len(keys), 400):
         chunk = keys[start : start + 400]
         ids, starts = {k[0] for k in chunk}, {k[1] for k in chunk}
@@ -434,26 +441,32 @@ async def counters(
                 literal(None, String).label("gateway_id"),
                 c.input_tokens,
                 c.output_tokens,
+                c.requests,
             ).where(c.quota_id.in_(ids), c.window_start.in_(starts)),
-            select(g.quota_id, g.window_start, g.gateway_id, g.input_tokens, g.output_tokens).where(
-                g.quota_id.in_(ids), g.window_start.in_(starts)
-            ),
+            select(
+                g.quota_id,
+                g.window_start,
+                g.gateway_id,
+                g.input_tokens,
+                g.output_tokens,
+                g.requests,
+            ).where(g.quota_id.in_(ids), g.window_start.in_(starts)),
         )
-        for quota_id, window_start, gateway_id, tokens_in, tokens_out in await session.execute(
-            query
-        ):
+        for quota_id, window_start, gateway_id, *amounts in await session.execute(query):
             key = (quota_id, window_start)
+            used = (int(amounts[0]), int(amounts[1]), int(amounts[2]))
             if gateway_id is None:
-                totals[key] = (int(tokens_in), int(tokens_out))
+                totals[key] = used
             else:
-                parts.setdefault(key, {})[gateway_id] = (int(tokens_in), int(tokens_out))
-    return {k: Counted(totals.get(k, (0, 0)), parts.get(k, {})) for k in keys}
+                parts.setdefault(key, {})[gateway_id] = used
+    return {k: Counted(totals.get(k, (0, 0, 0)), parts.get(k, {})) for k in keys}
 
 
 async def add_to_gateway_counters(
-    session: AsyncSession, amounts: Mapping[tuple[str, datetime, str], tuple[int, int]]
+    session: AsyncSession, amounts: Mapping[tuple[str, datetime, str], Used]
 ) -> None:
-    """Add (input, output) to each (quota, window, gateway) part, in key order (no deadlock)."""
+    """Add (input, output, requests) to each (quota, window, gateway) part, in key order (no
+    deadlock)."""
     if not amounts:
         return
     table = QuotaGatewayCounter.__table__
@@ -464,8 +477,9 @@ async def add_to_gateway_counters(
             "gateway_id": gateway_id,
             "input_tokens": i,
             "output_tokens": o,
+            "requests": n,
         }
-        for (quota_id, start, gateway_id), (i, o) in sorted(amounts.items())
+        for (quota_id, start, gateway_id), (i, o, n) in sorted(amounts.items())
     ]
     ins = _insert(session, table)
     statement = ins.on_conflict_do_update(
@@ -473,9 +487,10 @@ async def add_to_gateway_counters(
         set_={
             "input_tokens": table.c.input_tokens + ins.excluded.input_tokens,
             "output_tokens": table.c.output_tokens + ins.excluded.output_tokens,
+            "requests": table.c.requests + ins.excluded.requests,
         },
     )
-    for start in range(0, len(values), 100):  # 5 parameters each: within SQLite's limit
+    for start in range(0, len(values), 100):  # 6 parameters each: within SQLite's limit
         await session.execute(statement.values(values[start : start + 100]))
 
 

@@ -304,6 +304,11 @@ class QuotaLimitsIn(Input):
     input_tokens: TokenLimit | None = None
     output_tokens: TokenLimit | None = None
     total_tokens: TokenLimit | None = None
+    requests: TokenLimit | None = Field(
+        default=None,
+        description="Calls per window: model calls, or tool calls when the quota names an MCP "
+        "server as its model",
+    )
 
 
 class QuotaCreate(Input):
@@ -322,7 +327,7 @@ class QuotaCreate(Input):
     def _some_limit(self) -> Self:
         if not any(self.limits.model_dump().values()):
             raise ValueError(
-                "limits: set at least one of input_tokens, output_tokens, total_tokens"
+                "limits: set at least one of input_tokens, output_tokens, total_tokens, requests"
             )
         return self
 
@@ -364,6 +369,8 @@ class QuotaRead(BaseModel):
     window_end: datetime
     input_used: int
     output_used: int
+    # Calls the gateway admitted in the window (what a ``requests`` limit counts).
+    requests_used: int
     status: QuotaStatus
 
 

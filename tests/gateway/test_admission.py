@@ -76,10 +76,11 @@ async def test_no_exit_leaves_a_quota_hold_behind(
     assert data["status"] != "ok"
     ledger = gw.gateway.quota
     used = ledger.usage(quota_id, ledger.clock())
-    assert used == (data["prompt_tokens"], data["completion_tokens"])
+    # As metering will count it: its tokens, and one call if it was admitted.
+    assert used == (data["prompt_tokens"], data["completion_tokens"], int(data["admitted"]))
     if case == "credential-unusable":
         assert data["error_type"] == "upstream_credential"
-        assert used == (0, 0)
+        assert used == (0, 0, 0)
 
 
 async def test_a_refused_credential_never_builds_up_into_429s(
@@ -96,4 +97,4 @@ async def test_a_refused_credential_never_builds_up_into_429s(
             assert answer.status_code == 502, answer.text
             assert answer.json()["error"]["code"] == "upstream_credential"
     ledger = gw.gateway.quota
-    assert ledger.usage(quota_id, ledger.clock()) == (0, 0)
+    assert ledger.usage(quota_id, ledger.clock()) == (0, 0, 0)  # no tokens, no call admitted

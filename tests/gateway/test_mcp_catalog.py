@@ -10,9 +10,10 @@ import pytest
 
 from libs.common.bus import Bus
 from libs.common.events.catalog import ToolRef, VersionApproved, VersionRevoked
+from libs.common.events.metering import QuotaLimits
 from libs.common.settings import Settings
 from tests.gateway.conftest import RunningGateway, tenant, version
-from tests.gateway.support import audit_events, eventually, publish, usage_events
+from tests.gateway.support import audit_events, eventually, publish, quota, usage_events
 from tests.gateway.test_mcp import ACCEPT, INIT, mcp_client
 from tests.helpers import bearer, unique
 
@@ -229,3 +230,61 @@ async def test_each_tool_call_of_a_batch_is_metered_once(
     assert sorted(e["data"]["endpoint"] for e in events) == [f"{name}/echo", f"{name}/write_note"]
     [audit] = await audit_events(settings.nats_url, namespace, t.project, "gateway", 1)
     assert audit["data"]["target"] == f"mcp_server/{name}/write_note"
+
+
+async def test_a_call_quota_on_a_server_refuses_the_call_past_it_and_no_token_budget_does(
+    gw: RunningGateway,
+    authz: httpx.AsyncClient,
+    admin_key: str,
+    bus: Bus,
+    mcp_upstream: str,
+    settings: Settings,
+) -> None:
+    """Calls per window on one server: the calls within it pass with ``RateLimit-*``, the next
+    is a 429 with a JSON-RPC error (recorded, not admitted, not sent); a spent token budget of
+    the project does not stop tool calls; listing tools is not a call."""
+    name = unique("limited")
+    t = await tenant(authz, admin_key, gw, [name], kind="mcp_server")
+    await _approve(bus, gw, name, mcp_upstream, [ECHO])
+    ledger = gw.gateway.quota
+    now = ledger.clock()
+    ledger.apply(quota(t.project, 100, now, used=100))  # the project's tokens: all spent
+    calls = quota(t.project, 1, now).model_copy(
+        update={
+            "quota_id": f"calls-{t.project}",
+            "model": name,
+            "limits": QuotaLimits(requests=2),
+        }
+    )
+    ledger.apply(calls)
+    call = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "hi"}},
+    }
+    headers = {**bearer(t.key), **ACCEPT}
+    async with httpx.AsyncClient(base_url=f"{gw.url}/mcp/{name}/") as http:
+        session = await http.post("", json=INIT, headers=headers)
+        assert session.status_code == 200, session.text
+        headers["mcp-session-id"] = session.headers["mcp-session-id"]
+        listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+        answers = [await http.post("", json=call, headers=headers) for _ in range(2)]
+        answers.append(await http.post("", json=listing, headers=headers))
+        refused = await http.post("", json=call, headers=headers)
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert [a.headers.get("ratelimit-remaining") for a in answers] == ["2", "1", None]
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"]
+    error = refused.json()["error"]
+    assert (
+        f"call quota of 2 per hour reached for project {t.project} on model {name}"
+        in (error["message"])
+    )
+    assert ledger.usage(calls.quota_id, ledger.clock()) == (0, 0, 2)
+    events = await usage_events(settings.nats_url, settings.event_namespace, t.project, 3)
+    assert sorted((e["data"]["admitted"], e["data"]["http_status"]) for e in events) == [
+        (False, 429),
+        (True, 200),
+        (True, 200),
+    ]

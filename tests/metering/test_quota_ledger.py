@@ -21,7 +21,8 @@ def state(
     total: int | None = 1000,
     input_tokens: int | None = None,
     output_tokens: int | None = None,
-    used: tuple[int, int] = (0, 0),
+    requests: int | None = None,
+    used: tuple[int, ...] = (0, 0),
     at: datetime = T0,
     revision: int = 1,
     key_id: str | None = None,
@@ -29,9 +30,17 @@ def state(
     quota_id: str = "q1",
     counted_through: datetime | None = None,
     by_gateway: dict[str, tuple[int, int]] | None = None,
+    requests_by_gateway: dict[str, int] | None = None,
 ) -> QuotaState:
+    """``used``: (input, output) or (input, output, requests)."""
     start, end = q.window_bounds(window, at)
-    limits = QuotaLimits(input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=total)
+    limits = QuotaLimits(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        total_tokens=total,
+        requests=requests,
+    )
+    counts = (*used, 0)[:3]
     return QuotaState(
         quota_id=quota_id,
         project="p",
@@ -43,12 +52,14 @@ def state(
         revision=revision,
         window_start=start,
         window_end=end,
-        input_used=used[0],
-        output_used=used[1],
-        status=q.status_of(limits, 0.8, *used),
+        input_used=counts[0],
+        output_used=counts[1],
+        requests_used=counts[2],
+        status=q.status_of(limits, 0.8, counts),
         as_of=at,
         counted_through=counted_through,
         by_gateway=by_gateway or {},
+        requests_by_gateway=requests_by_gateway or {},
     )
 
 
@@ -91,16 +102,18 @@ def test_a_window_is_computed_in_utc_whatever_the_input_zone() -> None:
 
 def test_thresholds_round_up_to_whole_tokens() -> None:
     limits = QuotaLimits(total_tokens=7)
-    assert q.dimensions_reached(limits, 3, 2, 0.8) == []
-    assert q.dimensions_reached(limits, 3, 3, 0.8) == ["total"]  # 80% of 7 is reached at 6
-    assert q.status_of(limits, 0.8, 4, 3) == "exceeded"
+    assert q.dimensions_reached(limits, (3, 2, 0), 0.8) == []
+    assert q.dimensions_reached(limits, (3, 3, 0), 0.8) == ["total"]  # 80% of 7 is reached at 6
+    assert q.status_of(limits, 0.8, (4, 3, 0)) == "exceeded"
 
 
 def test_separate_input_output_and_total_limits() -> None:
-    limits = QuotaLimits(input_tokens=100, output_tokens=10, total_tokens=1000)
-    assert q.dimensions_reached(limits, 50, 10, 1.0) == ["output"]
-    assert q.dimensions_reached(limits, 100, 10, 1.0) == ["input", "output"]
-    assert q.status_of(limits, 0.8, 80, 0) == "warning"
+    limits = QuotaLimits(input_tokens=100, output_tokens=10, total_tokens=1000, requests=5)
+    assert q.dimensions_reached(limits, (50, 10, 0), 1.0) == ["output"]
+    assert q.dimensions_reached(limits, (100, 10, 0), 1.0) == ["input", "output"]
+    assert q.dimensions_reached(limits, (0, 0, 5), 1.0) == ["requests"]
+    assert q.status_of(limits, 0.8, (80, 0, 0)) == "warning"
+    assert q.status_of(limits, 0.8, (0, 0, 4)) == "warning"
 
 
 def test_reserve_refuses_a_call_that_would_pass_the_limit_with_headers_from_the_window() -> None:
@@ -132,9 +145,9 @@ def test_settling_replaces_the_estimate_with_the_real_usage() -> None:
     r = ledger.reserve(
         project="p", credential_id="k", model="m", input_tokens=100, output_tokens=800, now=T0
     )
-    assert ledger.usage("q1", T0) == (100, 800)
+    assert ledger.usage("q1", T0)[:2] == (100, 800)
     ledger.settle(r, input_tokens=90, output_tokens=10, at=T0)
-    assert ledger.usage("q1", T0) == (90, 10)
+    assert ledger.usage("q1", T0)[:2] == (90, 10)
 
 
 def test_own_calls_count_once_whether_metering_has_counted_them_or_not() -> None:
@@ -144,18 +157,18 @@ def test_own_calls_count_once_whether_metering_has_counted_them_or_not() -> None
         project="p", credential_id="k", model="m", input_tokens=10, output_tokens=10, now=T0
     )
     ledger.settle(r, input_tokens=10, output_tokens=10, at=T0)
-    assert ledger.usage("q1", T0) == (10, 10)  # not counted by metering yet: ours alone
+    assert ledger.usage("q1", T0)[:2] == (10, 10)  # not counted by metering yet: ours alone
     ledger.apply(state(used=(10, 10), by_gateway={"me": (10, 10)}))
-    assert ledger.usage("q1", T0) == (10, 10)  # counted: still once
+    assert ledger.usage("q1", T0)[:2] == (10, 10)  # counted: still once
     # Another gateway's call, counted by metering, adds; an older read arriving late does not
     # take anything away.
     ledger.apply(state(used=(15, 15), by_gateway={"me": (10, 10), "other": (5, 5)}))
     ledger.apply(state(used=(10, 10), by_gateway={"me": (10, 10)}))
-    assert ledger.usage("q1", T0) == (15, 15)
+    assert ledger.usage("q1", T0)[:2] == (15, 15)
     # A ledger of no gateway (or another one) takes metering's count as it is.
     stranger = q.QuotaLedger(gateway_id="else")
     stranger.apply(state(used=(15, 15), by_gateway={"me": (10, 10), "other": (5, 5)}))
-    assert stranger.usage("q1", T0) == (15, 15)
+    assert stranger.usage("q1", T0)[:2] == (15, 15)
 
 
 def test_a_quota_full_only_with_calls_in_flight_says_to_retry_soon() -> None:
@@ -190,10 +203,10 @@ def test_states_merge_monotonically_whatever_the_order() -> None:
     ledger = q.QuotaLedger()
     ledger.apply(state(used=(500, 0)))
     ledger.apply(state(used=(200, 0)))  # an older count arriving late changes nothing
-    assert ledger.usage("q1", T0) == (500, 0)
+    assert ledger.usage("q1", T0)[:2] == (500, 0)
     ledger.apply(state(used=(0, 0), total=2000, revision=2))  # a new definition keeps the count
     assert ledger.states()[0].limits.total_tokens == 2000
-    assert ledger.usage("q1", T0) == (500, 0)
+    assert ledger.usage("q1", T0)[:2] == (500, 0)
     ledger.apply(state(total=10, revision=1))  # an older definition is ignored
     assert ledger.states()[0].limits.total_tokens == 2000
 
@@ -250,9 +263,9 @@ def test_a_snapshot_removes_quotas_that_are_gone_and_keeps_local_usage_of_the_ot
     )
     ledger.replace([state(quota_id="a")])
     assert len(ledger) == 1
-    assert ledger.usage("a", T0) == (7, 0)
+    assert ledger.usage("a", T0)[:2] == (7, 0)
     ledger.settle(r, input_tokens=7, output_tokens=0, at=T0)  # the hold on "b" is just dropped
-    assert ledger.usage("a", T0) == (7, 0)
+    assert ledger.usage("a", T0)[:2] == (7, 0)
 
 
 # -- the exact ledger, as a property -----------------------------------------------------------
@@ -317,7 +330,7 @@ def test_one_gateway_admits_a_call_iff_it_fits_counting_every_call_once(
                 state(window="hour", total=LIMIT, used=(others + me, 0), by_gateway={"me": (me, 0)})
             )
         held = sum(tokens for _, tokens in flying)
-        assert sum(ledger.usage("q1", T0)) == others + sum(settled) + held
+        assert sum(ledger.usage("q1", T0)[:2]) == others + sum(settled) + held
 
 
 def test_a_state_without_the_gateway_split_never_displaces_one_with_it() -> None:
@@ -331,4 +344,62 @@ def test_a_state_without_the_gateway_split_never_displaces_one_with_it() -> None
     ledger.settle(r, input_tokens=300, output_tokens=0, at=T0)
     ledger.apply(state(total=1000, used=(300, 0), by_gateway={"me": (300, 0)}))
     ledger.apply(state(total=1000, used=(300, 0), at=T0 + timedelta(seconds=1)))
-    assert ledger.usage("q1", T0) == (300, 0)
+    assert ledger.usage("q1", T0)[:2] == (300, 0)
+
+
+def test_a_tool_call_is_judged_by_call_limits_only_and_a_model_call_by_both() -> None:
+    """A spent token budget does not stop a tool call (it asks no tokens); a spent call budget
+    stops model and tool calls alike."""
+    ledger = q.QuotaLedger()
+    ledger.apply(state(quota_id="tokens", window="hour", total=100, used=(100, 0)))
+    ledger.apply(state(quota_id="calls", window="hour", total=None, requests=2))
+
+    def call(tokens: int, requests: int = 1) -> q.Reservation:
+        return ledger.reserve(
+            project="p",
+            credential_id="k",
+            model="m",
+            input_tokens=tokens,
+            output_tokens=0,
+            requests=requests,
+            now=T0,
+        )
+
+    assert not call(1).allowed  # tokens spent
+    tool = call(0)
+    assert tool.allowed
+    assert tool.headers["RateLimit-Limit"] == "2"  # the call limit is the one that applies
+    ledger.settle(tool, input_tokens=0, output_tokens=0, at=T0)
+    assert ledger.usage("calls", T0) == (0, 0, 1)
+    batch = call(0, requests=2)  # two tool calls in one JSON-RPC batch: one is left
+    assert not batch.allowed
+    assert "call quota of 2 per hour reached for project p" in batch.reason
+    ledger.apply(state(quota_id="tokens", window="hour", total=1000, revision=2))  # raised
+    last = call(0)
+    assert last.allowed
+    ledger.settle(last, input_tokens=0, output_tokens=0, at=T0)
+    refused = call(5)  # a model call: the token budget would hold it, the call budget not
+    assert not refused.allowed
+    assert "call quota" in refused.reason
+
+
+def test_a_call_refused_on_settle_counts_no_call() -> None:
+    """What a caller settles is what its usage event tells metering: ``requests=0`` when it
+    records no admitted call (a Kong route, whose usage comes from elsewhere)."""
+    ledger = q.QuotaLedger()
+    ledger.apply(state(window="hour", total=None, requests=5))
+    r = ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=1, output_tokens=0, now=T0
+    )
+    assert ledger.usage("q1", T0) == (1, 0, 1)  # held while in flight
+    ledger.settle(r, input_tokens=0, output_tokens=0, requests=0, at=T0)
+    assert ledger.usage("q1", T0) == (0, 0, 0)
+
+
+def test_the_soft_warning_names_a_call_budget_as_such() -> None:
+    ledger = q.QuotaLedger()
+    ledger.apply(state(window="day", total=None, requests=10, used=(0, 0, 8)))
+    r = ledger.reserve(
+        project="p", credential_id="k", model="m", input_tokens=0, output_tokens=0, now=T0
+    )
+    assert r.warning == "project p has used 80% of its day call budget"

@@ -121,7 +121,12 @@ async def test_a_platform_admin_sets_changes_and_removes_a_quota_with_events_and
         project,
         {"window": "day", "limits": {"total_tokens": 5000}, "key_id": key["id"], "model": "llama"},
     )
-    assert created["limits"] == {"input_tokens": None, "output_tokens": None, "total_tokens": 5000}
+    assert created["limits"] == {
+        "input_tokens": None,
+        "output_tokens": None,
+        "total_tokens": 5000,
+        "requests": None,
+    }
     assert (created["status"], created["revision"], created["soft_threshold"]) == ("ok", 1, 0.8)
     assert created["window_end"] > created["window_start"]
     quota_id = created["id"]
@@ -133,7 +138,12 @@ async def test_a_platform_admin_sets_changes_and_removes_a_quota_with_events_and
             headers=bearer(admin_key),
         )
     )
-    assert changed["limits"] == {"input_tokens": None, "output_tokens": 1000, "total_tokens": 5000}
+    assert changed["limits"] == {
+        "input_tokens": None,
+        "output_tokens": 1000,
+        "total_tokens": 5000,
+        "requests": None,
+    }
     assert (changed["revision"], changed["soft_threshold"]) == (2, 0.5)
     same = await ok(
         await metering.patch(
@@ -426,6 +436,94 @@ async def test_the_hard_limit_blocks_with_headers_and_recovers_when_the_window_r
     assert allowed.headers["RateLimit-Remaining"] == "100"
 
 
+async def test_a_call_quota_counts_admitted_calls_per_gateway_and_blocks_at_its_limit(
+    authz: httpx.AsyncClient,
+    metering: httpx.AsyncClient,
+    gateway_bus: Bus,
+    admin_key: str,
+    quota_events: Heard,
+    clock: Clock,
+) -> None:
+    """A call quota on one MCP server: tool calls the gateway admitted count, refused ones (a
+    tool outside the grant, a quota refusal) do not; the state says which gateway made them."""
+    align(clock, 3600, into=60)
+    project = await new_project(authz, admin_key, "calls")
+    quota = await create(
+        metering,
+        admin_key,
+        project,
+        {"window": "hour", "model": "github", "limits": {"requests": 3}},
+    )
+
+    def tool_call(admitted: bool, gateway: str = "gw1") -> Any:
+        return usage(
+            project,
+            model="github",
+            endpoint="github/search",
+            prompt=0,
+            completion=0,
+            time=clock(),
+            kind="mcp",
+            admitted=admitted,
+            gateway_id=gateway,
+        )
+
+    await publish(gateway_bus, [tool_call(True), tool_call(False), tool_call(True, "gw2")])
+    await publish(gateway_bus, [usage(project, model="other", time=clock())])  # not this server
+
+    async def counted(n: int) -> bool:
+        [read] = await quotas_of(metering, admin_key, project)
+        return bool(read["requests_used"] == n)
+
+    await eventually(lambda: counted(2), what="two admitted calls")
+    [read] = await quotas_of(metering, admin_key, project)
+    # 2 of 3: under the soft threshold (80% of 3 calls is reached at the third).
+    assert (read["status"], read["limits"]["requests"]) == ("ok", 3)
+    snapshot = await ok(await metering.get("/v1/quotas/snapshot", headers=bearer(admin_key)))
+    [state] = [
+        QuotaState.model_validate(x) for x in snapshot["quotas"] if x["quota_id"] == quota["id"]
+    ]
+    assert state.requests_by_gateway == {"gw1": 1, "gw2": 1}
+
+    # A gateway's ledger takes metering's count of the other gateway's call and its own count
+    # of its own (gw1 made its call before it started over: nothing of it is local).
+    ledger = q.QuotaLedger(gateway_id="gw1")
+    ledger.replace([state])
+    assert ledger.usage(quota["id"], clock()) == (0, 0, 1)
+    for remaining in ("2", "1"):
+        call = ledger.reserve(
+            project=project,
+            credential_id="k",
+            model="github",
+            input_tokens=0,
+            output_tokens=0,
+            now=clock(),
+        )
+        assert call.allowed and call.headers["RateLimit-Remaining"] == remaining
+        ledger.settle(call, input_tokens=0, output_tokens=0, at=clock())
+    ledger.apply(state)  # a late re-read of the same count changes nothing
+    assert ledger.usage(quota["id"], clock()) == (0, 0, 3)
+    refused = ledger.reserve(
+        project=project,
+        credential_id="k",
+        model="github",
+        input_tokens=0,
+        output_tokens=0,
+        now=clock(),
+    )
+    assert not refused.allowed
+    assert "call quota of 3 per hour reached" in refused.reason
+
+    await publish(gateway_bus, [tool_call(True)])
+
+    async def exceeded() -> bool:
+        return bool(quota_events.of("metering.quota.exceeded", quota["id"]))
+
+    await eventually(exceeded, what="the exceeded event")
+    [event] = quota_events.of("metering.quota.exceeded", quota["id"])
+    assert (event.data["requests_used"], event.data["dimensions"]) == (3, ["requests"])
+
+
 async def test_lowering_a_limit_below_current_usage_flags_it_at_once(
     authz: httpx.AsyncClient,
     metering: httpx.AsyncClient,
@@ -536,7 +634,7 @@ async def test_two_gateway_ledgers_share_one_budget_within_the_documented_oversh
             [state] = [s for s in ledger.states() if s.quota_id == quota["id"]]
             if state.input_used + state.output_used != spent:
                 return False
-            if sum(ledger.usage(quota["id"], clock())) != spent:
+            if sum(ledger.usage(quota["id"], clock())[:2]) != spent:
                 return False
         return True
 

@@ -17,18 +17,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from libs.common.events.envelope import EventPayload
 
 Window = Literal["minute", "hour", "day", "month"]
-Dimension = Literal["input", "output", "total"]
+Dimension = Literal["input", "output", "total", "requests"]
 QuotaStatus = Literal["ok", "warning", "exceeded"]
 
 
 class QuotaLimits(BaseModel):
-    """Token budgets for one window; None means no limit on that dimension."""
+    """Budgets for one window: tokens, and calls (``requests``: model calls, MCP tool calls);
+    None means no limit on that dimension."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     input_tokens: int | None = None
     output_tokens: int | None = None
     total_tokens: int | None = None
+    requests: int | None = None
 
 
 class QuotaState(EventPayload):
@@ -52,13 +54,15 @@ class QuotaState(EventPayload):
     window_end: datetime
     input_used: int = 0
     output_used: int = 0
+    requests_used: int = 0
     status: QuotaStatus = "ok"
     as_of: datetime
     counted_through: datetime | None = None
-    # The part of ``input_used``/``output_used`` each gateway process's calls make up, read with
-    # them (``UsageRecorded.gateway_id``): a gateway takes metering's count of the others' calls
-    # and its own exact count of its own.
+    # The part of ``input_used``/``output_used`` (and of ``requests_used``) each gateway
+    # process's calls make up, read with them (``UsageRecorded.gateway_id``): a gateway takes
+    # metering's count of the others' calls and its own exact count of its own.
     by_gateway: dict[str, tuple[int, int]] = Field(default_factory=dict)
+    requests_by_gateway: dict[str, int] = Field(default_factory=dict)
 
 
 class QuotaUpdated(QuotaState):

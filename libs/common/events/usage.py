@@ -57,3 +57,7 @@ class UsageRecorded(EventPayload):
     # quota's usage per gateway too, so a gateway's ledger adds its own calls exactly once: its
     # local count, in place of metering's count of them. None from other sources (Kong).
     gateway_id: str | None = Field(default=None, max_length=64)
+    # The call passed admission and held its quota: quotas count it as a call (their
+    # ``requests`` limit). A call the gateway refused first (a quota, a bad parameter, a tool
+    # outside the grant) is recorded, with no tokens, but is not a call against a quota.
+    admitted: bool = True

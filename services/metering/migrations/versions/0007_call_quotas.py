@@ -1,0 +1,34 @@
+"""call quotas: a quota may limit calls per window (model calls, MCP tool calls)
+
+Revision ID: 0007
+Revises: 0006
+
+Counters already counted every call; from now on they count the calls the gateway admitted
+(``UsageRecorded.admitted``), and each gateway's part of them too.
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0007"
+down_revision: str | None = "0006"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("quotas", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("request_limit", sa.BigInteger(), nullable=True))
+    with op.batch_alter_table("quota_gateway_counters", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("requests", sa.BigInteger(), server_default="0", nullable=False)
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("quota_gateway_counters", schema=None) as batch_op:
+        batch_op.drop_column("requests")
+    with op.batch_alter_table("quotas", schema=None) as batch_op:
+        batch_op.drop_column("request_limit")
