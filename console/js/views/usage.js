@@ -110,9 +110,10 @@ export async function render(main, ctx, params) {
           ["total", limits.total_tokens, (q.input_used || 0) + (q.output_used || 0)],
           ["input", limits.input_tokens, q.input_used || 0],
           ["output", limits.output_tokens, q.output_used || 0],
+          ["calls", limits.requests, q.requests_used || 0],
         ].filter(([, limit]) => limit);
         return parts.map(([dim, limit, used]) => gauge({
-          caption: `${q.project}${q.key_id ? ` · key ${q.key_id}` : ""}${q.model ? ` · ${q.model}` : ""} — ${dim} tokens per ${q.window}`,
+          caption: `${q.project}${q.key_id ? ` · key ${q.key_id}` : ""}${q.model ? ` · ${q.model}` : ""} — ${dim === "calls" ? "calls" : `${dim} tokens`} per ${q.window}`,
           used, limit, soft: q.soft_threshold ?? 0.8, status: q.status || "ok",
         }));
       }));
