@@ -16,7 +16,7 @@ export class ApiError extends Error {
 }
 
 function urlFor(service, path, query) {
-  const url = new URL(`/api/${service}${path}`, window.location.origin);
+  const url = new URL(service === "gateway" ? path : `/api/${service}${path}`, window.location.origin);
   for (const [key, value] of Object.entries(query || {})) {
     if (value === null || value === undefined || value === "") continue;
     for (const item of Array.isArray(value) ? value : [value]) url.searchParams.append(key, String(item));
@@ -26,7 +26,8 @@ function urlFor(service, path, query) {
 
 /**
  * api("catalog", "/v1/catalog", {query: {status: "approved"}}) → parsed JSON (null for 204).
- * `body`: an object (sent as JSON) or a string with `contentType`.
+ * `body`: an object (sent as JSON) or a string with `contentType`. Service "gateway": the
+ * gateway's own paths (e.g. "/mcp/", the MCP servers the caller may use).
  */
 export async function api(service, path, { method = "GET", query, body, contentType, text = false } = {}) {
   const headers = { Accept: "application/json, application/problem+json" };

@@ -15,6 +15,7 @@ export const ROUTES = [
   { id: "request", label: "New request", load: () => import("./views/request.js"), visible: (c) => c.project && c.can("request.write") },
   { id: "queue", label: "Approvals", load: () => import("./views/queue.js"), visible: (c) => c.can("request.review", null), admin: true },
   { id: "project", label: "Project", load: () => import("./views/project.js"), visible: (c) => c.project && c.can("project.read") },
+  { id: "mcp", label: "MCP servers", load: () => import("./views/mcp.js"), visible: (c) => c.can("mcp.invoke", null) || c.can("catalog.read", null) },
   { id: "endpoints", label: "Endpoints", load: () => import("./views/endpoints.js"), visible: (c) => c.project && c.can("endpoint.read") },
   { id: "usage", label: "Usage", load: () => import("./views/usage.js"), visible: (c) => c.can("usage.read", null) },
   { id: "keys", label: "API keys", load: () => import("./views/keys.js"), visible: (c) => (c.project && c.can("key.read")) || c.can("platform_key.write", null) },

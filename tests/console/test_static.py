@@ -51,6 +51,7 @@ def test_the_console_has_its_views() -> None:
         "audit.js",
         "keys.js",
         "start.js",
+        "mcp.js",
     } <= names
 
 

@@ -35,8 +35,15 @@ export async function render(main, ctx, params) {
   const asset = select([["", approved.length ? "Choose an approved asset" : "Nothing approved yet"], ...approved
     .filter((v, i, all) => all.findIndex((o) => o.kind === v.kind && o.name === v.name) === i)
     .map((v) => [`${v.kind}|${v.name}`, `${v.kind === "model" ? "Model" : "MCP server"} · ${v.name}`])], { id: "access-asset", value: params.asset || "" });
+  // An MCP server may be asked for whole or for its read-only tools alone.
+  const toolAccess = select([["", "every approved tool"], ["read_only", "read-only tools only"]], { id: "access-tools", value: params.tools || "" });
+  const toolsField = field({ label: "Tools", control: toolAccess, name: "tool_access", help: "Tools that may change something (read_write, execute) stay out of a read-only grant." });
+  const showTools = () => { toolsField.hidden = !asset.value.startsWith("mcp_server|"); };
+  asset.addEventListener("change", showTools);
+  showTools();
   panes.access = h("fieldset", {}, h("legend", {}, "Access"),
     field({ label: "Asset", control: asset, name: "asset_name", help: "Access covers every approved version of the asset." }),
+    toolsField,
     field({ label: "Justification", control: h("textarea", { id: "access-justification", rows: 3, maxlength: 2000 }), name: "justification", hint: "(optional)" }));
 
   // -- endpoint
@@ -111,7 +118,9 @@ export async function render(main, ctx, params) {
   function payload(k) {
     if (k === "access") {
       const [assetKind, ...name] = asset.value.split("|");
-      return { asset_kind: assetKind || "model", asset_name: name.join("|"), justification: value("access-justification") };
+      const body = { asset_kind: assetKind || "model", asset_name: name.join("|"), justification: value("access-justification") };
+      if (assetKind === "mcp_server" && toolAccess.value) body.tool_access = [toolAccess.value];
+      return body;
     }
     if (k === "endpoint") {
       const body = {
