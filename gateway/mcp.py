@@ -1,7 +1,8 @@
 """MCP over streamable HTTP at ``/mcp/{server}/``: approved servers, approved tools only.
 
 A server is routed when the routes file names it or, with no file and no restart, while its
-newest approved catalog version has a streamable-HTTP remote (server.json ``remotes``). Each POST
+newest approved catalog version has a streamable-HTTP remote (server.json ``remotes``), or while
+an endpoint of a project runs its stdio package (``packages``; only that project sees it). Each POST
 carries JSON-RPC; the gateway reads it once to refuse a ``tools/call`` for a tool the catalog does
 not list for the server's approved version, relays the request, and streams the answer (JSON or
 SSE) back, with ``tools/list`` answers cut down to the catalogued tools (gateway/mcp_tools.py).
@@ -121,6 +122,8 @@ class McpProxy:
         name = route.name
         who = await self.admission.caller(scope, "mcp.invoke")
         project, principal = who.project, who.principal
+        if not route.visible_to(project):  # another project's endpoint: as if absent
+            raise Refusal(404, f"no MCP server named '{name}'", "not_found")
         if self.traced:
             span = trace.get_current_span()
             if span.is_recording():
@@ -305,6 +308,8 @@ class McpProxy:
         base = self._base(scope)
         if decide(who.principal, "mcp.invoke", who.project).allowed:
             for name, route in sorted(self.routes.mcp.items()):
+                if not route.visible_to(who.project):
+                    continue
                 version = self.admission.catalog.approved(
                     "mcp_server", route.asset_name, route.version
                 )

@@ -1,7 +1,9 @@
 """The route table: which upstream serves a model name or an MCP server.
 
-Model routes come from the inference service (its ``GET /v1/routes`` snapshot, then
-``inference.endpoint.*`` events: an endpoint is routed iff its latest state is ``ready``), and may
+Endpoint routes come from the inference service (its ``GET /v1/routes`` snapshot, then
+``inference.endpoint.*`` events: an endpoint is routed iff its latest state is ``ready``): a
+model's under its route name at ``/v1``, an MCP server's (its package, run by inference) under its
+route name at ``/mcp/<route name>/``. Routes may
 also be declared in a YAML or JSON file (``STEWARD_GATEWAY_ROUTES_FILE``), for upstreams Steward
 does not provision::
 
@@ -61,26 +63,29 @@ class _Route(BaseModel):
         return True
 
 
-class ModelRoute(_Route):
-    # The model name the upstream knows, when it differs from the public one.
-    upstream_model: str | None = None
+class _EndpointRoute(_Route):
     # An inference endpoint: the project that owns it, and who else may call it.
     project: str | None = None
     exposure: Literal["project", "internal", "public"] = "public"
-    # Fernet token of the upstream credential (opened only when a request is sent).
-    sealed_api_key: str | None = None
 
     def visible_to(self, project: str) -> bool:
         """A project-exposed endpoint serves its own project only."""
         return self.exposure != "project" or self.project in (None, project)
+
+
+class ModelRoute(_EndpointRoute):
+    # The model name the upstream knows, when it differs from the public one.
+    upstream_model: str | None = None
+    # Fernet token of the upstream credential (opened only when a request is sent).
+    sealed_api_key: str | None = None
 
     max_tokens: int | None = Field(default=None, gt=0)
     # Overrides STEWARD_GATEWAY_UPSTREAM_READ_TIMEOUT_SECONDS for this model.
     timeout_seconds: float | None = Field(default=None, gt=0)
 
 
-class McpRoute(_Route):
-    pass
+class McpRoute(_EndpointRoute):
+    """An MCP server: declared, a catalog version's remote, or an endpoint running its package."""
 
 
 class RoutesFile(BaseModel):
@@ -100,6 +105,7 @@ class RouteTable:
         self._declared: dict[str, ModelRoute] = {}
         self._declared_mcp: dict[str, McpRoute] = {}
         self._endpoints: dict[str, ModelRoute] = {}  # endpoint id → route
+        self._endpoint_mcp: dict[str, McpRoute] = {}  # endpoint id → route
         self._catalog_mcp: dict[str, McpRoute] = {}  # asset name → route
 
     def install(self, routes: RoutesFile) -> None:
@@ -111,7 +117,11 @@ class RouteTable:
         # A declared route keeps its name even if an endpoint or the catalog claims it: the
         # operator said so.
         self.models = {**{r.name: r for r in self._endpoints.values()}, **self._declared}
-        self.mcp = {**self._catalog_mcp, **self._declared_mcp}
+        self.mcp = {
+            **self._catalog_mcp,
+            **{r.name: r for r in self._endpoint_mcp.values()},
+            **self._declared_mcp,
+        }
 
     def catalog_servers(self, versions: Iterable[VersionState]) -> None:
         """Route every MCP server whose newest approved version has a remote, at that remote:
@@ -146,7 +156,7 @@ class RouteTable:
         return None
 
     def replace_endpoints(self, states: Iterable[EndpointState]) -> None:
-        self._endpoints = {}
+        self._endpoints, self._endpoint_mcp = {}, {}
         for state in states:
             self._apply(state)
         self._rebuild()
@@ -159,6 +169,17 @@ class RouteTable:
     def _apply(self, state: EndpointState) -> None:
         if state.status != "ready" or not state.upstream_url:
             self._endpoints.pop(state.endpoint_id, None)
+            self._endpoint_mcp.pop(state.endpoint_id, None)
+            return
+        if state.asset_kind == "mcp_server":
+            self._endpoint_mcp[state.endpoint_id] = McpRoute(
+                name=state.route_name,
+                upstream=state.upstream_url,
+                asset=state.asset_name,
+                version=state.version,
+                project=state.project,
+                exposure=state.network_exposure,
+            )
             return
         self._endpoints[state.endpoint_id] = ModelRoute(
             name=state.route_name,

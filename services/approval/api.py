@@ -23,6 +23,7 @@ from libs.common.errors import (
     problem_responses,
 )
 from libs.common.events.approval import RequestKind, RequestStatus
+from libs.common.events.inference import seal_credential
 from libs.common.names import ProjectPath
 from libs.common.service import SessionDep, UnitOfWorkDep, context
 from services.approval import audit, domain
@@ -158,10 +159,20 @@ async def file_request(
     catalog: CatalogDep,
     config: ConfigDep,
     now: NowDep,
+    request: Request,
 ) -> RequestDetail:
     """File a request for the project. A matching auto-approve policy decides it at once."""
+    key = context(request).settings.upstream_credential_fernet_key
     row = await domain.file_request(
-        uow, principal, project, body.kind, body.payload, catalog, config, now=now
+        uow,
+        principal,
+        project,
+        body.kind,
+        body.payload,
+        catalog,
+        config,
+        now=now,
+        seal=lambda secret: seal_credential(key, secret),
     )
     return await _detail(uow.session, row, now)
 

@@ -9,6 +9,7 @@ the wall clock in production, one a test moves), never from the wall clock here.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
@@ -32,6 +33,7 @@ from libs.common.events.approval import (
     RequestRejected,
     RequestWithdrawn,
 )
+from libs.common.mcp_packages import PackageProblem, stdio_package
 from libs.common.outbox import Outbox
 from libs.common.uow import UnitOfWork
 from services.approval import repository as repo
@@ -103,8 +105,39 @@ async def _asset(catalog: CatalogLookup, kind: str, name: str, field: str) -> di
     return asset
 
 
+def _mcp_environment(
+    data: dict[str, Any],
+    version: dict[str, Any],
+    environment: dict[str, str],
+    seal: Callable[[str], str],
+) -> dict[str, Any]:
+    """An MCP server endpoint runs the version's stdio package on the local runtime: check the
+    environment against what the package declares and seal it (names stay readable)."""
+    if data["runtime"] != "local":
+        raise _field_error("payload.runtime", "MCP servers run on the local runtime")
+    try:
+        package = stdio_package((version.get("spec") or {}).get("server") or {})
+        if package is None:
+            raise PackageProblem(
+                "the version has no stdio package to run (a server with remotes is routed "
+                "without an endpoint)"
+            )
+        values = package.check_environment(environment)
+    except PackageProblem as problem:
+        raise _field_error("payload.environment", str(problem)) from None
+    return {
+        "environment_names": sorted(values),
+        "sealed_environment": seal(json.dumps(values)) if values else None,
+    }
+
+
 async def _enrich(
-    session: AsyncSession, catalog: CatalogLookup, kind: str, project: str, given: BaseModel
+    session: AsyncSession,
+    catalog: CatalogLookup,
+    kind: str,
+    project: str,
+    given: BaseModel,
+    seal: Callable[[str], str],
 ) -> tuple[dict[str, Any], tuple[str, str, str | None] | None]:
     """Check the request against the catalog; returns the stored payload and its asset key."""
     data = given.model_dump()
@@ -142,12 +175,16 @@ async def _enrich(
         payload = AccessPayload(**data, tags=tags)
         key = (data["asset_kind"], data["asset_name"], None)
     elif kind == "endpoint":
-        asset = await _asset(catalog, "model", data["model_name"], "payload.model_name")
+        asset_kind = data["asset_kind"]
+        asset = await _asset(catalog, asset_kind, data["model_name"], "payload.model_name")
         version = _version(asset, data["version"])
         if version is None or version["status"] != "approved":
-            raise _field_error("payload.version", "needs an approved version of the model")
+            raise _field_error("payload.version", f"needs an approved version of the {asset_kind}")
+        environment = {k: v.get_secret_value() for k, v in (data.pop("environment") or {}).items()}
+        if asset_kind == "mcp_server":
+            data.update(_mcp_environment(data, version, environment, seal))
         payload = EndpointPayload.model_validate(data)
-        key = ("model", data["model_name"], data["version"])
+        key = (asset_kind, data["model_name"], data["version"])
     else:
         payload = PAYLOADS[kind].model_validate(data)
         key = None
@@ -191,9 +228,12 @@ async def file_request(
     config: ApprovalConfig,
     *,
     now: datetime,
+    seal: Callable[[str], str],
 ) -> Request:
+    """``seal`` encrypts what a request carries in secret (an MCP server's environment) with
+    the key inference opens it with."""
     given = parse_payload(kind, payload)
-    stored, key = await _enrich(uow.session, catalog, kind, project, given)
+    stored, key = await _enrich(uow.session, catalog, kind, project, given, seal)
     due = now + timedelta(days=config.sla_for(kind))
     request = Request(
         kind=kind,

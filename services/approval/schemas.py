@@ -4,9 +4,9 @@ catalog's checklist, an asset's tags, the computed cost) cannot be sent by a req
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from libs.common.events.approval import (
     AssetKind,
@@ -18,6 +18,7 @@ from libs.common.events.approval import (
     VersionName,
 )
 from libs.common.events.authz import ToolAccessLimit, ToolLimit, check_tool_limits
+from libs.common.mcp_packages import ENV_NAME
 from libs.common.names import AssetName
 from services.approval.policies import Rule
 
@@ -54,6 +55,18 @@ class EndpointRequestIn(EndpointPayload):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     plan: PlanIn
+    # An MCP server's environment variables: sealed when filed, never stored or shown in clear.
+    environment: dict[Annotated[str, Field(pattern=ENV_NAME)], SecretStr] | None = Field(
+        default=None, max_length=64
+    )
+
+    @model_validator(mode="after")
+    def _sealed_by_approval(self) -> EndpointRequestIn:
+        if {"environment_names", "sealed_environment"} & self.model_fields_set:
+            raise ValueError("give environment; approval seals it")
+        if self.environment and self.asset_kind != "mcp_server":
+            raise ValueError("environment is for MCP server endpoints")
+        return self
 
 
 class QuotaRequestIn(QuotaPayload):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
@@ -17,6 +18,7 @@ from libs.common.errors import (
     problem_responses,
 )
 from libs.common.events.inference import EndpointState, seal_credential
+from libs.common.mcp_packages import PackageProblem
 from libs.common.names import ProjectPath
 from libs.common.netpolicy import AddressDenied
 from libs.common.service import SessionDep, UnitOfWorkDep
@@ -77,6 +79,7 @@ def endpoint_read(e: Endpoint) -> EndpointRead:
     return EndpointRead(
         id=e.id,
         project=e.project,
+        asset_kind=e.asset_kind,
         model_name=e.asset_name,
         version=e.version,
         source_uri=e.source_uri,
@@ -146,7 +149,7 @@ async def create_endpoint(
         except AddressDenied as exc:
             raise _field_error("upstream_url", str(exc)) from None
     found = await plane.catalog_version(
-        credential_from(request) or "", body.model_name, body.version
+        credential_from(request) or "", body.asset_kind, body.model_name, body.version
     )
     if found is None:
         raise _field_error("version", f"the catalog has no {body.model_name}@{body.version}")
@@ -159,9 +162,24 @@ async def create_endpoint(
     sealed = None
     if body.upstream_api_key is not None:
         sealed = seal_credential(plane.credential_key, body.upstream_api_key.get_secret_value())
+    mcp = body.asset_kind == "mcp_server"
+    sealed_environment = None
+    if mcp:
+        if found.package is None:
+            raise _field_error("model_name", "the MCP server version has no stdio package to run")
+        given = {k: v.get_secret_value() for k, v in (body.environment or {}).items()}
+        try:
+            values = found.package.check_environment(given)
+        except PackageProblem as problem:
+            raise _field_error("environment", str(problem)) from None
+        if values:
+            sealed_environment = seal_credential(plane.credential_key, json.dumps(values))
     new = domain.NewEndpoint(
         project=project,
         owner=principal.subject,
+        asset_kind=body.asset_kind,
+        package=found.package.as_dict() if found.package else None,
+        sealed_environment=sealed_environment,
         asset_name=body.model_name,
         version=body.version,
         runtime=body.runtime,
@@ -169,7 +187,7 @@ async def create_endpoint(
         gpus=body.gpus,
         gpu_type=body.gpu_type,
         profile=plane.config.profile_for(found.serving_runtime, body.profile)
-        if body.runtime == "local"
+        if body.runtime == "local" and not mcp
         else None,
         served_model_name=body.served_model_name,
         route_name=body.route_name,

@@ -43,7 +43,7 @@ def make_spec(
         credential_key = settings.upstream_credential_fernet_key
         policy = await policy_from_settings(settings, config.external_denied_networks)
         runtimes: dict[str, Runtime] = {
-            "local": LocalRuntime(config, settings.data_dir),
+            "local": LocalRuntime(config, settings.data_dir, credential_key),
             "kubernetes": KubernetesRuntime(config, kube_configuration),
             # The probe fetches a tenant-named URL: every connection checked and pinned.
             "external": ExternalRuntime(config, credential_key, transport=policy.transport()),

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, IPvAnyNetwork, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from libs.common.mcp_packages import DEFAULT_RUNNERS
+
 # The built-in simulator: an OpenAI-compatible server that is not a model (see simulator.py).
 SIMULATOR_COMMAND = [
     "{python}",
@@ -89,6 +91,12 @@ class InferenceConfig(BaseSettings):
     # GGUF model marked llama.cpp runs on llama.cpp); any other version gets the default profile.
     local_runtime_profiles: dict[str, str] = {"llama.cpp": "llama-cpp"}
     local_host: str = "127.0.0.1"
+    # How this host runs MCP server packages, by registry: ``{identifier}`` and ``{version}``
+    # come from the catalog version's server.json (libs/common/mcp_packages.py). The publisher's
+    # runtimeHint and runtimeArguments are never used.
+    mcp_runners: dict[str, list[str]] = DEFAULT_RUNNERS
+    # An MCP package may be fetched on its first start (npx, uvx, docker pull).
+    mcp_startup_timeout_seconds: float = Field(default=300.0, gt=0)
     health_interval_seconds: float = Field(default=2.0, gt=0)
     # Restart a crashed server after 0.5 s, 1 s, 2 s… up to the cap; after ``max_restarts``
     # crashes in a row (a crash after a healthy minute resets the count) the endpoint fails.

@@ -27,6 +27,7 @@ from libs.common.db import new_id, utcnow
 from libs.common.errors import Conflict, Unprocessable
 from libs.common.events.approval import EndpointPayload, RequestApproved
 from libs.common.events.inference import EVENTS_BY_STATUS, HOLDS_GPUS
+from libs.common.mcp_packages import StdioPackage
 from libs.common.uow import UnitOfWork
 from services.inference import repository as repo
 from services.inference.models import Endpoint
@@ -60,16 +61,18 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 @dataclass(frozen=True)
 class CatalogVersion:
-    """What inference needs from the catalog about one model version."""
+    """What inference needs from the catalog about one model or MCP server version."""
 
     status: str
     source_uri: str | None
     # The engine the catalog says serves it (``serving.runtime``: vllm, llama.cpp…).
     serving_runtime: str | None = None
+    # An MCP server: its first stdio package (None: it has none to run).
+    package: StdioPackage | None = None
 
 
-# Asks the catalog about (model name, version): None when the model or version is unknown.
-VersionLookup = Callable[[str, str], Awaitable[CatalogVersion | None]]
+# Asks the catalog about (kind, name, version): None when the asset or version is unknown.
+VersionLookup = Callable[[str, str, str], Awaitable[CatalogVersion | None]]
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ class NewEndpoint:
     runtime: str
     replicas: int
     gpus: int
+    asset_kind: str = "model"
+    package: dict[str, Any] | None = None
+    sealed_environment: str | None = None
     gpu_type: str = "any"
     profile: str | None = None
     served_model_name: str | None = None
@@ -119,7 +125,7 @@ def event_state(endpoint: Endpoint) -> dict[str, Any]:
         "status": endpoint.status,
         "route_name": endpoint.route_name,
         "served_model_name": endpoint.served_model_name,
-        "asset_kind": "model",
+        "asset_kind": endpoint.asset_kind,
         "asset_name": endpoint.asset_name,
         "version": endpoint.version,
         "runtime": endpoint.runtime,
@@ -328,9 +334,12 @@ async def create_endpoint(
     endpoint = Endpoint(
         id=endpoint_id,
         project=new.project,
+        asset_kind=new.asset_kind,
         asset_name=new.asset_name,
         version=new.version,
         source_uri=new.source_uri,
+        package=new.package,
+        sealed_environment=new.sealed_environment,
         runtime=new.runtime,
         profile=new.profile,
         replicas=new.replicas,
@@ -483,29 +492,36 @@ async def provision_approved(
         return existing
     payload = EndpointPayload.model_validate(approved.payload)
     plan = payload.plan
+    mcp = payload.asset_kind == "mcp_server"
     problem = ""
-    source_uri: str | None = None
-    serving_runtime: str | None = None
+    found: CatalogVersion | None = None
     if await repo.is_revoked(uow.session, payload.model_name, payload.version):
         problem = f"{payload.model_name}@{payload.version} was revoked in the catalog"
     elif lookup is not None:
-        found = await lookup(payload.model_name, payload.version)
+        found = await lookup(payload.asset_kind, payload.model_name, payload.version)
         if found is None:
             problem = f"the catalog has no {payload.model_name}@{payload.version}"
         elif found.status != "approved":
             problem = f"{payload.model_name}@{payload.version} is {found.status} in the catalog"
-        else:
-            source_uri, serving_runtime = found.source_uri, found.serving_runtime
+        elif mcp and found.package is None:
+            problem = f"{payload.model_name}@{payload.version} has no stdio package to run"
+    elif mcp:
+        problem = "an MCP server endpoint needs the catalog's package: inference has no catalog key"
+    source_uri = found.source_uri if found else None
+    local_profile = profile_for(found.serving_runtime if found else None)
     new = NewEndpoint(
         project=approved.project,
         owner=approved.requester,
+        asset_kind=payload.asset_kind,
         asset_name=payload.model_name,
         version=payload.version,
         runtime=payload.runtime,
         replicas=plan.replicas,
         gpus=plan.gpus,
         gpu_type=plan.gpu_type,
-        profile=profile_for(serving_runtime) if payload.runtime == "local" else None,
+        package=found.package.as_dict() if found and found.package else None,
+        sealed_environment=payload.sealed_environment,
+        profile=local_profile if payload.runtime == "local" and not mcp else None,
         network_exposure=plan.network_exposure,
         source_uri=source_uri,
         request_id=approved.request_id,
@@ -530,14 +546,15 @@ async def teardown(uow: UnitOfWork, endpoints: Sequence[Endpoint], reason: str) 
     return count
 
 
-async def on_version_revoked(uow: UnitOfWork, asset_name: str, version: str) -> int:
-    await repo.remember_revoked(uow.session, asset_name, version)
-    endpoints = await repo.live_of_version(uow.session, asset_name, version)
+async def on_version_revoked(uow: UnitOfWork, kind: str, asset_name: str, version: str) -> int:
+    if kind == "model":  # what a late approval must not deploy (MCP servers: the package check)
+        await repo.remember_revoked(uow.session, asset_name, version)
+    endpoints = await repo.live_of_version(uow.session, kind, asset_name, version)
     return await teardown(uow, endpoints, f"{asset_name}@{version} was revoked in the catalog")
 
 
-async def on_entitlement_revoked(uow: UnitOfWork, project: str, asset_name: str) -> int:
-    endpoints = await repo.live_of_version(uow.session, asset_name, None, project)
+async def on_entitlement_revoked(uow: UnitOfWork, project: str, kind: str, asset_name: str) -> int:
+    endpoints = await repo.live_of_version(uow.session, kind, asset_name, None, project)
     return await teardown(
         uow, endpoints, f"project {project!r} lost its entitlement to {asset_name!r}"
     )

@@ -62,21 +62,21 @@ def make_handlers(ref: PlaneRef) -> dict[str, Handler]:
         plane.reconciler.wake_on_commit(session)
 
     async def on_version_revoked(session: AsyncSession, event: CloudEvent) -> None:
-        """A revoked version is torn down everywhere it runs."""
+        """A revoked version (a model's, an MCP server's) is torn down everywhere it runs."""
         revoked = VersionRevoked.model_validate(event.data)
-        if revoked.asset_kind != "model":
-            return
         uow = UnitOfWork(session, _outbox, actor=domain.SYSTEM)
-        await domain.on_version_revoked(uow, revoked.asset_name, revoked.version)
+        await domain.on_version_revoked(
+            uow, revoked.asset_kind, revoked.asset_name, revoked.version
+        )
         ref.get().reconciler.wake_on_commit(session)
 
     async def on_entitlement_revoked(session: AsyncSession, event: CloudEvent) -> None:
-        """A project that may no longer use a model loses its endpoints of it."""
+        """A project that may no longer use a model (or MCP server) loses its endpoints of it."""
         revoked = EntitlementRevoked.model_validate(event.data)
-        if revoked.asset_kind != "model":
-            return
         uow = UnitOfWork(session, _outbox, actor=domain.SYSTEM)
-        await domain.on_entitlement_revoked(uow, revoked.project, revoked.asset_name)
+        await domain.on_entitlement_revoked(
+            uow, revoked.project, revoked.asset_kind, revoked.asset_name
+        )
         ref.get().reconciler.wake_on_commit(session)
 
     return {

@@ -28,7 +28,8 @@ class Base(DeclarativeBase):
 
 
 class Endpoint(Base):
-    """An approved model version served for one project by one runtime."""
+    """An approved model version served for one project by one runtime, or an approved MCP
+    server version run from its stdio package (``asset_kind``)."""
 
     __tablename__ = "endpoints"
     __table_args__ = (
@@ -44,6 +45,7 @@ class Endpoint(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project: Mapped[str] = mapped_column(String(63), index=True)
+    asset_kind: Mapped[str] = mapped_column(String(16), default="model", server_default="model")
     asset_name: Mapped[str] = mapped_column(String(255), index=True)
     version: Mapped[str] = mapped_column(String(100))
     # Where the weights come from (the catalog version's source URI), when known.
@@ -62,6 +64,10 @@ class Endpoint(Base):
     upstream_url: Mapped[str | None] = mapped_column(String(1000))
     # Fernet token of an external upstream's credential; never the plaintext.
     upstream_credential: Mapped[str | None] = mapped_column(Text)
+    # An MCP server: the stdio package it runs (libs/common/mcp_packages.StdioPackage), as the
+    # catalog version said when the endpoint was made, and its environment (a Fernet token).
+    package: Mapped[dict[str, Any] | None]
+    sealed_environment: Mapped[str | None] = mapped_column(Text)
     # Runtime's name for it: a Kubernetes object name, a process label.
     runtime_name: Mapped[str] = mapped_column(String(63))
     # The runtime's resources are gone (set when a failed/stopped/deleted endpoint is cleaned).

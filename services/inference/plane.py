@@ -6,9 +6,11 @@ handlers hold a ``PlaneRef`` that ``setup`` fills in.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from libs.common.clients import CatalogClient
+from libs.common.mcp_packages import PackageProblem, stdio_package
 from libs.common.netpolicy import AddressPolicy
 from services.inference.config import InferenceConfig
 from services.inference.domain import CatalogVersion, Pool, VersionLookup
@@ -28,10 +30,12 @@ class Plane:
     address_policy: AddressPolicy
 
     async def catalog_version(
-        self, credential: str, name: str, version: str
+        self, credential: str, kind: str, name: str, version: str
     ) -> CatalogVersion | None:
-        """The version's status and source URI, asked with ``credential``; None if unknown."""
-        asset = await self.catalog.asset(credential, "model", name)
+        """The version's status, source URI and (an MCP server's) stdio package, asked with
+        ``credential``; None if unknown. A package that cannot run as published (a required
+        argument without a value) reads as no package."""
+        asset = await self.catalog.asset(credential, kind, name)
         if asset is None:
             return None
         found = next((v for v in asset["versions"] if v["version"] == version), None)
@@ -39,10 +43,15 @@ class Plane:
             return None
         spec = found.get("spec") or {}
         serving = spec.get("serving") or {}
+        package = None
+        if kind == "mcp_server":
+            with contextlib.suppress(PackageProblem):
+                package = stdio_package(spec.get("server") or {})
         return CatalogVersion(
             status=found["status"],
             source_uri=spec.get("source_uri"),
             serving_runtime=serving.get("runtime"),
+            package=package,
         )
 
     def service_lookup(self) -> VersionLookup | None:
@@ -51,8 +60,8 @@ class Plane:
         if credential is None:
             return None
 
-        async def lookup(name: str, version: str) -> CatalogVersion | None:
-            return await self.catalog_version(credential, name, version)
+        async def lookup(kind: str, name: str, version: str) -> CatalogVersion | None:
+            return await self.catalog_version(credential, kind, name, version)
 
         return lookup
 

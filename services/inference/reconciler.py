@@ -55,6 +55,9 @@ def spec_of(endpoint: Endpoint) -> EndpointSpec:
         request_id=endpoint.request_id,
         upstream_url=endpoint.upstream_url if endpoint.runtime == "external" else None,
         sealed_credential=endpoint.upstream_credential,
+        asset_kind=endpoint.asset_kind,
+        package=endpoint.package,
+        sealed_environment=endpoint.sealed_environment,
     )
 
 

@@ -60,10 +60,15 @@ async def live_route_taken(session: AsyncSession, route_name: str) -> bool:
 
 
 async def live_of_version(
-    session: AsyncSession, asset_name: str, version: str | None, project: str | None = None
+    session: AsyncSession,
+    kind: str,
+    asset_name: str,
+    version: str | None,
+    project: str | None = None,
 ) -> Sequence[Endpoint]:
     """Endpoints still holding a route or resources for a version (or any version)."""
     query = select(Endpoint).where(
+        Endpoint.asset_kind == kind,
         Endpoint.asset_name == asset_name,
         Endpoint.status.in_(("provisioning", "ready", "stopped", "failed")),
     )

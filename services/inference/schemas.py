@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, mo
 
 from libs.common.events.approval import VersionName
 from libs.common.events.inference import EndpointState
+from libs.common.mcp_packages import ENV_NAME
 from libs.common.names import AssetName
 
 RouteName = AssetName  # route names share the catalog names' shape
@@ -61,9 +62,21 @@ class EndpointCreate(Input):
     upstream_api_key: SecretStr | None = Field(
         default=None, max_length=4096, description="external: stored encrypted, never shown again"
     )
+    asset_kind: Literal["model", "mcp_server"] = Field(
+        default="model", description="mcp_server: run the version's stdio package (local)"
+    )
+    environment: dict[Annotated[str, Field(pattern=ENV_NAME)], SecretStr] | None = Field(
+        default=None,
+        max_length=64,
+        description="mcp_server: the package's environment variables; stored encrypted",
+    )
 
     @model_validator(mode="after")
     def _fits_runtime(self) -> EndpointCreate:
+        if self.asset_kind == "mcp_server" and self.runtime != "local":
+            raise ValueError("MCP servers run on the local runtime")
+        if self.environment and self.asset_kind != "mcp_server":
+            raise ValueError("environment is for MCP server endpoints")
         if self.runtime == "external":
             if self.upstream_url is None:
                 raise ValueError("an external endpoint needs upstream_url")
@@ -83,6 +96,7 @@ class Scale(Input):
 class EndpointRead(BaseModel):
     id: str
     project: str
+    asset_kind: Literal["model", "mcp_server"]
     model_name: str
     version: str
     source_uri: str | None

@@ -8,7 +8,9 @@ to one process, as in production); tests keep apart by project and model names.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,10 +24,13 @@ from services.inference.config import SIMULATOR_COMMAND, InferenceConfig, LocalP
 from services.inference.simulator import SimulatorConfig
 from services.inference.simulator import create_app as simulator_app
 from tests.conftest import running
-from tests.helpers import serve
+from tests.helpers import bearer, ok, serve
 from tests.inference.kube_double import TOKEN, KubeDouble
 
 FAST = ["--ttft-ms", "5", "--itl-ms", "1"]
+
+
+MCP_STDIO_SERVER = Path(__file__).with_name("mcp_stdio_server.py")
 
 
 def _profile(*command: str) -> LocalProfile:
@@ -83,6 +88,10 @@ def inference_config(
         stop_grace_seconds=3.0,
         probe_interval_seconds=0.5,
         project_gpu_limits={limited_project: 2},
+        # This host "runs" PyPI packages with the test's stdio MCP server: the runner is the
+        # operator's to choose (npx, uvx, docker elsewhere), the package is the catalog's.
+        mcp_runners={"pypi": [sys.executable, str(MCP_STDIO_SERVER)]},
+        mcp_startup_timeout_seconds=20.0,
     )
 
 
@@ -128,3 +137,50 @@ async def inference(inference_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=inference_app)
     async with httpx.AsyncClient(transport=transport, base_url="http://inference") as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+async def gateway_url(
+    authz_app: FastAPI,
+    catalog_app: FastAPI,
+    approval_app: FastAPI,
+    inference_app: FastAPI,
+    authz: httpx.AsyncClient,
+    admin_key: str,
+    inference_settings: Settings,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[str]:
+    from gateway.app import ProxyApp
+    from gateway.state import Gateway
+
+    key = await ok(
+        await authz.post(
+            "/v1/platform/keys",
+            json={
+                "name": "inference-test-gateway",
+                "scopes": ["snapshots:read"],
+            },
+            headers=bearer(admin_key),
+        ),
+        201,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        urls = {}
+        for name, app in (
+            ("authz", authz_app),
+            ("catalog", catalog_app),
+            ("approval", approval_app),
+            ("inference", inference_app),
+        ):
+            urls[name] = await stack.enter_async_context(serve(app))
+        gateway_settings = inference_settings.model_copy(
+            update={
+                "data_dir": tmp_path_factory.mktemp("inference-gateway"),
+                **{f"{name}_url": url for name, url in urls.items()},
+                "gateway_api_key": SecretStr(key["key"]),
+            }
+        )
+        gateway = await Gateway.start(gateway_settings)
+        stack.push_async_callback(gateway.stop)
+        await gateway.wait_loaded(10)
+        yield await stack.enter_async_context(serve(ProxyApp(gateway)))

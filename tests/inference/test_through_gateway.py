@@ -4,23 +4,18 @@ through the gateway with the project's key; deleting it removes the route."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import openai
-import pytest
-from fastapi import FastAPI
 from llama_cpp import Llama
-from pydantic import SecretStr
 
 from libs.common.artifacts import local_path
 from libs.common.settings import Settings
 from tests.approval.support import approve, eventually, file_request
 from tests.gateway.support import usage_events
-from tests.helpers import bearer, issue_key, ok, serve
+from tests.helpers import bearer, issue_key, ok
 from tests.inference.support import (
     Team,
     approved_model,
@@ -29,53 +24,6 @@ from tests.inference.support import (
     team,
     wait_status,
 )
-
-
-@pytest.fixture(scope="module")
-async def gateway_url(
-    authz_app: FastAPI,
-    catalog_app: FastAPI,
-    approval_app: FastAPI,
-    inference_app: FastAPI,
-    authz: httpx.AsyncClient,
-    admin_key: str,
-    inference_settings: Settings,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[str]:
-    from gateway.app import ProxyApp
-    from gateway.state import Gateway
-
-    key = await ok(
-        await authz.post(
-            "/v1/platform/keys",
-            json={
-                "name": "inference-test-gateway",
-                "scopes": ["snapshots:read"],
-            },
-            headers=bearer(admin_key),
-        ),
-        201,
-    )
-    async with contextlib.AsyncExitStack() as stack:
-        urls = {}
-        for name, app in (
-            ("authz", authz_app),
-            ("catalog", catalog_app),
-            ("approval", approval_app),
-            ("inference", inference_app),
-        ):
-            urls[name] = await stack.enter_async_context(serve(app))
-        gateway_settings = inference_settings.model_copy(
-            update={
-                "data_dir": tmp_path_factory.mktemp("inference-gateway"),
-                **{f"{name}_url": url for name, url in urls.items()},
-                "gateway_api_key": SecretStr(key["key"]),
-            }
-        )
-        gateway = await Gateway.start(gateway_settings)
-        stack.push_async_callback(gateway.stop)
-        await gateway.wait_loaded(10)
-        yield await stack.enter_async_context(serve(ProxyApp(gateway)))
 
 
 async def _entitled_key(

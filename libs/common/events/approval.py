@@ -89,13 +89,19 @@ class CostSecurityPlan(RequestPayload):
 
 
 class EndpointPayload(RequestPayload):
-    """An inference endpoint serving an approved model version in the request's project."""
+    """An inference endpoint in the request's project serving an approved model version, or
+    running an approved MCP server version from its stdio package (``asset_kind``)."""
 
-    model_name: AssetName
+    model_name: AssetName = Field(description="The model's (or MCP server's) catalog name")
     version: VersionName
     runtime: Literal["kubernetes", "local", "external"] = "kubernetes"
     context_length: int | None = Field(default=None, ge=1, le=10_000_000)
     plan: CostSecurityPlan
+    asset_kind: AssetKind = "model"
+    # An MCP server's environment (its server.json environmentVariables): the names, for the
+    # reviewer; the values sealed by approval when the request was filed, for the runtime alone.
+    environment_names: list[str] = []
+    sealed_environment: str | None = None
 
 
 class QuotaPayload(RequestPayload):

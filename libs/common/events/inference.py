@@ -43,7 +43,7 @@ class EndpointState(EventPayload):
     route_name: str
     # The name the upstream server knows the model by (vLLM ``--served-model-name``).
     served_model_name: str
-    asset_kind: Literal["model"] = "model"
+    asset_kind: Literal["model", "mcp_server"] = "model"
     asset_name: str
     version: str
     runtime: RuntimeName

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,10 @@ class EndpointSpec:
     # external endpoints: the registered base URL and the sealed credential.
     upstream_url: str | None = None
     sealed_credential: str | None = None
+    # MCP servers: the stdio package to run behind the bridge, and its sealed environment.
+    asset_kind: str = "model"
+    package: dict[str, Any] | None = None
+    sealed_environment: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""The ``local`` runtime: an OpenAI-compatible server process on this host, supervised.
+"""The ``local`` runtime: an OpenAI-compatible server process on this host, supervised; or, for
+an MCP server, its stdio package behind the bridge (services/inference/mcp_bridge.py), served at
+``/mcp``, with its environment opened from the endpoint's sealed one.
 
 Each endpoint is one process (one replica: a host has one set of GPUs; scale out with
 Kubernetes), started from a runtime profile's command, health-checked, restarted with
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -26,6 +29,8 @@ import httpx
 
 from libs.common.artifacts import LOCAL_SCHEMES, NotLocal, local_path
 from libs.common.db import utcnow
+from libs.common.events.inference import CredentialError, open_credential
+from libs.common.mcp_packages import PackageProblem, StdioPackage
 from services.inference.config import InferenceConfig, LocalProfile
 from services.inference.runtimes.base import EndpointSpec, RuntimeFailure, RuntimeStatus, clip
 
@@ -89,9 +94,15 @@ class Supervised:
 
     @property
     def upstream_url(self) -> str:
-        return f"{self.base_url}/v1"
+        return (
+            f"{self.base_url}/mcp"
+            if self.spec.asset_kind == "mcp_server"
+            else f"{self.base_url}/v1"
+        )
 
     def command(self) -> list[str]:
+        if self.spec.asset_kind == "mcp_server":
+            return self._bridge_command()
         values = {
             "python": sys.executable,
             "host": self.host,
@@ -105,6 +116,17 @@ class Supervised:
             return [part.format(**values) for part in self.profile.command]
         except (KeyError, IndexError, ValueError) as exc:
             raise RuntimeFailure(f"the profile's command has a bad placeholder: {exc}") from exc
+
+    def _bridge_command(self) -> list[str]:
+        if self.spec.package is None:
+            raise RuntimeFailure("the MCP server endpoint has no package to run")
+        package = StdioPackage.from_dict(self.spec.package)
+        try:
+            serves = package.command(self.config.mcp_runners, sorted(self.profile.env))
+        except PackageProblem as problem:
+            raise RuntimeFailure(str(problem)) from None
+        bridge = [sys.executable, "-m", "services.inference.mcp_bridge"]
+        return [*bridge, "--host", self.host, "--port", str(self.port), "--", *serves]
 
     async def start(self) -> None:
         command = self.command()
@@ -240,8 +262,12 @@ class Supervised:
 class LocalRuntime:
     name = "local"
 
-    def __init__(self, config: InferenceConfig, data_dir: Path) -> None:
+    def __init__(
+        self, config: InferenceConfig, data_dir: Path, credential_key: bytes | None = None
+    ) -> None:
         self.config = config
+        # Opens an MCP server endpoint's sealed environment (the upstream credential key).
+        self.credential_key = credential_key
         self.logs = data_dir / "inference" / "logs"
         self.http = httpx.AsyncClient(trust_env=False)
         self.servers: dict[str, Supervised] = {}
@@ -250,6 +276,13 @@ class LocalRuntime:
         return self.logs / f"{endpoint_id}.log"
 
     def _profile(self, spec: EndpointSpec) -> LocalProfile:
+        if spec.asset_kind == "mcp_server":
+            return LocalProfile(
+                command=["(the MCP bridge)"],
+                env=self._environment(spec),
+                health_path="/health",
+                startup_timeout_seconds=self.config.mcp_startup_timeout_seconds,
+            )
         name = spec.profile or self.config.local_default_profile
         profile = self.config.local_profiles.get(name)
         if profile is None:
@@ -266,6 +299,20 @@ class LocalRuntime:
         )
         server.command()  # a bad placeholder fails now, not in the supervisor
         self.servers[spec.endpoint_id] = server
+
+    def _environment(self, spec: EndpointSpec) -> dict[str, str]:
+        """An MCP server's environment variables, opened for its process only."""
+        if spec.sealed_environment is None:
+            return {}
+        if self.credential_key is None:
+            raise RuntimeFailure("no key to open the endpoint's environment with")
+        try:
+            values = json.loads(open_credential(self.credential_key, spec.sealed_environment))
+        except (CredentialError, ValueError):
+            raise RuntimeFailure(
+                "the endpoint's environment cannot be opened with this key"
+            ) from None
+        return {str(k): str(v) for k, v in values.items()}
 
     async def watch(self, spec: EndpointSpec) -> AsyncGenerator[RuntimeStatus, None]:
         server = self.servers.get(spec.endpoint_id)

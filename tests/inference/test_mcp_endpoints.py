@@ -1,0 +1,196 @@
+"""Hit-to-run for tools: an MCP server the catalog knows only as a stdio package (server.json
+``packages``) is requested as an endpoint with its secret environment, approved, run by the local
+runtime behind the bridge, and routed at the gateway for its project alone; deleting it unroutes
+it. The secret is sealed from the moment it is filed and reaches only the server's process."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from services.catalog.importers import PUBLISHER_META
+from tests.approval.support import admitted, approve, eventually, file_request, uname
+from tests.gateway.test_mcp import ACCEPT, INIT, mcp_client
+from tests.helpers import bearer, issue_key, ok
+from tests.inference.support import endpoint_of_request, plan, team, wait_status
+
+SECRET = "tk_s3cret-value-18"
+
+
+def server_json(name: str) -> dict[str, Any]:
+    return {
+        "$schema": "https://static.modelcontextprotocol.io/schemas/2025-12-11/server.schema.json",
+        "name": name,
+        "description": "Tickets, as a PyPI package that speaks stdio",
+        "version": "1.0.0",
+        "packages": [
+            {
+                "registryType": "pypi",
+                "identifier": "steward-test-tickets",
+                "version": "1.0.0",
+                "transport": {"type": "stdio"},
+                "environmentVariables": [
+                    {"name": "TICKETS_TOKEN", "isSecret": True, "isRequired": True},
+                    {"name": "TICKETS_REGION", "default": "eu"},
+                ],
+            }
+        ],
+        "_meta": {
+            PUBLISHER_META: {
+                "tools": [
+                    {"name": "lookup", "accessType": "read_only"},
+                    {"name": "token_seen", "accessType": "read_only"},
+                ]
+            }
+        },
+    }
+
+
+def endpoint_request(name: str, environment: dict[str, str] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "asset_kind": "mcp_server",
+        "model_name": name,
+        "version": "1.0.0",
+        "runtime": "local",
+        "plan": plan(gpus=0),
+    }
+    if environment is not None:
+        body["environment"] = environment
+    return body
+
+
+@pytest.mark.parametrize(
+    ("environment", "problem"),
+    [
+        (None, "the package needs TICKETS_TOKEN"),
+        ({"TICKETS_TOKEN": SECRET, "PATH": "/usr/bin"}, "PATH: not an environment variable"),
+    ],
+)
+async def test_an_endpoint_request_with_a_wrong_environment_is_refused_and_files_nothing(
+    authz: httpx.AsyncClient,
+    catalog: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    admin_key: str,
+    environment: dict[str, str] | None,
+    problem: str,
+) -> None:
+    who = await team(authz, admin_key)
+    name = f"io.github.steward-test/{uname('tickets')}"
+    await ok(
+        await catalog.post(
+            "/v1/imports/mcp-servers", json=server_json(name), headers=bearer(admin_key)
+        )
+    )
+    await admitted(catalog, approval, admin_key, who.dev, who.project, "mcp_server", name)
+    refused = await approval.post(
+        f"/v1/projects/{who.project}/requests",
+        json={"kind": "endpoint", "payload": endpoint_request(name, environment)},
+        headers=bearer(who.dev),
+    )
+    assert refused.status_code == 422, refused.text
+    assert problem in refused.json()["detail"]
+    assert SECRET not in refused.text
+    listed = await ok(
+        await approval.get(
+            f"/v1/projects/{who.project}/requests",
+            params={"kind": "endpoint"},
+            headers=bearer(who.dev),
+        )
+    )
+    assert listed["items"] == []
+
+
+async def test_a_stdio_package_runs_as_an_endpoint_routed_for_its_project_alone(
+    authz: httpx.AsyncClient,
+    catalog: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    inference: httpx.AsyncClient,
+    admin_key: str,
+    gateway_url: str,
+) -> None:
+    who = await team(authz, admin_key)
+    name = f"io.github.steward-test/{uname('tickets')}"
+    await ok(
+        await catalog.post(
+            "/v1/imports/mcp-servers", json=server_json(name), headers=bearer(admin_key)
+        )
+    )
+    await admitted(catalog, approval, admin_key, who.dev, who.project, "mcp_server", name)
+    access = await file_request(
+        approval, who.dev, who.project, "access", {"asset_kind": "mcp_server", "asset_name": name}
+    )
+    await approve(approval, admin_key, access["id"])
+
+    started = time.monotonic()
+    filed = await file_request(
+        approval,
+        who.dev,
+        who.project,
+        "endpoint",
+        endpoint_request(name, {"TICKETS_TOKEN": SECRET}),
+    )
+    # What the request keeps and shows: the names, and a sealed value.
+    assert filed["payload"]["environment_names"] == ["TICKETS_REGION", "TICKETS_TOKEN"]
+    assert filed["payload"]["sealed_environment"]
+    assert SECRET not in str(filed)
+    decided = await approve(approval, admin_key, filed["id"])
+    assert SECRET not in str(decided)
+    found = await endpoint_of_request(inference, who.dev, who.project, filed["id"])
+    assert (found["asset_kind"], found["route_name"]) == ("mcp_server", f"{who.project}/{name}")
+    ready = await wait_status(inference, who.dev, who.project, found["id"], "ready", within=30)
+    assert ready["upstream_url"].endswith("/mcp")
+
+    key = str((await issue_key(authz, admin_key, who.project, ["mcp:invoke"]))["key"])
+    route = ready["route_name"]
+
+    async def discovered() -> dict[str, Any] | None:
+        async with httpx.AsyncClient(base_url=gateway_url) as http:
+            answer = await http.get("/mcp/", headers=bearer(key))
+        if answer.status_code != 200:  # the new key has not reached the gateway yet
+            return None
+        return next((s for s in answer.json()["data"] if s["name"] == route), None)
+
+    server = await eventually(discovered, what="the endpoint's MCP route")
+    print(f"\napproval to a routed MCP server from its package: {time.monotonic() - started:.2f}s")
+    assert server["url"] == f"{gateway_url}/mcp/{route}/"
+    async with mcp_client(server["url"], key) as client:
+        tools = await client.list_tools()
+        # The package has three tools; the catalog lists two: the other is never offered.
+        assert sorted(t.name for t in tools.tools) == ["lookup", "token_seen"]
+        looked = await client.call_tool("lookup", {"ticket": "T-7"})
+        seen = await client.call_tool("token_seen", {})
+    assert looked.content[0].text.startswith("ticket T-7: open")  # type: ignore[union-attr]
+    assert seen.content[0].text == str(len(SECRET))  # type: ignore[union-attr]
+
+    # Another project, even with a key that may call MCP servers, does not see it.
+    other = await team(authz, admin_key)
+    stranger = str((await issue_key(authz, admin_key, other.project, ["mcp:invoke"]))["key"])
+    async with httpx.AsyncClient(base_url=gateway_url) as http:
+
+        async def stranger_known() -> httpx.Response | None:
+            listed = await http.get("/mcp/", headers=bearer(stranger))
+            return listed if listed.status_code == 200 else None
+
+        listed = await eventually(stranger_known, what="the other project's key at the gateway")
+        assert route not in str(listed.json())
+        hidden = await http.post(
+            f"/mcp/{route}/", json=INIT, headers={**bearer(stranger), **ACCEPT}
+        )
+        assert hidden.status_code == 404
+
+    await ok(
+        await inference.delete(
+            f"/v1/projects/{who.project}/endpoints/{found['id']}", headers=bearer(who.admin)
+        ),
+        202,
+    )
+
+    async def unrouted() -> bool:
+        async with httpx.AsyncClient(base_url=gateway_url) as http:
+            answer = await http.post(f"/mcp/{route}/", json=INIT, headers={**bearer(key), **ACCEPT})
+        return answer.status_code == 404
+
+    await eventually(unrouted, what="the route to go")
