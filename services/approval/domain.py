@@ -111,10 +111,11 @@ def _mcp_environment(
     environment: dict[str, str],
     seal: Callable[[str], str],
 ) -> dict[str, Any]:
-    """An MCP server endpoint runs the version's stdio package on the local runtime: check the
-    environment against what the package declares and seal it (names stay readable)."""
-    if data["runtime"] != "local":
-        raise _field_error("payload.runtime", "MCP servers run on the local runtime")
+    """An MCP server endpoint runs the version's stdio package (local runtime; on Kubernetes, an
+    OCI package with ToolHive): check the environment against what the package declares and
+    seal it (names stay readable)."""
+    if data["runtime"] == "external":
+        raise _field_error("payload.runtime", "MCP servers run on the local or kubernetes runtime")
     try:
         package = stdio_package((version.get("spec") or {}).get("server") or {})
         if package is None:
@@ -125,6 +126,12 @@ def _mcp_environment(
         values = package.check_environment(environment)
     except PackageProblem as problem:
         raise _field_error("payload.environment", str(problem)) from None
+    if data["runtime"] == "kubernetes" and package.registry_type != "oci":
+        raise _field_error(
+            "payload.runtime",
+            f"on Kubernetes MCP servers run from OCI images; this is a {package.registry_type} "
+            "package: ask for the local runtime",
+        )
     return {
         "environment_names": sorted(values),
         "sealed_environment": seal(json.dumps(values)) if values else None,

@@ -167,6 +167,8 @@ async def create_endpoint(
     if mcp:
         if found.package is None:
             raise _field_error("model_name", "the MCP server version has no stdio package to run")
+        if body.runtime == "kubernetes" and found.package.registry_type != "oci":
+            raise _field_error("runtime", "on Kubernetes MCP servers run from OCI images")
         given = {k: v.get_secret_value() for k, v in (body.environment or {}).items()}
         try:
             values = found.package.check_environment(given)

@@ -44,7 +44,7 @@ def make_spec(
         policy = await policy_from_settings(settings, config.external_denied_networks)
         runtimes: dict[str, Runtime] = {
             "local": LocalRuntime(config, settings.data_dir, credential_key),
-            "kubernetes": KubernetesRuntime(config, kube_configuration),
+            "kubernetes": KubernetesRuntime(config, kube_configuration, credential_key),
             # The probe fetches a tenant-named URL: every connection checked and pinned.
             "external": ExternalRuntime(config, credential_key, transport=policy.transport()),
         }

@@ -63,7 +63,8 @@ class EndpointCreate(Input):
         default=None, max_length=4096, description="external: stored encrypted, never shown again"
     )
     asset_kind: Literal["model", "mcp_server"] = Field(
-        default="model", description="mcp_server: run the version's stdio package (local)"
+        default="model",
+        description="mcp_server: run the version's stdio package (local; kubernetes: OCI only)",
     )
     environment: dict[Annotated[str, Field(pattern=ENV_NAME)], SecretStr] | None = Field(
         default=None,
@@ -73,8 +74,8 @@ class EndpointCreate(Input):
 
     @model_validator(mode="after")
     def _fits_runtime(self) -> EndpointCreate:
-        if self.asset_kind == "mcp_server" and self.runtime != "local":
-            raise ValueError("MCP servers run on the local runtime")
+        if self.asset_kind == "mcp_server" and self.runtime == "external":
+            raise ValueError("MCP servers run on the local or kubernetes runtime")
         if self.environment and self.asset_kind != "mcp_server":
             raise ValueError("environment is for MCP server endpoints")
         if self.runtime == "external":

@@ -8,6 +8,7 @@ to one process, as in production); tests keep apart by project and model names.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from services.inference.simulator import create_app as simulator_app
 from tests.conftest import running
 from tests.helpers import bearer, ok, serve
 from tests.inference.kube_double import TOKEN, KubeDouble
+from tests.inference.support import bridge
 
 FAST = ["--ttft-ms", "5", "--itl-ms", "1"]
 
@@ -53,7 +55,8 @@ def _profiles(tmp: str) -> dict[str, LocalProfile]:
 
 @pytest.fixture(scope="module")
 async def kube() -> AsyncIterator[tuple[KubeDouble, str]]:
-    """The API double, whose pretend KServe starts a simulator per ready InferenceService."""
+    """The API double, whose pretend KServe starts a simulator per ready InferenceService (and
+    pretend ToolHive the test's stdio MCP server per MCPServer)."""
     async with contextlib.AsyncExitStack() as pods:
 
         async def start_pod(obj: dict[str, Any]) -> str:
@@ -62,7 +65,12 @@ async def kube() -> AsyncIterator[tuple[KubeDouble, str]]:
             config = SimulatorConfig(served_model_name=name, ttft_ms=5, itl_ms=1)
             return await pods.enter_async_context(serve(simulator_app(config)))
 
-        double = KubeDouble(start_pod=start_pod)
+        async def start_mcp_pod(obj: dict[str, Any], env: dict[str, str]) -> str:
+            """ToolHive's proxy in front of the image: the bridge in front of the test server."""
+            command = (sys.executable, str(MCP_STDIO_SERVER))
+            return await pods.enter_async_context(bridge(*command, env={**os.environ, **env}))
+
+        double = KubeDouble(start_pod=start_pod, start_mcp_pod=start_mcp_pod)
         async with serve(double.app()) as url:
             yield double, url
 

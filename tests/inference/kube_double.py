@@ -11,12 +11,17 @@ newline-delimited ``WatchEvent`` JSON (``ADDED``/``MODIFIED``/``DELETED``) filte
 It also plays the KServe controller: shortly after an ``InferenceService`` (or
 ``LLMInferenceService``) is created it reports progress, then either ``Ready`` with
 ``status.url`` (pointing at a server the test starts for it, like a pod) or a load failure
-with KServe's ``modelStatus`` fields, as each namespace's ``Outcome`` says.
+with KServe's ``modelStatus`` fields, as each namespace's ``Outcome`` says. And ToolHive's
+operator: an ``MCPServer`` goes ``Pending``, then ``Ready`` with the proxy's ``status.url`` (a
+server the test starts with the environment its ``spec.secrets`` name, read from the Secrets
+stored here, as the pod would get them) or ``Failed``. Core ``Secret``s: create, replace, get,
+delete, with ``stringData`` folded into base64 ``data`` as the API server does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import json
@@ -33,6 +38,7 @@ from starlette.routing import Route
 
 TOKEN = "kube-double-token"
 SERVING_KINDS = {"inferenceservices", "llminferenceservices"}
+MCP_SERVERS = "mcpservers"
 
 
 @dataclass
@@ -83,7 +89,10 @@ def merge_patch(target: Any, patch: Any) -> Any:
 class KubeDouble:
     # Plays the pods: given the serving object, start its server and return its URL.
     start_pod: Callable[[dict[str, Any]], Awaitable[str]] | None = None
+    # Plays an MCPServer's proxy and server: given the object and its environment, a base URL.
+    start_mcp_pod: Callable[[dict[str, Any], dict[str, str]], Awaitable[str]] | None = None
     namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)
+    secrets: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     objects: dict[tuple[str, str, str, str, str], dict[str, Any]] = field(default_factory=dict)
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
@@ -203,6 +212,43 @@ class KubeDouble:
                 },
             }
         await self._set_status(key, status)
+
+    # -- the pretend ToolHive operator ---------------------------------------------------------
+
+    def secret_env(self, namespace: str, obj: dict[str, Any]) -> dict[str, str]:
+        """The environment an MCPServer's pod gets from the Secrets its ``spec.secrets`` name."""
+        env: dict[str, str] = {}
+        for ref in obj["spec"].get("secrets") or []:
+            secret = self.secrets.get((namespace, ref["name"]))
+            if secret is None or ref["key"] not in (secret.get("data") or {}):
+                raise KeyError(f"secret {ref['name']}/{ref['key']} not found")
+            value = base64.b64decode(secret["data"][ref["key"]]).decode()
+            env[ref.get("targetEnvName") or ref["key"]] = value
+        return env
+
+    async def _reconcile_mcp(self, key: tuple[str, str, str, str, str]) -> None:
+        outcome = self.outcomes.get(key[2], Outcome())
+        await asyncio.sleep(outcome.delay / 2)
+        if key not in self.objects:
+            return
+        await self._set_status(key, {"phase": "Pending", "message": "Deployment is being created"})
+        await asyncio.sleep(outcome.delay / 2)
+        obj = self.objects.get(key)
+        if obj is None:
+            return
+        if not outcome.ready:
+            await self._set_status(key, {"phase": "Failed", "message": outcome.message})
+            return
+        try:
+            env = self.secret_env(key[2], obj)
+        except KeyError as missing:
+            message = f"CreateContainerConfigError: {missing.args[0]}"
+            await self._set_status(key, {"phase": "Failed", "message": message})
+            return
+        base = await self.start_mcp_pod(obj, env) if self.start_mcp_pod else "http://0.0.0.0:1"
+        await self._set_status(
+            key, {"phase": "Ready", "url": f"{base}/mcp", "readyReplicas": 1, "message": ""}
+        )
 
     async def _set_status(
         self, key: tuple[str, str, str, str, str], status: dict[str, Any]
@@ -336,11 +382,48 @@ class KubeDouble:
             await self._record(key, "MODIFIED")
             return JSONResponse(patched)
 
+        async def secrets(request: Request) -> Response:
+            if (refused := await guard(request)) is not None:
+                return refused
+            ns = request.path_params["namespace"]
+            if ns not in self.namespaces:
+                return _status(404, "NotFound", f'namespaces "{ns}" not found', name=ns)
+            name = request.path_params.get("name")
+            found = self.secrets.get((ns, name or ""))
+            if request.method == "GET":
+                if found is None:
+                    return _status(404, "NotFound", f'secrets "{name}" not found', name=name)
+                return JSONResponse(found)
+            if request.method == "DELETE":
+                if self.secrets.pop((ns, name or ""), None) is None:
+                    return _status(404, "NotFound", f'secrets "{name}" not found', name=name)
+                return JSONResponse({"kind": "Status", "apiVersion": "v1", "status": "Success"})
+            body = await request.json()
+            body_name = body["metadata"]["name"]
+            if request.method == "POST" and (ns, body_name) in self.secrets:
+                message = f'secrets "{body_name}" already exists'
+                return _status(409, "AlreadyExists", message, name=body_name, kind="secrets")
+            if request.method == "PUT" and found is None:
+                return _status(404, "NotFound", f'secrets "{name}" not found', name=name)
+            data = dict(body.get("data") or {})
+            for k, v in (body.pop("stringData", None) or {}).items():
+                data[k] = base64.b64encode(v.encode()).decode()
+            body["data"] = data
+            body["metadata"].update(namespace=ns, resourceVersion=self._next_rv())
+            self.secrets[(ns, body_name)] = body
+            return JSONResponse(body, status_code=201 if request.method == "POST" else 200)
+
         base = "/apis/{group}/{version}/namespaces/{namespace}/{plural}"
         return Starlette(
             routes=[
                 Route("/api/v1/namespaces", namespaces, methods=["POST"]),
                 Route("/api/v1/namespaces/{name}", namespace, methods=["GET"]),
+                Route("/api/v1/namespaces/{namespace}/secrets", secrets, methods=["POST"]),
+                Route(
+                    "/api/v1/namespaces/{namespace}/secrets/{name}",
+                    secrets,
+                    methods=["GET", "PUT", "DELETE"],
+                ),
                 Route(base, collection, methods=["GET", "POST"]),
                 Route(base + "/{name}", item, methods=["GET", "PATCH", "DELETE"]),
             ]
@@ -375,8 +458,9 @@ class KubeDouble:
         )
         self.objects[key] = body
         await self._record(key, "ADDED")
-        if plural in SERVING_KINDS:
-            task = asyncio.create_task(self._reconcile(key))
+        if plural in SERVING_KINDS or plural == MCP_SERVERS:
+            reconcile = self._reconcile_mcp if plural == MCP_SERVERS else self._reconcile
+            task = asyncio.create_task(reconcile(key))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return JSONResponse(body, status_code=201)

@@ -3,7 +3,9 @@ listening to the endpoint events on the real bus."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from tests.approval.support import (
     uname,
 )
 from tests.common.support import Listener, outbox_relayed
-from tests.helpers import bearer, member_key, new_project, ok
+from tests.helpers import bearer, child_log, free_port, member_key, new_project, ok
 
 ADMIN_SCOPES = ["catalog:read", "requests:write", "endpoints:manage"]
 
@@ -194,3 +196,40 @@ async def listening(settings: Settings) -> AsyncIterator[Heard]:
     finally:
         await heard.stop()
         await bus.close()
+
+
+@asynccontextmanager
+async def bridge(*command: str, env: dict[str, str] | None = None) -> AsyncIterator[str]:
+    """The stdio bridge as a real process in front of ``command``, until healthy; its URL."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.inference.mcp_bridge",
+        "--port",
+        str(port),
+        "--",
+        *command,
+        stdout=child_log("mcp-bridge"),
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base) as http:
+            for _ in range(400):
+                if process.returncode is not None:
+                    raise AssertionError(f"the bridge exited with {process.returncode}")
+                try:
+                    if (await http.get("/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the bridge never became healthy")
+        yield base
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await process.wait()

@@ -4,10 +4,7 @@ tool calls, sessions that end, and a command that is no MCP server failing the s
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -16,7 +13,7 @@ from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from tests.helpers import child_log, free_port
+from tests.inference.support import bridge
 
 SERVER = Path(__file__).with_name("mcp_stdio_server.py")
 INIT = {
@@ -29,42 +26,6 @@ INIT = {
         "clientInfo": {"name": "test", "version": "1"},
     },
 }
-
-
-@asynccontextmanager
-async def bridge(*command: str, env: dict[str, str] | None = None) -> AsyncIterator[str]:
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.inference.mcp_bridge",
-        "--port",
-        str(port),
-        "--",
-        *command,
-        stdout=child_log("mcp-bridge"),
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=base) as http:
-            for _ in range(400):
-                if process.returncode is not None:
-                    raise AssertionError(f"the bridge exited with {process.returncode}")
-                try:
-                    if (await http.get("/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the bridge never became healthy")
-        yield base
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            await process.wait()
 
 
 async def test_the_sdk_client_talks_to_a_stdio_server_through_the_bridge() -> None:

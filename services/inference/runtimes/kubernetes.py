@@ -6,12 +6,18 @@ The object is labelled with the project, the endpoint id and the approval reques
 Readiness comes from the object's ``Ready`` condition and ``status.url``; KServe's model status
 (``FailedToLoad``, ``BlockedByFailedLoad``, ``InvalidSpec`` and ``lastFailureInfo``) becomes
 the endpoint's failure reason.
+
+An MCP server endpoint is a ToolHive ``MCPServer`` (``toolhive.stacklok.dev/v1beta1``): its OCI
+package's image behind ToolHive's proxy (stdio to streamable HTTP at ``status.url``), its
+environment in a Secret beside it that the object names. ToolHive's operator must be installed;
+npm and PyPI packages run on the local runtime (the operator runs images only).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -20,6 +26,8 @@ from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
+from libs.common.events.inference import CredentialError, open_credential
+from libs.common.mcp_packages import StdioPackage
 from services.inference.config import InferenceConfig
 from services.inference.runtimes.base import EndpointSpec, RuntimeFailure, RuntimeStatus, clip
 
@@ -31,6 +39,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "InferenceService": ("v1beta1", "inferenceservices"),
     "LLMInferenceService": ("v1alpha1", "llminferenceservices"),
 }
+# An MCP server endpoint's object: (group, version, plural).
+TOOLHIVE = ("toolhive.stacklok.dev", "v1beta1", "mcpservers")
 MANAGED_BY = {"app.kubernetes.io/managed-by": "steward"}
 FAILED_TRANSITIONS = ("BlockedByFailedLoad", "InvalidSpec")
 
@@ -121,6 +131,62 @@ def manifest(spec: EndpointSpec, cfg: InferenceConfig, namespace: str) -> dict[s
     }
 
 
+def env_secret_name(spec: EndpointSpec) -> str:
+    return f"{spec.runtime_name}-env"
+
+
+def mcp_manifest(spec: EndpointSpec, namespace: str, env_names: list[str]) -> dict[str, Any]:
+    """ToolHive's ``MCPServer`` for an MCP server endpoint; ``env_names`` are the keys of its
+    Secret (``env_secret_name``), each given to the server under its own name."""
+    if spec.package is None:
+        raise RuntimeFailure("the MCP server endpoint has no package to run")
+    package = StdioPackage.from_dict(spec.package)
+    if package.registry_type != "oci":
+        raise RuntimeFailure(
+            f"on Kubernetes an MCP server runs from an OCI image (ToolHive's MCPServer); "
+            f"this one is a {package.registry_type} package: run it on the local runtime"
+        )
+    tagged = "@" in package.identifier or ":" in package.identifier.rsplit("/", 1)[-1]
+    image = (
+        package.identifier
+        if tagged or not package.version
+        else (f"{package.identifier}:{package.version}")
+    )
+    server: dict[str, Any] = {"image": image, "transport": "stdio", "proxyMode": "streamable-http"}
+    if package.arguments:
+        server["args"] = list(package.arguments)
+    if env_names:
+        secret = env_secret_name(spec)
+        server["secrets"] = [{"name": secret, "key": n, "targetEnvName": n} for n in env_names]
+    group, version, _ = TOOLHIVE
+    return {
+        "apiVersion": f"{group}/{version}",
+        "kind": "MCPServer",
+        "metadata": {
+            "name": spec.runtime_name,
+            "namespace": namespace,
+            "labels": _labels(spec),
+            "annotations": _annotations(spec),
+        },
+        "spec": server,
+    }
+
+
+def interpret_mcp(obj: dict[str, Any]) -> RuntimeStatus:
+    """Read ToolHive's status: ``Ready`` with the proxy's URL, ``Failed``, or on its way."""
+    status = obj.get("status") or {}
+    phase, message = status.get("phase"), status.get("message") or ""
+    if phase == "Ready" and status.get("url"):
+        return RuntimeStatus("ready", url=str(status["url"]).split("#", 1)[0].rstrip("/"))
+    if phase == "Failed":
+        return RuntimeStatus(
+            "failed", reason=clip(f"ToolHive reports Failed: {message or 'no detail'}")
+        )
+    return RuntimeStatus(
+        "pending", reason=clip(message or f"waiting for ToolHive ({phase or 'no phase yet'})")
+    )
+
+
 def interpret(obj: dict[str, Any], openai_path: str) -> RuntimeStatus:
     """Read KServe's status: Ready with a URL, a load/spec failure, or still on its way."""
     status = obj.get("status") or {}
@@ -151,9 +217,14 @@ class KubernetesRuntime:
     name = "kubernetes"
 
     def __init__(
-        self, cfg: InferenceConfig, configuration: client.Configuration | None = None
+        self,
+        cfg: InferenceConfig,
+        configuration: client.Configuration | None = None,
+        credential_key: bytes | None = None,
     ) -> None:
         self.cfg = cfg
+        # Opens an MCP server endpoint's sealed environment, for the Secret it is given in.
+        self.credential_key = credential_key
         self.version, self.plural = KINDS[cfg.kube_kind]
         self.openai_path = cfg.kserve_openai_path if cfg.kube_kind == "InferenceService" else "/v1"
         self._configuration = configuration
@@ -192,6 +263,47 @@ class KubernetesRuntime:
     def namespace(self, spec: EndpointSpec) -> str:
         return namespace_for(self.cfg.kube_namespace_prefix, spec.project)
 
+    def _where(self, spec: EndpointSpec) -> tuple[str, str, str]:
+        """(group, version, plural) of the endpoint's object."""
+        if spec.asset_kind == "mcp_server":
+            return TOOLHIVE
+        return GROUP, self.version, self.plural
+
+    def _read(self, spec: EndpointSpec, obj: dict[str, Any]) -> RuntimeStatus:
+        if spec.asset_kind == "mcp_server":
+            return interpret_mcp(obj)
+        return interpret(obj, self.openai_path)
+
+    def _environment(self, spec: EndpointSpec) -> dict[str, str]:
+        if spec.sealed_environment is None:
+            return {}
+        if self.credential_key is None:
+            raise RuntimeFailure("no key to open the endpoint's environment with")
+        try:
+            values = json.loads(open_credential(self.credential_key, spec.sealed_environment))
+        except (CredentialError, ValueError):
+            raise RuntimeFailure(
+                "the endpoint's environment cannot be opened with this key"
+            ) from None
+        return {str(k): str(v) for k, v in values.items()}
+
+    async def _put_secret(self, spec: EndpointSpec, namespace: str, env: dict[str, str]) -> None:
+        """The MCP server's environment as a Secret beside its object (replaced if there)."""
+        core = client.CoreV1Api(await self._client())
+        body = client.V1Secret(
+            metadata=client.V1ObjectMeta(
+                name=env_secret_name(spec), namespace=namespace, labels=_labels(spec)
+            ),
+            string_data=env,
+            type="Opaque",
+        )
+        try:
+            await core.create_namespaced_secret(namespace, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            await core.replace_namespaced_secret(env_secret_name(spec), namespace, body)
+
     async def _ensure_namespace(self, name: str, project: str) -> None:
         core = client.CoreV1Api(await self._client())
         labels = {**MANAGED_BY, "steward.dev/project": project}
@@ -204,9 +316,10 @@ class KubernetesRuntime:
 
     async def _get(self, spec: EndpointSpec) -> dict[str, Any] | None:
         objects = await self._objects()
+        group, version, plural = self._where(spec)
         try:
             found: dict[str, Any] = await objects.get_namespaced_custom_object(
-                GROUP, self.version, self.namespace(spec), self.plural, spec.runtime_name
+                group, version, self.namespace(spec), plural, spec.runtime_name
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -216,13 +329,19 @@ class KubernetesRuntime:
 
     async def provision(self, spec: EndpointSpec) -> None:
         namespace = self.namespace(spec)
-        body = manifest(spec, self.cfg, namespace)
+        group, version, plural = self._where(spec)
+        env: dict[str, str] = {}
+        if spec.asset_kind == "mcp_server":
+            env = self._environment(spec)
+            body = mcp_manifest(spec, namespace, sorted(env))
+        else:
+            body = manifest(spec, self.cfg, namespace)
         await self._ensure_namespace(namespace, spec.project)
+        if env:
+            await self._put_secret(spec, namespace, env)
         objects = await self._objects()
         try:
-            await objects.create_namespaced_custom_object(
-                GROUP, self.version, namespace, self.plural, body
-            )
+            await objects.create_namespaced_custom_object(group, version, namespace, plural, body)
         except ApiException as exc:
             if exc.status != 409:
                 if exc.status in (400, 422):
@@ -243,26 +362,27 @@ class KubernetesRuntime:
         found = await self._get(spec)
         if found is None:
             return RuntimeStatus("failed", reason="the object is gone from the cluster")
-        return interpret(found, self.openai_path)
+        return self._read(spec, found)
 
     async def watch(self, spec: EndpointSpec) -> AsyncGenerator[RuntimeStatus, None]:
         """GET, then watch from its resourceVersion; on a dropped or expired watch, again."""
         namespace = self.namespace(spec)
+        group, version, plural = self._where(spec)
         while True:
             found = await self._get(spec)
             if found is None:
                 yield RuntimeStatus("failed", reason="the object was deleted outside Steward")
                 return
-            yield interpret(found, self.openai_path)
+            yield self._read(spec, found)
             objects = await self._objects()
             stream = watch.Watch()
             try:
                 async for event in stream.stream(
                     objects.list_namespaced_custom_object,
-                    GROUP,
-                    self.version,
+                    group,
+                    version,
                     namespace,
-                    self.plural,
+                    plural,
                     field_selector=f"metadata.name={spec.runtime_name}",
                     resource_version=found["metadata"].get("resourceVersion"),
                     timeout_seconds=300,
@@ -273,7 +393,7 @@ class KubernetesRuntime:
                         )
                         return
                     if event["type"] in ("ADDED", "MODIFIED"):
-                        yield interpret(event["raw_object"], self.openai_path)
+                        yield self._read(spec, event["raw_object"])
             except ApiException as exc:
                 if exc.status != 410:  # Gone: our resourceVersion is too old; read again
                     raise
@@ -281,18 +401,21 @@ class KubernetesRuntime:
                 await stream.close()
 
     async def scale(self, spec: EndpointSpec, replicas: int) -> None:
-        if self.cfg.kube_kind == "LLMInferenceService":
-            patch: dict[str, Any] = {"spec": {"replicas": replicas}}
+        if spec.asset_kind == "mcp_server":
+            patch: dict[str, Any] = {"spec": {"replicas": replicas}}  # ToolHive's proxy
+        elif self.cfg.kube_kind == "LLMInferenceService":
+            patch = {"spec": {"replicas": replicas}}
         else:
             patch = {"spec": {"predictor": {"minReplicas": replicas, "maxReplicas": replicas}}}
         objects = await self._objects()
         # A dict body must be sent as a merge patch: the client's default for custom objects is
         # JSON Patch (RFC 6902), which the API server refuses for an object.
+        group, version, plural = self._where(spec)
         await objects.patch_namespaced_custom_object(
-            GROUP,
-            self.version,
+            group,
+            version,
             self.namespace(spec),
-            self.plural,
+            plural,
             spec.runtime_name,
             patch,
             _content_type="application/merge-patch+json",  # type: ignore[call-arg]
@@ -300,13 +423,22 @@ class KubernetesRuntime:
 
     async def delete(self, spec: EndpointSpec) -> None:
         objects = await self._objects()
+        group, version, plural = self._where(spec)
+        namespace = self.namespace(spec)
         try:
             await objects.delete_namespaced_custom_object(
-                GROUP, self.version, self.namespace(spec), self.plural, spec.runtime_name
+                group, version, namespace, plural, spec.runtime_name
             )
         except ApiException as exc:
             if exc.status != 404:
                 raise
+        if spec.sealed_environment is not None:
+            core = client.CoreV1Api(await self._client())
+            try:
+                await core.delete_namespaced_secret(env_secret_name(spec), namespace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
 
     async def aclose(self) -> None:
         if self._api is not None:
