@@ -370,4 +370,6 @@ def usage(
         emit(report, output)
         return
     groups = [g.strip() for g in (group_by or "").split(",") if g.strip()]
-    emit(report["rows"], output, [*groups, *USAGE_COLUMNS])
+    # Tool calls carry no tokens worth a column; their bytes are what they move.
+    extra = ["request_bytes", "response_bytes"] if "tool" in groups else []
+    emit(report["rows"], output, [*groups, *USAGE_COLUMNS, *extra])

@@ -104,6 +104,8 @@ class Call:
     gateway_id: str | None = None
     # It held quota (``UsageRecorded.admitted``): set where the quota is reserved.
     admitted: bool = False
+    request_bytes: int | None = None
+    response_bytes: int | None = None
     # The usage event's id, fixed at the start: the in-flight journal's entry has the same one.
     event_id: str = field(default_factory=new_id)
 
@@ -140,6 +142,8 @@ class Call:
             stream=self.stream,
             gateway_id=self.gateway_id,
             admitted=self.admitted,
+            request_bytes=self.request_bytes,
+            response_bytes=self.response_bytes,
         )
 
     def interrupted(self, prompt_tokens: int) -> UsageRecorded:

@@ -181,6 +181,7 @@ class McpProxy:
                     asset_version=approved.version,
                     started=time.perf_counter(),
                     gateway_id=self.admission.quota.gateway_id,
+                    request_bytes=len(body) if len(messages) == 1 else _size(message),
                 )
                 if tool not in allowed_tools:
                     if tool in catalogued:
@@ -257,7 +258,9 @@ class McpProxy:
                     reservation, input_tokens=0, output_tokens=0, requests=len(calls)
                 )
         self._track_session(method, session, outcome, project)
-        for call in calls:
+        shares = _shares(outcome.bytes_out, len(calls))
+        for call, share in zip(calls, shares, strict=True):
+            call.response_bytes = share
             call.http_status = outcome.status
             if outcome.error_type is not None:
                 call.fail(outcome.status, outcome.error_type)
@@ -379,6 +382,19 @@ def _describe(grant: EntitlementState) -> str:
     if grant.tools is not None:
         limits.append("the tools " + ", ".join(grant.tools))
     return "limited to " + " among ".join(limits)
+
+
+def _size(message: dict[str, Any]) -> int:
+    """A message's own bytes within a batch (compact JSON)."""
+    return len(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def _shares(total: int, n: int) -> list[int]:
+    """``total`` divided among ``n`` calls, the remainder to the first ones: sums stay exact."""
+    if n == 0:
+        return []
+    base, extra = divmod(total, n)
+    return [base + (1 if i < extra else 0) for i in range(n)]
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -41,6 +41,7 @@ class Outcome:
     disconnected: bool = False
     started: bool = False  # the response headers went out
     upstream_latency: float | None = None  # seconds from sending to the response headers
+    bytes_out: int = 0  # body bytes sent to the client
     response_headers: httpx.Headers = field(default_factory=httpx.Headers)
 
 
@@ -91,8 +92,10 @@ async def forward(
             async for chunk in chunks:
                 out = changer.feed(chunk) if changer is not None else chunk
                 if out:
+                    outcome.bytes_out += len(out)
                     await send({"type": "http.response.body", "body": out, "more_body": True})
             tail = changer.flush() if changer is not None else b""
+            outcome.bytes_out += len(tail)
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             await response.aclose()
@@ -138,6 +141,7 @@ async def _replace(
     headers = egress.error_headers(response.headers.raw, body) + extra_headers(outcome)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     outcome.started = True
+    outcome.bytes_out += len(body)
     await send({"type": "http.response.body", "body": body})
 
 
@@ -152,4 +156,5 @@ async def _fail(
     body, content_type = error_body(status, message)
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
+    outcome.bytes_out += len(body)
     await send({"type": "http.response.body", "body": body})

@@ -135,6 +135,8 @@ def _usage_row(
         completion_tokens=completion,
         total_tokens=prompt + completion,
         cost=_cost(row.cost_nanos),
+        request_bytes=int(row.request_bytes),
+        response_bytes=int(row.response_bytes),
         ttft_ms=_latency(
             row,
             int(row.ttft_count),

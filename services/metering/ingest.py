@@ -70,6 +70,7 @@ _SLOT = {name: i for i, name in enumerate(MINUTE_SUMS)}
 _REQUESTS, _ERRORS, _PROMPT, _COMPLETION, _COST = (
     _SLOT[c] for c in ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_nanos")
 )
+_REQUEST_BYTES, _RESPONSE_BYTES = _SLOT["request_bytes"], _SLOT["response_bytes"]
 _DURATION_SUM, _TTFT_COUNT, _TTFT_SUM = (
     _SLOT[c] for c in ("duration_sum_ms", "ttft_count", "ttft_sum_ms")
 )
@@ -103,6 +104,8 @@ def raw_values(event_id: str, u: UsageRecorded, cost_nanos: int) -> tuple[Any, .
         u.usage_source,
         u.stream,
         cost_nanos,
+        u.request_bytes,
+        u.response_bytes,
     )
 
 
@@ -200,6 +203,10 @@ class Ingest:
             acc[_PROMPT] += u.prompt_tokens
             acc[_COMPLETION] += u.completion_tokens
             acc[_COST] += cost
+            if u.request_bytes is not None:
+                acc[_REQUEST_BYTES] += u.request_bytes
+            if u.response_bytes is not None:
+                acc[_RESPONSE_BYTES] += u.response_bytes
             duration = u.duration_ms
             acc[_DURATION_SUM] += duration
             acc[_DURATION_SLOTS[bisect_left(duration_bounds, duration)]] += 1

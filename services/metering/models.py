@@ -93,6 +93,8 @@ usage_events = Table(
     Column("usage_source", String(16), nullable=False),
     Column("stream", Boolean, nullable=False),
     Column("cost_nanos", BigInteger, nullable=False),
+    Column("request_bytes", BigInteger, nullable=True),
+    Column("response_bytes", BigInteger, nullable=True),
     Index("ix_usage_events_project_time", "project", "time"),
     Index("ix_usage_events_received_at", "received_at"),
 )
@@ -115,6 +117,8 @@ usage_minutes = Table(
     _counter("prompt_tokens"),
     _counter("completion_tokens"),
     _counter("cost_nanos"),
+    _counter("request_bytes"),
+    _counter("response_bytes"),
     _counter("ttft_count"),
     Column("ttft_sum_ms", Float, nullable=False, default=0.0, server_default="0"),
     Column("duration_sum_ms", Float, nullable=False, default=0.0, server_default="0"),

@@ -117,6 +117,8 @@ EVENT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("usage_source", "text"),
     ("stream", "bool"),
     ("cost_nanos", "int8"),
+    ("request_bytes", "int8"),
+    ("response_bytes", "int8"),
 )
 
 EVENT_NAMES: tuple[str, ...] = tuple(c for c, _ in EVENT_COLUMNS)
@@ -167,7 +169,7 @@ async def insert_events(
         _insert(session, usage_events).on_conflict_do_nothing().returning(usage_events.c.event_id)
     )
     kept: set[str] = set()
-    for start in range(0, len(rows), 40):  # 20 columns each, under SQLite's parameter limit
+    for start in range(0, len(rows), 40):  # 22 columns each, under SQLite's parameter limit
         chunk = [
             {**dict(zip(EVENT_NAMES, r, strict=True)), "received_at": received_at}
             for r in rows[start : start + 40]
@@ -640,6 +642,8 @@ SUM_COLUMNS: tuple[str, ...] = (
     "prompt_tokens",
     "completion_tokens",
     "cost_nanos",
+    "request_bytes",
+    "response_bytes",
     "ttft_count",
     "ttft_sum_ms",
     "duration_sum_ms",

@@ -178,6 +178,8 @@ class UsageRow(BaseModel):
     completion_tokens: int
     total_tokens: int
     cost: float
+    request_bytes: int = Field(default=0, description="Bytes of MCP tool calls sent")
+    response_bytes: int = Field(default=0, description="Bytes of their answers")
     ttft_ms: Latency
     duration_ms: Latency
     tpot_ms: Latency = Field(
@@ -214,6 +216,8 @@ class UsageEventRead(BaseModel):
     usage_source: str
     stream: bool
     cost_nanos: int
+    request_bytes: int | None = None
+    response_bytes: int | None = None
 
 
 class TopEntry(BaseModel):

@@ -5,6 +5,8 @@ credential is pointed at the OAuth metadata (MCP authorization spec, RFC 9728)."
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -224,10 +226,14 @@ async def test_each_tool_call_of_a_batch_is_metered_once(
         {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "write_note"}},
     ]
     async with httpx.AsyncClient(base_url=gw.url) as http:
-        await http.post(f"/mcp/{name}/", json=batch, headers={**bearer(t.key), **ACCEPT})
+        answer = await http.post(f"/mcp/{name}/", json=batch, headers={**bearer(t.key), **ACCEPT})
     namespace = settings.event_namespace
     events = await usage_events(settings.nats_url, namespace, t.project, 2)
     assert sorted(e["data"]["endpoint"] for e in events) == [f"{name}/echo", f"{name}/write_note"]
+    # Bytes: each call's own message; the answer shared among them, to the byte.
+    sizes = {len(json.dumps(m, separators=(",", ":")).encode()) for m in batch}
+    assert {e["data"]["request_bytes"] for e in events} == sizes
+    assert sum(e["data"]["response_bytes"] for e in events) == len(answer.content) > 0
     [audit] = await audit_events(settings.nats_url, namespace, t.project, "gateway", 1)
     assert audit["data"]["target"] == f"mcp_server/{name}/write_note"
 

@@ -107,7 +107,17 @@ async def test_mcp_usage_by_tool(
     server = "io.github.acme/weather"
     calls = ["forecast", "forecast", "forecast", "set_alert"]
     events = [
-        *(usage(p, model=server, endpoint=f"{server}/{tool}", kind="mcp") for tool in calls),
+        *(
+            usage(
+                p,
+                model=server,
+                endpoint=f"{server}/{tool}",
+                kind="mcp",
+                request_bytes=100 + i,
+                response_bytes=1000 * (i + 1),
+            )
+            for i, tool in enumerate(calls)
+        ),
         usage(p, model="llama", endpoint="llama", prompt=10, completion=5),
     ]
     await publish(gateway_bus, events)
@@ -119,6 +129,18 @@ async def test_mcp_usage_by_tool(
     )
     rows = {(r["model"], r["tool"]): r["requests"] for r in body["rows"]}
     assert rows == {(server, "forecast"): 3, (server, "set_alert"): 1, ("llama", None): 1}
+    sent = {
+        (r["model"], r["tool"]): (r["request_bytes"], r["response_bytes"]) for r in body["rows"]
+    }
+    assert sent == {
+        (server, "forecast"): (100 + 101 + 102, 1000 + 2000 + 3000),
+        (server, "set_alert"): (103, 4000),
+        ("llama", None): (0, 0),  # a model call's bytes are not measured
+    }
+    raw = await ok(
+        await metering.get("/v1/usage/events", params={"project": p}, headers=bearer(admin_key))
+    )
+    assert sorted(e["response_bytes"] or 0 for e in raw) == [0, 1000, 2000, 3000, 4000]
 
 
 async def test_time_series_by_hour_and_csv_export(

@@ -61,3 +61,7 @@ class UsageRecorded(EventPayload):
     # ``requests`` limit). A call the gateway refused first (a quota, a bad parameter, a tool
     # outside the grant) is recorded, with no tokens, but is not a call against a quota.
     admitted: bool = True
+    # Bytes of the call (MCP tool calls): its JSON-RPC message, and its share of the answer (a
+    # batch's answer is divided among its calls, so sums are exact). None: not measured.
+    request_bytes: int | None = Field(default=None, ge=0)
+    response_bytes: int | None = Field(default=None, ge=0)

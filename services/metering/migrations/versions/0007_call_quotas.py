@@ -1,10 +1,12 @@
-"""call quotas: a quota may limit calls per window (model calls, MCP tool calls)
+"""call quotas and call bytes: a quota may limit calls per window (model calls, MCP tool
+calls); usage keeps the bytes of MCP tool calls
 
 Revision ID: 0007
 Revises: 0006
 
 Counters already counted every call; from now on they count the calls the gateway admitted
-(``UsageRecorded.admitted``), and each gateway's part of them too.
+(``UsageRecorded.admitted``), and each gateway's part of them too. Earlier usage has no bytes
+(0 in the aggregates, none in the raw events).
 """
 
 from collections.abc import Sequence
@@ -25,9 +27,23 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("requests", sa.BigInteger(), server_default="0", nullable=False)
         )
+    with op.batch_alter_table("usage_events", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("request_bytes", sa.BigInteger(), nullable=True))
+        batch_op.add_column(sa.Column("response_bytes", sa.BigInteger(), nullable=True))
+    with op.batch_alter_table("usage_minutes", schema=None) as batch_op:
+        for name in ("request_bytes", "response_bytes"):
+            batch_op.add_column(
+                sa.Column(name, sa.BigInteger(), server_default="0", nullable=False)
+            )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("usage_minutes", schema=None) as batch_op:
+        batch_op.drop_column("response_bytes")
+        batch_op.drop_column("request_bytes")
+    with op.batch_alter_table("usage_events", schema=None) as batch_op:
+        batch_op.drop_column("response_bytes")
+        batch_op.drop_column("request_bytes")
     with op.batch_alter_table("quota_gateway_counters", schema=None) as batch_op:
         batch_op.drop_column("requests")
     with op.batch_alter_table("quotas", schema=None) as batch_op:
