@@ -17,6 +17,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from gateway.admission import Admission, Refusal
+from gateway.balance import Balancer
 from gateway.calls import Call, Kind, until_disconnect
 from gateway.egress import MODEL
 from gateway.exchange import Exchange
@@ -85,6 +86,8 @@ class InferenceProxy:
         self.body = body_limits(settings)
         self.traced = traced
         self.created = int(time.time())
+        # Spreads a route's calls over its replicas (gateway/balance.py).
+        self.balancer = Balancer()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, rid: bytes) -> None:
         extra = [(b"x-request-id", rid)]
@@ -208,27 +211,51 @@ class InferenceProxy:
         max_out = request.get("max_tokens") or request.get("max_completion_tokens") or 0
         extra.extend(client_headers(exchange.reserve(int(max_out))))
         exchange.begin(self.usage.journal)
-        url = route.upstream + scope["path"][3:]
-        work = self._exchange(send, extra, url, headers, content, route, exchange, strip_usage)
-        try:
-            if await until_disconnect(work, receive):
-                exchange.client_left()
-        except UpstreamError as exc:
-            status = 504 if isinstance(exc, UpstreamTimeout) else 502
-            call.fail(status, exc.kind)
-            if not isinstance(exc, UpstreamConnectError):
-                exchange.cut()
-            log.warning(
-                "upstream failed", extra={"route": route.name, "kind": exc.kind, "error": str(exc)}
+        path = scope["path"][3:]
+        tried: list[str] = []
+        while (base := self.balancer.pick(route.targets, tried)) is not None:
+            tried.append(base)
+            work = self._exchange(
+                send, extra, base + path, headers, content, route, exchange, strip_usage
             )
-            if not exchange.started:
-                raise Refusal(
-                    status, _FAILED.get(exc.kind, _FAILED["upstream_unavailable"]), exc.kind
-                ) from None
-            if status == 504:
-                await _end_stream_with_error(send, "the model stopped answering", "timeout")
-            else:
-                await _end_stream_with_error(send, "the model connection broke", "upstream_error")
+            failure: UpstreamError | None = None
+            self.balancer.begin(base)
+            try:
+                if await until_disconnect(work, receive):
+                    exchange.client_left()
+            except UpstreamError as exc:
+                failure = exc
+            finally:
+                refused = isinstance(failure, UpstreamConnectError)
+                self.balancer.end(base, connect_failed=refused, status=call.http_status)
+            if failure is None:
+                return
+            if refused and not exchange.started and len(tried) < len(route.targets):
+                # Nothing reached the replica or the client: another replica may answer.
+                log.warning("replica unreachable; trying another", extra={"route": route.name})
+                continue
+            await self._failed(send, route, exchange, failure)
+            return
+
+    async def _failed(
+        self, send: Send, route: ModelRoute, exchange: Exchange, exc: UpstreamError
+    ) -> None:
+        """The upstream failed: an error before the answer began, else the stream's end."""
+        status = 504 if isinstance(exc, UpstreamTimeout) else 502
+        exchange.call.fail(status, exc.kind)
+        if not isinstance(exc, UpstreamConnectError):
+            exchange.cut()
+        log.warning(
+            "upstream failed", extra={"route": route.name, "kind": exc.kind, "error": str(exc)}
+        )
+        if not exchange.started:
+            raise Refusal(
+                status, _FAILED.get(exc.kind, _FAILED["upstream_unavailable"]), exc.kind
+            ) from None
+        if status == 504:
+            await _end_stream_with_error(send, "the model stopped answering", "timeout")
+        else:
+            await _end_stream_with_error(send, "the model connection broke", "upstream_error")
 
     def _content(
         self, request: dict[str, Any], body: bytes, route: ModelRoute, stream: bool

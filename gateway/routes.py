@@ -76,6 +76,13 @@ class _EndpointRoute(_Route):
 class ModelRoute(_EndpointRoute):
     # The model name the upstream knows, when it differs from the public one.
     upstream_model: str | None = None
+    # Replicas the gateway balances (gateway/balance.py); empty: ``upstream`` alone.
+    upstreams: tuple[str, ...] = ()
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.upstreams or (self.upstream,)
+
     # Fernet token of the upstream credential (opened only when a request is sent).
     sealed_api_key: str | None = None
 
@@ -184,6 +191,7 @@ class RouteTable:
         self._endpoints[state.endpoint_id] = ModelRoute(
             name=state.route_name,
             upstream=state.upstream_url,
+            upstreams=tuple(u.rstrip("/") for u in state.upstream_urls),
             asset=state.asset_name,
             version=state.version,
             upstream_model=state.served_model_name,

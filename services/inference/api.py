@@ -74,6 +74,12 @@ def _field_error(field: str, message: str) -> Unprocessable:
     )
 
 
+def _check_local_replicas(plane: Plane, runtime: str, replicas: int) -> None:
+    most = plane.config.local_max_replicas
+    if runtime == "local" and replicas > most:
+        raise _field_error("replicas", f"the local runtime runs at most {most} replicas here")
+
+
 def endpoint_read(e: Endpoint) -> EndpointRead:
     lead = (e.ready_at - e.requested_at).total_seconds() if e.ready_at else None
     return EndpointRead(
@@ -94,6 +100,7 @@ def endpoint_read(e: Endpoint) -> EndpointRead:
         status=e.status,
         reason=e.reason,
         upstream_url=e.upstream_url,
+        upstream_urls=e.upstream_urls or [],
         has_upstream_credential=e.upstream_credential is not None,
         owner=e.owner,
         request_id=e.request_id,
@@ -140,6 +147,7 @@ async def create_endpoint(
     The catalog is asked with the caller's own credential (never more power than theirs).
     """
     profiles = plane.config.local_profiles
+    _check_local_replicas(plane, body.runtime, body.replicas)
     if body.runtime == "local" and body.profile is not None and body.profile not in profiles:
         known = sorted(profiles)
         raise _field_error("profile", f"no local runtime profile {body.profile!r}; known: {known}")
@@ -227,6 +235,7 @@ async def scale_endpoint(
     plane: PlaneDep,
 ) -> EndpointRead:
     """Set the replicas (within the pool); 0 stops it, and more than 0 starts a stopped one."""
+    _check_local_replicas(plane, endpoint.runtime, body.replicas)
     await domain.scale(uow, plane.pool, endpoint, body.replicas)
     plane.reconciler.wake_on_commit(uow.session)
     return endpoint_read(endpoint)

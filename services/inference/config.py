@@ -91,6 +91,10 @@ class InferenceConfig(BaseSettings):
     # GGUF model marked llama.cpp runs on llama.cpp); any other version gets the default profile.
     local_runtime_profiles: dict[str, str] = {"llama.cpp": "llama-cpp"}
     local_host: str = "127.0.0.1"
+    # Replicas of one endpoint on this host (each a process on its own port).
+    local_max_replicas: int = Field(default=8, ge=1, le=64)
+    # A replica scaled away leaves the gateway's routes this long before it is stopped.
+    scale_down_drain_seconds: float = Field(default=1.0, ge=0)
     # How this host runs MCP server packages, by registry: ``{identifier}`` and ``{version}``
     # come from the catalog version's server.json (libs/common/mcp_packages.py). The publisher's
     # runtimeHint and runtimeArguments are never used.

@@ -130,6 +130,7 @@ def event_state(endpoint: Endpoint) -> dict[str, Any]:
         "version": endpoint.version,
         "runtime": endpoint.runtime,
         "upstream_url": endpoint.upstream_url,
+        "upstream_urls": endpoint.upstream_urls or [],
         "upstream_credential": endpoint.upstream_credential,
         "network_exposure": endpoint.network_exposure,
         "replicas": endpoint.replicas,
@@ -388,11 +389,6 @@ async def scale(uow: UnitOfWork, pool: Pool, endpoint: Endpoint, replicas: int) 
         raise Conflict(f"endpoint {endpoint.id} is {endpoint.status}; it cannot be scaled")
     if replicas == 0:
         return await stop(uow, endpoint)
-    if endpoint.runtime == "local" and replicas != 1:
-        raise Unprocessable(
-            "the local runtime serves one replica per endpoint on this host; "
-            "use the kubernetes runtime to run more"
-        )
     if replicas == endpoint.replicas and endpoint.status != "stopped":
         return endpoint
     await repo.lock_pool(uow.session)
@@ -442,12 +438,22 @@ async def delete(uow: UnitOfWork, endpoint: Endpoint, reason: str) -> Endpoint:
 # -- reports from the reconciler --------------------------------------------------------------
 
 
-async def runtime_ready(uow: UnitOfWork, endpoint: Endpoint, url: str | None) -> None:
+async def runtime_ready(
+    uow: UnitOfWork, endpoint: Endpoint, url: str | None, urls: Sequence[str] = ()
+) -> None:
+    """Serving at ``url`` (and, for replicas the gateway balances, at ``urls``): a change of
+    the set is a new ``ready`` event, so the gateway's routes follow replicas coming and going."""
     if endpoint.status not in ("provisioning", "ready"):
         return
-    if endpoint.status == "ready" and endpoint.upstream_url == url:
+    replicas = list(urls) or None
+    if (
+        endpoint.status == "ready"
+        and endpoint.upstream_url == url
+        and endpoint.upstream_urls == replicas
+    ):
         return
     endpoint.upstream_url = url
+    endpoint.upstream_urls = replicas
     await _set_status(uow, endpoint, "ready")
 
 

@@ -62,6 +62,8 @@ class Endpoint(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     upstream_url: Mapped[str | None] = mapped_column(String(1000))
+    # The healthy replicas' URLs, when the gateway balances them (local runtime).
+    upstream_urls: Mapped[list[str] | None] = mapped_column(JSON)
     # Fernet token of an external upstream's credential; never the plaintext.
     upstream_credential: Mapped[str | None] = mapped_column(Text)
     # An MCP server: the stdio package it runs (libs/common/mcp_packages.StdioPackage), as the

@@ -300,7 +300,7 @@ class Reconciler:
                 if endpoint.status == "provisioning":
                     await domain.runtime_pending(uow, endpoint, status.reason)
             elif status.state == "ready":
-                await domain.runtime_ready(uow, endpoint, status.url)
+                await domain.runtime_ready(uow, endpoint, status.url, status.urls)
             elif status.state == "failed":
                 await domain.runtime_failed(uow, endpoint, status.reason)
                 self.wake_on_commit(session)

@@ -85,8 +85,6 @@ class EndpointCreate(Input):
             raise ValueError("upstream_url and upstream_api_key are for external endpoints only")
         if self.profile is not None and self.runtime != "local":
             raise ValueError("profile is for local endpoints only")
-        if self.runtime == "local" and self.replicas != 1:
-            raise ValueError("the local runtime serves one replica; use kubernetes for more")
         return self
 
 
@@ -112,6 +110,9 @@ class EndpointRead(BaseModel):
     status: Status
     reason: str
     upstream_url: str | None
+    upstream_urls: list[str] = Field(
+        default=[], description="Each serving replica's URL, when the gateway balances them"
+    )
     has_upstream_credential: bool
     owner: str
     request_id: str | None

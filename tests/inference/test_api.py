@@ -143,7 +143,7 @@ async def test_bola_every_endpoint_route_keeps_projects_apart(
             "fe80::1 is link-local",
         ),
         ({"runtime": "kubernetes", "upstream_api_key": "x"}, 422, "for external endpoints only"),
-        ({"runtime": "local", "replicas": 2}, 422, "the local runtime serves one replica"),
+        ({"runtime": "local", "replicas": 9}, 422, "the local runtime runs at most 8 replicas"),
         ({"runtime": "kubernetes", "profile": "simulator"}, 422, "profile is for local"),
         ({"runtime": "local", "profile": "nope"}, 422, "no local runtime profile 'nope'"),
         ({"runtime": "kubernetes", "gpus": 65}, 422, "gpus: Input should be less than"),
@@ -380,9 +380,9 @@ async def test_stop_releases_process_and_gpus_and_scaling_up_starts_it_again(
 
         await eventually(port_closed, what="the stopped server to be gone")
         refused = await inference.post(
-            f"{base}/scale", json={"replicas": 2}, headers=bearer(a.admin)
+            f"{base}/scale", json={"replicas": 9}, headers=bearer(a.admin)
         )
-        assert refused.status_code == 422  # local: one replica
+        assert refused.status_code == 422  # local: at most 8 replicas on this host
         started = await ok(
             await inference.post(f"{base}/scale", json={"replicas": 1}, headers=bearer(a.admin))
         )

@@ -258,10 +258,10 @@ async def test_approved_requests_the_runtime_cannot_run_fail_with_a_reason(
 ) -> None:
     who, name = await _setup(authz, catalog, approval, admin_key)
     external = await request_endpoint(approval, admin_key, who, name, "external", gpus=0)
-    local = await request_endpoint(approval, admin_key, who, name, "local", gpus=0, replicas=2)
+    local = await request_endpoint(approval, admin_key, who, name, "local", gpus=0, replicas=9)
     expected = {
         external["id"]: "an external endpoint needs its base URL",
-        local["id"]: "the local runtime serves one replica per endpoint on this host",
+        local["id"]: "the local runtime runs 1 to 8 replicas of an endpoint on this host",
     }
     for request_id, reason in expected.items():
         found = await endpoint_of_request(inference, who.dev, who.project, request_id)

@@ -49,6 +49,9 @@ class EndpointState(EventPayload):
     runtime: RuntimeName
     # The OpenAI-compatible base URL (ends in ``/v1``); None until the runtime reports one.
     upstream_url: str | None
+    # Every serving replica's base URL, when the gateway balances them (the local runtime's
+    # replicas); empty: ``upstream_url`` alone (one URL, balanced behind it if at all).
+    upstream_urls: list[str] = []
     # Fernet token of the upstream's bearer credential (``external`` endpoints only).
     upstream_credential: str | None = None
     network_exposure: Literal["project", "internal", "public"] = "project"

@@ -39,11 +39,14 @@ class EndpointSpec:
 
 @dataclass(frozen=True)
 class RuntimeStatus:
-    """``pending`` (not serving yet, or again), ``ready`` at ``url``, or ``failed`` for good."""
+    """``pending`` (not serving yet, or again), ``ready`` at ``url``, or ``failed`` for good.
+    ``urls``: every healthy replica's URL when a runtime balances none itself (the local one);
+    the gateway spreads calls over them."""
 
     state: Literal["pending", "ready", "failed"]
     url: str | None = None
     reason: str = ""
+    urls: tuple[str, ...] = ()
 
 
 class RuntimeFailure(Exception):

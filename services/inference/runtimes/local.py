@@ -2,10 +2,11 @@
 an MCP server, its stdio package behind the bridge (services/inference/mcp_bridge.py), served at
 ``/mcp``, with its environment opened from the endpoint's sealed one.
 
-Each endpoint is one process (one replica: a host has one set of GPUs; scale out with
-Kubernetes), started from a runtime profile's command, health-checked, restarted with
-exponential backoff when it dies, and stopped cleanly (SIGTERM to its process group, then
-SIGKILL). Its output goes to ``<data_dir>/inference/logs/<endpoint id>.log``.
+Each replica of an endpoint is one process (``ReplicaSet``), started from a runtime profile's
+command on its own port, health-checked, restarted with exponential backoff when it dies, and
+stopped cleanly (SIGTERM to its process group, then SIGKILL). The endpoint is ready while any
+replica is, at each ready replica's URL: the gateway balances them and fails over. Output goes
+to ``<data_dir>/inference/logs/<endpoint id>[-r<n>].log``.
 
 The child's environment is this process's minus every ``STEWARD_*`` variable: a model server
 has no business with Steward's secrets.
@@ -259,6 +260,113 @@ class Supervised:
             os.killpg(process.pid, signal.SIGKILL)
 
 
+class ReplicaSet:
+    """An endpoint's replicas on this host: one supervised server process each, their states
+    merged into the endpoint's. Ready while any replica is, at every ready replica's URL (the
+    gateway balances them); failed once every replica has failed for good."""
+
+    def __init__(self, runtime: LocalRuntime, spec: EndpointSpec, profile: LocalProfile) -> None:
+        self.runtime = runtime
+        self.spec = spec
+        self.profile = profile
+        self.replicas: list[Supervised] = []
+        self.states: dict[int, RuntimeStatus] = {}  # by id(replica)
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.changed = asyncio.Event()
+        self.watching = False
+        self._made = 0
+
+    def add(self) -> Supervised:
+        server = Supervised(
+            self.spec,
+            self.profile,
+            self.runtime.config,
+            self.runtime.log_path(self.spec.endpoint_id, self._made),
+            self.runtime.http,
+        )
+        server.command()  # a bad placeholder fails now, not in the supervisor
+        self._made += 1
+        self.replicas.append(server)
+        if self.watching:
+            self._start(server)
+        return server
+
+    def _start(self, server: Supervised) -> None:
+        self.tasks[id(server)] = asyncio.create_task(self._supervise(server))
+
+    async def _supervise(self, server: Supervised) -> None:
+        try:
+            async for status in server.supervise():
+                self.states[id(server)] = status
+                self.changed.set()
+        except RuntimeFailure as failure:  # it cannot start at all: retrying will not help
+            self.states[id(server)] = RuntimeStatus("failed", reason=failure.reason)
+            self.changed.set()
+        finally:
+            # Cancelled (scaled down, deleted, stopped, shutting down) or failed: it goes too.
+            await asyncio.shield(server.kill())
+
+    def status(self) -> RuntimeStatus:
+        states = [
+            self.states.get(id(r), RuntimeStatus("pending", reason="starting"))
+            for r in self.replicas
+        ]
+        urls = tuple(
+            r.upstream_url
+            for r, st in zip(self.replicas, states, strict=True)
+            if st.state == "ready"
+        )
+        if urls:
+            return RuntimeStatus("ready", url=urls[0], urls=urls)
+        failed = [st for st in states if st.state == "failed"]
+        if states and len(failed) == len(states):
+            return RuntimeStatus("failed", reason=failed[0].reason)
+        waiting = next((st for st in states if st.state == "pending"), None)
+        return RuntimeStatus("pending", reason=waiting.reason if waiting else "no replica")
+
+    async def watch(self) -> AsyncGenerator[RuntimeStatus, None]:
+        self.watching = True
+        for server in self.replicas:
+            if id(server) not in self.tasks:
+                self._start(server)
+        last: RuntimeStatus | None = None
+        try:
+            while True:
+                self.changed.clear()
+                status = self.status()
+                if status != last:
+                    last = status
+                    yield status
+                if status.state == "failed":
+                    return
+                await self.changed.wait()
+        finally:
+            self.watching = False
+            await self.stop(self.replicas)
+
+    async def scale(self, replicas: int) -> None:
+        """Start or stop replicas. One going away leaves the routes first, then gets the drain
+        time before SIGTERM (its server finishes what it is answering within the grace)."""
+        while len(self.replicas) < replicas:
+            self.add()
+        leaving = self.replicas[replicas:]
+        if not leaving:
+            return
+        del self.replicas[replicas:]
+        self.changed.set()  # the merged state loses their URLs: the gateway stops sending
+        await asyncio.sleep(self.runtime.config.scale_down_drain_seconds)
+        await self.stop(leaving)
+
+    async def stop(self, servers: list[Supervised]) -> None:
+        tasks = [self.tasks.pop(id(s)) for s in servers if id(s) in self.tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(s.kill() for s in servers), return_exceptions=True)
+        for server in servers:
+            self.states.pop(id(server), None)
+
+
 class LocalRuntime:
     name = "local"
 
@@ -270,10 +378,11 @@ class LocalRuntime:
         self.credential_key = credential_key
         self.logs = data_dir / "inference" / "logs"
         self.http = httpx.AsyncClient(trust_env=False)
-        self.servers: dict[str, Supervised] = {}
+        self.sets: dict[str, ReplicaSet] = {}
 
-    def log_path(self, endpoint_id: str) -> Path:
-        return self.logs / f"{endpoint_id}.log"
+    def log_path(self, endpoint_id: str, replica: int = 0) -> Path:
+        suffix = f"-r{replica}" if replica else ""
+        return self.logs / f"{endpoint_id}{suffix}.log"
 
     def _profile(self, spec: EndpointSpec) -> LocalProfile:
         if spec.asset_kind == "mcp_server":
@@ -290,16 +399,6 @@ class LocalRuntime:
             raise RuntimeFailure(f"no local runtime profile {name!r}; configured: {known}")
         return profile
 
-    async def provision(self, spec: EndpointSpec) -> None:
-        check_replicas(spec.replicas)
-        if spec.endpoint_id in self.servers:
-            return
-        server = Supervised(
-            spec, self._profile(spec), self.config, self.log_path(spec.endpoint_id), self.http
-        )
-        server.command()  # a bad placeholder fails now, not in the supervisor
-        self.servers[spec.endpoint_id] = server
-
     def _environment(self, spec: EndpointSpec) -> dict[str, str]:
         """An MCP server's environment variables, opened for its process only."""
         if spec.sealed_environment is None:
@@ -314,42 +413,60 @@ class LocalRuntime:
             ) from None
         return {str(k): str(v) for k, v in values.items()}
 
+    async def provision(self, spec: EndpointSpec) -> None:
+        check_replicas(spec.replicas, self.config)
+        if spec.endpoint_id in self.sets:
+            return
+        replicas = ReplicaSet(self, spec, self._profile(spec))
+        for _ in range(spec.replicas):
+            replicas.add()
+        self.sets[spec.endpoint_id] = replicas
+
     async def watch(self, spec: EndpointSpec) -> AsyncGenerator[RuntimeStatus, None]:
-        server = self.servers.get(spec.endpoint_id)
-        if server is None:
+        replicas = self.sets.get(spec.endpoint_id)
+        if replicas is None:
             raise RuntimeFailure("the endpoint was not provisioned on this host")
-        try:
-            async for status in server.supervise():
+        async with contextlib.aclosing(replicas.watch()) as statuses:
+            async for status in statuses:
                 yield status
-        finally:
-            # Cancelled (deleted, stopped, shutting down) or failed: the process goes too.
-            await asyncio.shield(server.kill())
 
     async def status(self, spec: EndpointSpec) -> RuntimeStatus:
-        server = self.servers.get(spec.endpoint_id)
-        if server is None or server.process is None or server.process.returncode is not None:
-            return RuntimeStatus("pending", reason="not running")
-        if await server.healthy():
-            return RuntimeStatus("ready", url=server.upstream_url)
-        return RuntimeStatus("pending", reason="not healthy")
+        replicas = self.sets.get(spec.endpoint_id)
+        running = [
+            r
+            for r in (replicas.replicas if replicas else [])
+            if r.process is not None and r.process.returncode is None
+        ]
+        healthy = [r.upstream_url for r in running if await r.healthy()]
+        if healthy:
+            return RuntimeStatus("ready", url=healthy[0], urls=tuple(healthy))
+        return RuntimeStatus("pending", reason="not running" if not running else "not healthy")
+
+    def replicas(self, endpoint_id: str) -> list[Supervised]:
+        """The endpoint's replica servers on this host (none if it runs elsewhere)."""
+        found = self.sets.get(endpoint_id)
+        return list(found.replicas) if found else []
 
     async def scale(self, spec: EndpointSpec, replicas: int) -> None:
-        check_replicas(replicas)
+        check_replicas(replicas, self.config)
+        found = self.sets.get(spec.endpoint_id)
+        if found is not None:
+            await found.scale(replicas)
 
     async def delete(self, spec: EndpointSpec) -> None:
-        server = self.servers.pop(spec.endpoint_id, None)
-        if server is not None:
-            await server.kill()
+        found = self.sets.pop(spec.endpoint_id, None)
+        if found is not None:
+            await found.stop(found.replicas)
 
     async def aclose(self) -> None:
-        servers, self.servers = list(self.servers.values()), {}
-        await asyncio.gather(*(s.kill() for s in servers), return_exceptions=True)
+        sets, self.sets = list(self.sets.values()), {}
+        await asyncio.gather(*(r.stop(r.replicas) for r in sets), return_exceptions=True)
         await self.http.aclose()
 
 
-def check_replicas(replicas: int) -> None:
-    if replicas != 1:
+def check_replicas(replicas: int, config: InferenceConfig) -> None:
+    if not 1 <= replicas <= config.local_max_replicas:
         raise RuntimeFailure(
-            "the local runtime serves one replica per endpoint on this host; "
-            "use the kubernetes runtime to run more"
+            f"the local runtime runs 1 to {config.local_max_replicas} replicas of an endpoint "
+            "on this host (STEWARD_INFERENCE_LOCAL_MAX_REPLICAS)"
         )

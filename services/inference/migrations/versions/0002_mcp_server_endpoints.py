@@ -1,9 +1,10 @@
-"""MCP server endpoints: an endpoint may run an MCP server's stdio package
+"""MCP server endpoints and replica URLs: an endpoint may run an MCP server's stdio package,
+and keeps the URL of each serving replica the gateway balances
 
 Revision ID: 0002
 Revises: 0001
 
-Every existing endpoint serves a model (``asset_kind`` defaults to it).
+Every existing endpoint serves a model (``asset_kind`` defaults to it), at its one URL.
 """
 
 from collections.abc import Sequence
@@ -24,10 +25,12 @@ def upgrade() -> None:
         )
         batch_op.add_column(sa.Column("package", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("sealed_environment", sa.Text(), nullable=True))
+        batch_op.add_column(sa.Column("upstream_urls", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("endpoints", schema=None) as batch_op:
+        batch_op.drop_column("upstream_urls")
         batch_op.drop_column("sealed_environment")
         batch_op.drop_column("package")
         batch_op.drop_column("asset_kind")
