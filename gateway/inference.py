@@ -230,9 +230,18 @@ class InferenceProxy:
                 self.balancer.end(base, connect_failed=refused, status=call.http_status)
             if failure is None:
                 return
-            if refused and not exchange.started and len(tried) < len(route.targets):
-                # Nothing reached the replica or the client: another replica may answer.
-                log.warning("replica unreachable; trying another", extra={"route": route.name})
+            if (
+                not exchange.started
+                and not isinstance(failure, UpstreamTimeout)
+                and len(tried) < len(route.targets)
+            ):
+                # The replica refused or dropped the call and the client has nothing yet:
+                # another replica answers it (a slow one is not retried: that would double
+                # the wait).
+                log.warning(
+                    "replica failed the call; trying another",
+                    extra={"route": route.name, "kind": failure.kind},
+                )
                 continue
             await self._failed(send, route, exchange, failure)
             return

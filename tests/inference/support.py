@@ -27,7 +27,7 @@ from tests.approval.support import (
     uname,
 )
 from tests.common.support import Listener, outbox_relayed
-from tests.helpers import bearer, child_log, free_port, member_key, new_project, ok
+from tests.helpers import bearer, child_log, free_port, issue_key, member_key, new_project, ok
 
 ADMIN_SCOPES = ["catalog:read", "requests:write", "endpoints:manage"]
 
@@ -233,3 +233,15 @@ async def bridge(*command: str, env: dict[str, str] | None = None) -> AsyncItera
         if process.returncode is None:
             process.terminate()
             await process.wait()
+
+
+async def entitled_key(
+    authz: httpx.AsyncClient, approval: httpx.AsyncClient, admin_key: str, who: Team, name: str
+) -> str:
+    """The project may use the model (the gateway checks the entitlement on every call), and an
+    application key of it may call models."""
+    access = await file_request(
+        approval, who.dev, who.project, "access", {"asset_kind": "model", "asset_name": name}
+    )
+    await approve(approval, admin_key, access["id"])
+    return str((await issue_key(authz, admin_key, who.project, ["inference:invoke"]))["key"])

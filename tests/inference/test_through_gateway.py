@@ -13,29 +13,18 @@ from llama_cpp import Llama
 
 from libs.common.artifacts import local_path
 from libs.common.settings import Settings
-from tests.approval.support import approve, eventually, file_request
+from tests.approval.support import eventually
 from tests.gateway.support import usage_events
-from tests.helpers import bearer, issue_key, ok
+from tests.helpers import bearer, ok
 from tests.inference.support import (
     Team,
     approved_model,
     endpoint_of_request,
+    entitled_key,
     request_endpoint,
     team,
     wait_status,
 )
-
-
-async def _entitled_key(
-    authz: httpx.AsyncClient, approval: httpx.AsyncClient, admin_key: str, who: Team, name: str
-) -> str:
-    """The project may use the model (the gateway checks the entitlement on every call), and an
-    application key of it may call models."""
-    access = await file_request(
-        approval, who.dev, who.project, "access", {"asset_kind": "model", "asset_name": name}
-    )
-    await approve(approval, admin_key, access["id"])
-    return str((await issue_key(authz, admin_key, who.project, ["inference:invoke"]))["key"])
 
 
 async def _local_endpoint(
@@ -63,7 +52,7 @@ async def test_approval_to_a_streamed_answer_through_the_gateway_and_back_to_not
 ) -> None:
     who = await team(authz, admin_key)
     name = await approved_model(authz, catalog, approval, admin_key, who)
-    app_key = await _entitled_key(authz, approval, admin_key, who, name)
+    app_key = await entitled_key(authz, approval, admin_key, who, name)
     started = time.monotonic()
     found, ready = await _local_endpoint(approval, inference, admin_key, who, name, 20)
     client = openai.AsyncOpenAI(base_url=gateway_url + "/v1", api_key=app_key, max_retries=0)
@@ -135,7 +124,7 @@ async def test_a_real_model_from_its_request_to_answers_through_the_gateway(
         artifacts=[{"uri": SMOLLM2}],
         serving={"runtime": "llama.cpp", "gpus": 0, "contextLength": 2048},
     )
-    app_key = await _entitled_key(authz, approval, admin_key, who, name)
+    app_key = await entitled_key(authz, approval, admin_key, who, name)
     started = time.monotonic()
     found, ready = await _local_endpoint(approval, inference, admin_key, who, name, 120)
     print(f"\nrequest to a ready llama.cpp endpoint: {time.monotonic() - started:.2f}s")
