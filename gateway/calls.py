@@ -106,6 +106,8 @@ class Call:
     admitted: bool = False
     request_bytes: int | None = None
     response_bytes: int | None = None
+    # The model asked for, when a model of the project's fallback chain served the call.
+    fallback_from: str | None = None
     # The usage event's id, fixed at the start: the in-flight journal's entry has the same one.
     event_id: str = field(default_factory=new_id)
 
@@ -144,6 +146,7 @@ class Call:
             admitted=self.admitted,
             request_bytes=self.request_bytes,
             response_bytes=self.response_bytes,
+            fallback_from=self.fallback_from,
         )
 
     def interrupted(self, prompt_tokens: int) -> UsageRecorded:

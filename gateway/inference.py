@@ -57,6 +57,17 @@ ENDPOINTS: dict[str, Kind] = {
     "/v1/embeddings": "embedding",
 }
 SSE = b"text/event-stream"
+# Upstream answers that send a call to the project's fallback, if it has one.
+BUSY = frozenset({429, 503})
+# What the client is told when neither the model nor a fallback could take the call.
+_UNSERVED = {
+    "busy": (503, "the model is busy and no fallback could take the call", "upstream_busy"),
+    "unavailable": (
+        502,
+        "no replica of the model and no fallback could take the call",
+        "upstream_unavailable",
+    ),
+}
 # What the client is told when the upstream fails: before the answer began, and after.
 _FAILED = {
     "timeout": "the model did not answer in time",
@@ -211,25 +222,79 @@ class InferenceProxy:
         max_out = request.get("max_tokens") or request.get("max_completion_tokens") or 0
         extra.extend(client_headers(exchange.reserve(int(max_out))))
         exchange.begin(self.usage.journal)
+        # The fallbacks that may serve this project now (checked again when one is used).
+        chain = [
+            name
+            for name in self.admission.auth.fallbacks(call.project, route.asset_name)
+            if self._usable(call.project, name)
+        ]
+        while True:
+            fell = await self._serve(
+                scope,
+                receive,
+                send,
+                extra,
+                exchange,
+                route,
+                headers,
+                content,
+                strip_usage,
+                may_fall_back=bool(chain),
+            )
+            if fell is None:
+                return
+            found = self._fallback(scope, extra, exchange, chain, fell)
+            if found is None:  # none of the chain could take it after all
+                raise Refusal(*_UNSERVED.get(fell, _UNSERVED["unavailable"]))
+            route, headers, content = found
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        extra: Headers,
+        exchange: Exchange,
+        route: ModelRoute,
+        headers: Headers,
+        content: bytes,
+        strip_usage: bool,
+        *,
+        may_fall_back: bool,
+    ) -> str | None:
+        """Send the call to the route's replicas (gateway/balance.py) until one answers. Returns
+        why it could not be served, when a fallback may take it (nothing reached the client):
+        no replica took it, or the upstream answered 429/503; else None."""
+        call = exchange.call
         path = scope["path"][3:]
         tried: list[str] = []
         while (base := self.balancer.pick(route.targets, tried)) is not None:
             tried.append(base)
             work = self._exchange(
-                send, extra, base + path, headers, content, route, exchange, strip_usage
+                send,
+                extra,
+                base + path,
+                headers,
+                content,
+                route,
+                exchange,
+                strip_usage,
+                busy_is_final=not may_fall_back,
             )
-            failure: UpstreamError | None = None
+            failure: UpstreamError | _Busy | None = None
             self.balancer.begin(base)
             try:
                 if await until_disconnect(work, receive):
                     exchange.client_left()
-            except UpstreamError as exc:
+            except (UpstreamError, _Busy) as exc:
                 failure = exc
             finally:
                 refused = isinstance(failure, UpstreamConnectError)
                 self.balancer.end(base, connect_failed=refused, status=call.http_status)
             if failure is None:
-                return
+                return None
+            if isinstance(failure, _Busy):
+                return "busy"
             if (
                 not exchange.started
                 and not isinstance(failure, UpstreamTimeout)
@@ -243,8 +308,57 @@ class InferenceProxy:
                     extra={"route": route.name, "kind": failure.kind},
                 )
                 continue
+            if may_fall_back and not exchange.started and not isinstance(failure, UpstreamTimeout):
+                return "unavailable"
             await self._failed(send, route, exchange, failure)
-            return
+            return None
+        return None
+
+    def _usable(self, project: str, name: str) -> bool:
+        """A model the project may fall back to: routed for it, entitled, approved."""
+        route = self.routes.models.get(name)
+        return (
+            route is not None
+            and route.visible_to(project)
+            and self.admission.offered(project, "model", route.asset_name, route.version)
+        )
+
+    def _fallback(
+        self,
+        scope: Scope,
+        extra: Headers,
+        exchange: Exchange,
+        chain: list[str],
+        why: str,
+    ) -> tuple[ModelRoute, Headers, bytes] | None:
+        """The next model of the project's chain that may serve now: routed for the project,
+        entitled, with an approved version, its credential usable. The call is then that
+        model's (its usage event names it, and the model asked for in ``fallback_from``)."""
+        call = exchange.call
+        while chain:
+            name = chain.pop(0)
+            route = self.routes.models.get(name)
+            if route is None or not route.visible_to(call.project):
+                log.info("fallback skipped: not routed", extra={"model": name})
+                continue
+            try:
+                version = self.admission.version(
+                    call.project, "model", route.asset_name, route.version, f"the model '{name}'"
+                )
+                headers = self._headers(scope, extra, route)
+            except Refusal as refusal:
+                log.info("fallback skipped", extra={"model": name, "reason": refusal.reason})
+                continue
+            # The request as first sent (usage asked for on a stream), for this model.
+            exchange.request["model"] = route.upstream_model or name
+            content = json.dumps(exchange.request, separators=(",", ":")).encode()
+            log.warning("falling back", extra={"from": call.model, "to": name, "why": why})
+            call.fallback_from = call.fallback_from or call.model
+            call.model, call.endpoint = name, route.name
+            call.asset, call.asset_version = route.asset_name, version.version
+            call.http_status = 0
+            return route, headers, content
+        return None
 
     async def _failed(
         self, send: Send, route: ModelRoute, exchange: Exchange, exc: UpstreamError
@@ -315,6 +429,8 @@ class InferenceProxy:
         route: ModelRoute,
         exchange: Exchange,
         strip_usage: bool,
+        *,
+        busy_is_final: bool = True,
     ) -> None:
         call = exchange.call
         call.sent_upstream = time.perf_counter()
@@ -328,6 +444,8 @@ class InferenceProxy:
         )
         try:
             call.http_status = response.status
+            if not busy_is_final and response.status in BUSY:
+                raise _Busy(response.status)  # a fallback may take it; the client saw nothing
             if not MODEL.relayed(response.status):
                 await self._replace(send, response, extra, url, exchange)
                 return
@@ -401,6 +519,14 @@ class InferenceProxy:
         tail = relay.flush()
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         exchange.stream_ended()
+
+
+class _Busy(Exception):
+    """The upstream answered 429/503 and a fallback may take the call instead."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 def _parse(body: bytes) -> dict[str, Any]:

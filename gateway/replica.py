@@ -84,6 +84,8 @@ class AuthReplica:
         self._entitlements: set[tuple[str, str, str]] = set()
         # The grants that cover less than their MCP server (most cover all of it).
         self._limited: dict[tuple[str, str, str], EntitlementState] = {}
+        # (project, model asset) → the project's fallback chain for it.
+        self._fallbacks: dict[tuple[str, str], tuple[str, ...]] = {}
         self.loaded = False
 
     # -- changes (snapshot and events) --------------------------------------------------------
@@ -97,6 +99,9 @@ class AuthReplica:
         self._limited = {
             (e.project, e.asset_kind, e.asset_name): e for e in entitlements if e.limited
         }
+        self._fallbacks = {}
+        for e in entitlements:
+            self._set_fallbacks(e)
         self.loaded = True
 
     def upsert_key(self, state: KeyState) -> None:
@@ -115,11 +120,22 @@ class AuthReplica:
             self._limited[triple] = state
         else:
             self._limited.pop(triple, None)
+        self._set_fallbacks(state)
 
     def revoke(self, state: EntitlementState) -> None:
         triple = (state.project, state.asset_kind, state.asset_name)
         self._entitlements.discard(triple)
         self._limited.pop(triple, None)
+        self._fallbacks.pop((state.project, state.asset_name), None)
+
+    def _set_fallbacks(self, state: EntitlementState) -> None:
+        if state.asset_kind != "model":
+            return
+        key = (state.project, state.asset_name)
+        if state.fallbacks:
+            self._fallbacks[key] = tuple(state.fallbacks)
+        else:
+            self._fallbacks.pop(key, None)
 
     # -- reads (the request path) ---------------------------------------------------------------
 
@@ -148,6 +164,10 @@ class AuthReplica:
     def limits(self, project: str, kind: str, name: str) -> EntitlementState | None:
         """What an entitlement is limited to, if it covers less than the whole asset."""
         return self._limited.get((project, kind, name))
+
+    def fallbacks(self, project: str, model: str) -> tuple[str, ...]:
+        """The project's fallback chain for a model asset (gateway model names), or ()."""
+        return self._fallbacks.get((project, model), ())
 
     def entitlement_triples(self) -> set[tuple[str, str, str]]:
         """Every (project, asset kind, asset name) entitled, for exports."""

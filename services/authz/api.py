@@ -29,6 +29,7 @@ from services.authz.schemas import (
     AuthorizeResponse,
     EntitlementPut,
     EntitlementRead,
+    FallbacksPut,
     KeyCreate,
     KeyCreated,
     KeyRead,
@@ -133,6 +134,7 @@ def _entitlement_read(e: Entitlement, project: str) -> EntitlementRead:
         reason=e.reason,
         tool_access=e.tool_access,
         tools=e.tools,
+        fallbacks=e.fallbacks,
     )
 
 
@@ -430,6 +432,25 @@ async def grant_entitlement(
     return _entitlement_read(entitlement, project.name)
 
 
+@router.put(
+    "/projects/{project}/fallbacks/{model:path}",
+    tags=["entitlements"],
+    responses=problem_responses(NotFound),
+)
+async def set_fallbacks(
+    model: AssetPath,
+    body: FallbacksPut,
+    principal: Annotated[Principal, Authorized("project.update")],
+    project: ProjectDep,
+    uow: UnitOfWorkDep,
+) -> EntitlementRead:
+    """The project's fallback chain for a model it is entitled to (a project admin's choice):
+    gateway model names tried in order when the model cannot serve a call. The gateway uses a
+    fallback only while the project is entitled to it and it has an approved version."""
+    entitlement = await domain.set_fallbacks(uow, project, model, body.chain)
+    return _entitlement_read(entitlement, project.name)
+
+
 @router.delete(
     "/projects/{project}/entitlements/{asset_kind}/{asset_name:path}",
     status_code=204,
@@ -481,6 +502,7 @@ async def snapshot(
             asset_name=e.asset_name,
             tool_access=e.tool_access,
             tools=e.tools,
+            fallbacks=e.fallbacks,
         )
         for e, p in await repo.all_entitlements(session)
     ]

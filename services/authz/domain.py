@@ -462,11 +462,7 @@ async def grant_entitlement(
         )
         uow.session.add(entitlement)
     await uow.session.flush()
-    await _mirrored(
-        uow,
-        EntitlementGranted(project=project.name, asset_kind=kind, asset_name=name, **wanted),
-        entity=f"{project.name}/{kind}/{name}",
-    )
+    await _mirrored(uow, _granted(project, entitlement), entity=f"{project.name}/{kind}/{name}")
     await uow.audit(
         "entitlement.grant" if before is None else "entitlement.change",
         f"project/{project.name}/entitlement/{kind}/{name}",
@@ -475,6 +471,46 @@ async def grant_entitlement(
         after={"reason": reason, **wanted},
     )
     return entitlement, before is None
+
+
+def _granted(project: Project, e: Entitlement) -> EntitlementGranted:
+    return EntitlementGranted(
+        project=project.name,
+        asset_kind=e.asset_kind,
+        asset_name=e.asset_name,
+        tool_access=e.tool_access,
+        tools=e.tools,
+        fallbacks=e.fallbacks,
+    )
+
+
+async def set_fallbacks(
+    uow: UnitOfWork, project: Project, model: str, chain: Sequence[str]
+) -> Entitlement:
+    """The project's fallback chain for a model it is entitled to (empty: none). The chain
+    names gateway models; whether each may serve is decided at the call (entitled, approved)."""
+    if model in chain:
+        raise Unprocessable(f"chain: {model!r} cannot fall back to itself")
+    if len(set(chain)) != len(chain):
+        raise Unprocessable("chain: a model appears twice")
+    entitlement = await repo.entitlement(uow.session, project, "model", model, for_update=True)
+    if entitlement is None:
+        raise NotFound(f"project {project.name!r} is not entitled to the model {model!r}")
+    wanted = list(chain) or None
+    before = entitlement.fallbacks
+    if before == wanted:
+        return entitlement
+    entitlement.fallbacks = wanted
+    await uow.session.flush()
+    await _mirrored(uow, _granted(project, entitlement), entity=f"{project.name}/model/{model}")
+    await uow.audit(
+        "entitlement.fallbacks",
+        f"project/{project.name}/entitlement/model/{model}",
+        project=project.name,
+        before={"fallbacks": before},
+        after={"fallbacks": wanted},
+    )
+    return entitlement
 
 
 async def revoke_entitlement(uow: UnitOfWork, project: Project, kind: str, name: str) -> None:

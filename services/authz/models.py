@@ -88,6 +88,8 @@ class Entitlement(Base):
     # An MCP server's grant may cover less of it: tools of these access types, these tools.
     tool_access: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     tools: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    # A model's fallback chain (the project's choice): gateway model names, tried in order.
+    fallbacks: Mapped[list[str] | None] = mapped_column(JSON, default=None)
 
 
 class ReplicaRevision(Base):

@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from libs.common.auth import ACTIONS, SCOPES
 from libs.common.events.authz import EntitlementState, KeyState, ToolAccessLimit, ToolLimit
-from libs.common.names import ProjectName, Subject
+from libs.common.names import AssetName, ProjectName, Subject
 
 ProjectRole = Literal["viewer", "developer", "project-admin"]
 AssetKind = Literal["model", "mcp_server"]
@@ -127,6 +127,15 @@ class EntitlementRead(BaseModel):
     reason: str
     tool_access: list[str] | None = None
     tools: list[str] | None = None
+    fallbacks: list[str] | None = None
+
+
+class FallbacksPut(Input):
+    chain: list[AssetName] = Field(
+        max_length=5,
+        description="Gateway model names to try, in order, when the model cannot serve a call "
+        "(no healthy replica, or the upstream answers 429/503); empty: none",
+    )
 
 
 class PrincipalRead(BaseModel):

@@ -42,6 +42,7 @@ MODELS = [
     "tokenized-nousage",
     "sealed-broken",  # its upstream credential cannot be unsealed
     "unreachable",  # nothing listens at its upstream
+    "echo-busy",  # its upstream answers 429
 ]
 # A published tokenizer (see tests/fixtures/README.md), named by the catalog version of the
 # route "tokenized-nousage", whose upstream reports no usage.

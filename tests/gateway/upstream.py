@@ -123,6 +123,9 @@ async def completions(request: Request) -> Response:
     if "error" in model:
         error = {"error": {"message": "the test upstream failed", "type": "server_error"}}
         return JSONResponse(error, status_code=500)
+    if "busy" in model:
+        error = {"error": {"message": "the test upstream is busy", "type": "rate_limit_error"}}
+        return JSONResponse(error, status_code=429, headers={"retry-after": "1"})
     if "hang" in model:
         await asyncio.sleep(5)
     words = _words(body)

@@ -90,6 +90,10 @@ class EntitlementState(EventPayload):
     # and/or only these named tools (None: no such limit).
     tool_access: ToolAccessLimit = None
     tools: ToolLimit = None
+    # A model's fallback chain, set by the project: the gateway's model names to try, in
+    # order, when this model cannot serve a call (each still needs its own entitlement and an
+    # approved version at the moment it is used).
+    fallbacks: list[str] | None = None
 
     @property
     def limited(self) -> bool:

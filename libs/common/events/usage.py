@@ -65,3 +65,6 @@ class UsageRecorded(EventPayload):
     # batch's answer is divided among its calls, so sums are exact). None: not measured.
     request_bytes: int | None = Field(default=None, ge=0)
     response_bytes: int | None = Field(default=None, ge=0)
+    # The model the client asked for, when a model of the project's fallback chain served the
+    # call (``model``, ``asset`` and ``asset_version`` are then the fallback's).
+    fallback_from: str | None = Field(default=None, max_length=255)
