@@ -38,6 +38,14 @@ UPSTREAM_DURATION = Histogram(
     ["kind"],
     buckets=DURATION_BUCKETS,
 )
+# What the gateway itself adds: arrival to sending upstream (admission, body, quota, credential).
+# The SLO alert on its p99 (deploy/helm/files/prometheus-rules.yaml) reads it.
+ADDED = Histogram(
+    "steward_gateway_added_seconds",
+    "Time the gateway spends on a call before the upstream sees it",
+    ["kind"],
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
 
 # The same in OpenTelemetry (no-op proxies until configure_metrics installs a provider). One
 # duration histogram stands for both the counter and the duration: its count is the calls.
@@ -172,6 +180,8 @@ class Call:
         CALLS.labels(self.kind, self.model, self.status).inc()
         UPSTREAM_DURATION.labels(self.kind).observe(duration)
         OTEL_CALL_DURATION.record(duration, attributes)
+        if self.sent_upstream is not None:
+            ADDED.labels(self.kind).observe(self.sent_upstream - self.started)
         if self.first_token is not None and self.sent_upstream is not None:
             ttft = self.first_token - self.sent_upstream
             TTFT.labels(self.model).observe(ttft)

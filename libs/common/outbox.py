@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 from opentelemetry import propagate
-from sqlalchemy import Column, Index, MetaData, String, Table, Text, delete, select, update
+from prometheus_client import Gauge
+from sqlalchemy import Column, Index, MetaData, String, Table, Text, delete, func, select, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -62,6 +64,14 @@ def current_traceparent() -> str | None:
 
 
 _WAKE: dict[Table, asyncio.Event] = {}
+
+PENDING = Gauge(
+    "steward_outbox_pending_events",
+    "Events written but not yet relayed to NATS (the outbox backlog), by service",
+    ["service"],
+)
+# The backlog is counted at most this often (a COUNT over the unpublished index).
+PENDING_EVERY_SECONDS = 10.0
 
 
 class Outbox:
@@ -128,6 +138,17 @@ class Outbox:
                     )
         return len(published)
 
+    async def count_pending(self, sessionmaker: async_sessionmaker[AsyncSession]) -> int:
+        """The backlog, into ``steward_outbox_pending_events``: it grows while NATS is away."""
+        async with sessionmaker() as session:
+            pending = await session.scalar(
+                select(func.count())
+                .select_from(self.table)
+                .where(self.table.c.published_at.is_(None))
+            )
+        PENDING.labels(self.source).set(pending or 0)
+        return int(pending or 0)
+
     async def prune(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
         async with sessionmaker() as session, session.begin():
             await session.execute(
@@ -140,6 +161,7 @@ class Outbox:
         """Relay for ever: on every commit that added events, and on a timer as a safety net."""
         backoff = poll_seconds
         cycles = 0
+        counted = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), backoff)
@@ -150,6 +172,10 @@ class Outbox:
                 raise asyncio.CancelledError
             self._wake.clear()
             self.rounds += 1
+            if time.monotonic() - counted >= PENDING_EVERY_SECONDS:
+                counted = time.monotonic()
+                with contextlib.suppress(Exception):  # a metric must not stop the relay
+                    await self.count_pending(sessionmaker)
             if not bus.connected:
                 continue
             try:

@@ -29,6 +29,7 @@ async def _expire_forever(ctx: ServiceContext, clock: Clock, every: float) -> No
             expired = await domain.expire_due(ctx.sessionmaker, ctx.outbox, clock())
             if expired:
                 log.info("pending requests expired", extra={"count": expired})
+            await domain.measure_overdue(ctx.sessionmaker, clock())
         except Exception:
             log.exception("expiring requests failed; will retry")
         await asyncio.sleep(every)

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from prometheus_client import Gauge
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -411,6 +412,22 @@ async def expire_due(
 
 
 # -- the SLA clock and statistics -------------------------------------------------------------
+
+
+OVERDUE = Gauge(
+    "steward_approval_overdue_requests",
+    "Pending requests past their SLA due date, by kind (an SLA breach while above 0)",
+    ["kind"],
+)
+
+
+async def measure_overdue(sessionmaker: async_sessionmaker[AsyncSession], now: datetime) -> int:
+    """Count the requests past their due date into ``steward_approval_overdue_requests``."""
+    async with sessionmaker() as session:
+        counts = await repo.overdue_by_kind(session, now)
+    for kind in ("asset", "access", "endpoint", "quota"):
+        OVERDUE.labels(kind).set(counts.get(kind, 0))
+    return sum(counts.values())
 
 
 def overdue(request: Request, now: datetime) -> bool:

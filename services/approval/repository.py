@@ -226,3 +226,13 @@ def parse_cursor(cursor: str | None) -> int | None:
     if not cursor.isdigit():
         raise BadRequest("invalid cursor; pass back next_cursor unchanged")
     return int(cursor)
+
+
+async def overdue_by_kind(session: AsyncSession, now: datetime) -> dict[str, int]:
+    """Pending requests past their due date at ``now``, by kind."""
+    query = (
+        select(Request.kind, func.count())
+        .where(Request.status == "pending", Request.due_at < now)
+        .group_by(Request.kind)
+    )
+    return {kind: int(n) for kind, n in await session.execute(query)}

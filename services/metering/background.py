@@ -17,7 +17,7 @@ from libs.common.events.metering import QuotaConsumed
 from libs.common.outbox import Outbox
 from libs.common.settings import Settings
 from libs.common.uow import UnitOfWork
-from services.metering import domain, endpoints
+from services.metering import domain, endpoints, metrics
 from services.metering import repository as repo
 from services.metering.ingest import Ingest
 from services.metering.models import (
@@ -100,6 +100,7 @@ class QuotaPublisher:
             for state in states:
                 event = CloudEvent.wrap(state, source="metering", entity=state.quota_id)
                 await self.bus.publish(state.subject, event.model_dump_json().encode(), event.id)
+                metrics.observe_quota(state)
         except BaseException as exc:
             self.ingest.dirty |= dirty  # published next time
             if isinstance(exc, BusUnavailable):

@@ -176,7 +176,7 @@ class Ingest:
         newest = max(u.time for u in usages)
 
         def committed(_session: object) -> None:
-            metrics.observe(usages)
+            metrics.observe(usages, costs, self.settings.metering_currency)
             metrics.EVENTS.labels("counted").inc(len(usages))
             metrics.LAG_SECONDS.set(max(0.0, (self.clock() - newest).total_seconds()))
             self.dirty.update(touched)

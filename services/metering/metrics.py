@@ -18,12 +18,14 @@ restarts; with several metering replicas, sum them).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from opentelemetry import metrics as otel
 from prometheus_client import Counter, Gauge, Histogram
 
+from libs.common import quota as q
+from libs.common.events.metering import QuotaState
 from libs.common.events.usage import UsageRecorded
 from libs.common.observability import GEN_AI_OPERATIONS, LATENCY_BUCKETS_SECONDS
 
@@ -134,6 +136,16 @@ WEBHOOKS = Counter(
     "Quota webhook attempts, by outcome (delivered, retry, failed)",
     ["outcome"],
 )
+COST = Counter(
+    "steward_metering_cost_total",
+    "Cost of the usage counted, in the configured currency (the usage API's figure)",
+    ["project", "model", "currency"],
+)
+QUOTA_USED = Gauge(
+    "steward_metering_quota_used_ratio",
+    "Share of a quota's limit used in its current window, by limit (1 or more: exceeded)",
+    ["project", "quota_id", "window", "dimension"],
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +197,24 @@ class _Children:
 _children = _Children()
 
 
-def observe(events: Iterable[UsageRecorded]) -> None:
-    """Record committed usage events, in Prometheus and OpenTelemetry alike."""
+def observe_quota(state: QuotaState) -> None:
+    """A quota's use of each of its limits in the current window, as last published."""
+    used = q.used_in(state)
+    for dimension in q.DIMENSIONS:
+        limit = q.limit_of(state.limits, dimension)
+        if limit:
+            ratio = q.used_of(dimension, used) / limit
+            QUOTA_USED.labels(state.project, state.quota_id, state.window, dimension).set(ratio)
+
+
+def observe(
+    events: Sequence[UsageRecorded], costs: Sequence[int] = (), currency: str = "USD"
+) -> None:
+    """Record committed usage events (and their costs, in nano-units), in Prometheus and
+    OpenTelemetry alike."""
+    for e, cost in zip(events, costs, strict=False):
+        if cost:
+            COST.labels(e.project, e.model, currency).inc(cost / 1_000_000_000)
     for e in events:
         operation = GEN_AI_OPERATIONS.get(e.kind, e.kind)
         series = _children.get(e.project, e.model, operation)

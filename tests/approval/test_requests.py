@@ -12,8 +12,10 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 
 from libs.common.settings import Settings
+from services.approval import domain as approval_domain
 from tests.approval.support import (
     DEV_SCOPES,
     Clock,
@@ -325,6 +327,46 @@ async def test_the_sla_clock_runs_five_days_and_the_queue_shows_age_and_projects
         "lead_time_median_seconds": None,
         "lead_time_p90_seconds": None,
     }
+
+
+async def test_requests_past_their_sla_are_a_metric_for_the_alert(
+    catalog: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    approval_app: FastAPI,
+    admin_key: str,
+    team: dict[str, str],
+    clock: Clock,
+) -> None:
+    """``steward_approval_overdue_requests`` (what the chart's SLA alert reads) counts what the
+    queue shows as overdue, by kind."""
+    name = await _draft(catalog, admin_key)
+    request = await file_request(approval, team["dev"], team["project"], "asset", _asset(name))
+    clock.advance(timedelta(days=5, seconds=1))
+    sessionmaker = approval_app.state.ctx.sessionmaker
+
+    async def agreed() -> dict[str, int] | None:
+        """The gauge and the queue's stats, read together, agree (the expiry loop may decide
+        old requests meanwhile: then read again)."""
+        total = await approval_domain.measure_overdue(sessionmaker, clock.now)
+        stats = await ok(await approval.get("/v1/requests/stats", headers=bearer(admin_key)))
+        overdue = {kind: s["overdue"] for kind, s in stats["by_kind"].items()}
+        gauge = {
+            kind: REGISTRY.get_sample_value("steward_approval_overdue_requests", {"kind": kind})
+            for kind in overdue
+        }
+        return overdue if gauge == overdue and total == sum(overdue.values()) else None
+
+    overdue = await eventually(agreed, what="the gauge to agree with the queue")
+    assert overdue["asset"] >= 1
+    await ok(
+        await approval.post(
+            f"/v1/requests/{request['id']}/approve",
+            json={"comment": "ok"},
+            headers=bearer(admin_key),
+        )
+    )
+    now = await eventually(agreed, what="the gauge to agree with the queue")
+    assert now["asset"] <= overdue["asset"] - 1  # decided: no longer waiting
 
 
 async def test_lead_time_statistics_give_median_and_p90_per_kind(

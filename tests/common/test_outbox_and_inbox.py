@@ -15,6 +15,7 @@ import asyncpg
 import nats
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -101,6 +102,9 @@ async def test_an_event_written_while_nats_is_down_is_delivered_once_when_it_ret
                 select(func.count()).where(bus_tables.outbox.c.published_at.is_(None))
             )
         assert pending == 1
+        # The backlog, as the chart's alert reads it.
+        assert await outbox.count_pending(sessionmaker) == 1
+        assert REGISTRY.get_sample_value("steward_outbox_pending_events", {"service": "authz"}) == 1
 
         await server.start()  # same port, same store: the client reconnects by itself
         await bus.wait_ready(10)
@@ -119,6 +123,8 @@ async def test_an_event_written_while_nats_is_down_is_delivered_once_when_it_ret
                 break
             await asyncio.sleep(0.05)
         assert await published()
+        assert await outbox.count_pending(sessionmaker) == 0
+        assert REGISTRY.get_sample_value("steward_outbox_pending_events", {"service": "authz"}) == 0
 
         # Even a relay that re-sends (a crash between publish and mark) adds nothing.
         async for session in transaction(sessionmaker):

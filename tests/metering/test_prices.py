@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from libs.common.bus import Bus
 from libs.common.db import new_id
@@ -97,6 +98,13 @@ async def test_a_call_through_an_endpoint_route_is_priced_by_its_catalog_asset(
         )
     )
     assert {r["model"]: r["cost"] for r in report["rows"]} == {route: 2.0, asset: 1.0}
+    # The same figures in /metrics, for the dashboard's cost by project (after the commit).
+
+    def cost(model: str) -> float | None:
+        labels = {"project": project, "model": model, "currency": "USD"}
+        return REGISTRY.get_sample_value("steward_metering_cost_total", labels)
+
+    await eventually(lambda: _now(cost(route) == 2.0 and cost(asset) == 1.0), what="cost metrics")
 
 
 async def test_a_version_price_beats_the_asset_price(
@@ -268,3 +276,7 @@ async def test_token_and_gpu_hour_prices_resolve_by_the_same_rule(
         found = await endpoint_in(metering, admin_key, project, endpoints[run])
         assert found is not None
         assert found["cost"] == pytest.approx(gpu_cost), run
+
+
+async def _now(value: bool) -> bool:
+    return value

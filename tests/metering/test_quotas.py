@@ -14,6 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
 from nats.js.api import DeliverPolicy
+from prometheus_client import REGISTRY
 
 from libs.common import quota as q
 from libs.common.bus import Bus
@@ -522,6 +523,18 @@ async def test_a_call_quota_counts_admitted_calls_per_gateway_and_blocks_at_its_
     await eventually(exceeded, what="the exceeded event")
     [event] = quota_events.of("metering.quota.exceeded", quota["id"])
     assert (event.data["requests_used"], event.data["dimensions"]) == (3, ["requests"])
+
+    async def gauged() -> bool:
+        """What the dashboard's quota panel reads, as metering last published the quota."""
+        labels = {
+            "project": project,
+            "quota_id": quota["id"],
+            "window": "hour",
+            "dimension": "requests",
+        }
+        return REGISTRY.get_sample_value("steward_metering_quota_used_ratio", labels) == 1.0
+
+    await eventually(gauged, what="the quota's use in /metrics")
 
 
 async def test_lowering_a_limit_below_current_usage_flags_it_at_once(
