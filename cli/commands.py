@@ -287,6 +287,35 @@ def audit_verify(output: OutputOpt = Format.table) -> None:
         raise typer.Exit(1)
 
 
+report = typer.Typer(help="Reports for audits and reviews.", no_args_is_help=True)
+
+
+@report.command("audit")
+def report_audit(
+    start: Annotated[str, typer.Option("--from", help="ISO date or time (UTC without a zone)")],
+    end: Annotated[str, typer.Option("--to", help="ISO date or time, excluded")],
+    fmt: Annotated[str, typer.Option("--format", help="html, csv or json")] = "html",
+    out: Annotated[Path | None, typer.Option("--output", "-o", help="write to this file")] = None,
+) -> None:
+    """The audit report of a period: approvals and their lead times against the SLA, keys,
+    access and catalog changes, and the audit chain's verification. Exits 1 if the chain does
+    not verify."""
+    if fmt not in ("html", "csv", "json"):
+        raise CliError("--format: html, csv or json")
+    params = {"start": start, "end": end, "format": fmt}
+    body = api().call("GET", "approval", "/v1/reports/audit", params=params)
+    text = json.dumps(body, indent=2) if fmt == "json" else str(body)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        console().print(f"wrote {out}")
+    verified = api().call("GET", "approval", "/v1/audit/verify")
+    if not verified["ok"]:
+        console().print("[red]the audit chain does not verify[/red]: see steward audit verify")
+        raise typer.Exit(1)
+
+
 # -- endpoints and usage ----------------------------------------------------------------------
 
 endpoints = typer.Typer(help="Inference endpoints of a project.", no_args_is_help=True)

@@ -65,6 +65,19 @@ export function safeUrl(value) {
   return "#";
 }
 
+/** Save text the console made itself (a report it fetched) as a file: a blob: URL of our own
+ * bytes, never an address from an API value, so it does not go through safeUrl. */
+export function downloadText(name, text, type) {
+  const url = URL.createObjectURL(new Blob([text], { type }));
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = name;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
 export function isWebUrl(value) {
   try {
     return ["http:", "https:"].includes(new URL(String(value)).protocol);

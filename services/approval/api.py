@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-from typing import Annotated, Any
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
@@ -19,6 +19,7 @@ from libs.common.errors import (
     Conflict,
     Forbidden,
     NotFound,
+    Unprocessable,
     authenticated_responses,
     problem_responses,
 )
@@ -26,7 +27,7 @@ from libs.common.events.approval import RequestKind, RequestStatus
 from libs.common.events.inference import seal_credential
 from libs.common.names import ProjectPath
 from libs.common.service import SessionDep, UnitOfWorkDep, context
-from services.approval import audit, domain
+from services.approval import audit, domain, report
 from services.approval import repository as repo
 from services.approval.config import ApprovalConfig
 from services.approval.models import AuditRecord, Comment, Policy
@@ -38,6 +39,7 @@ from services.approval.schemas import (
     AuditPage,
     AuditProblem,
     AuditRead,
+    AuditReport,
     AuditVerification,
     CommentCreate,
     CommentRead,
@@ -465,7 +467,10 @@ async def verify_audit(
 ) -> AuditVerification:
     """Replay the keyed hash chain and hold it against the latest signed checkpoint: ``ok`` is
     false, with the records named, after any edit, deletion, reordering, cut tail or rewrite."""
-    anchor: audit.Anchor = request.app.state.audit_anchor
+    return await _verification(session, request.app.state.audit_anchor)
+
+
+async def _verification(session: SessionDep, anchor: audit.Anchor) -> AuditVerification:
     checkpoint, forged = await anchor.latest()
     result = await audit.verify(session, anchor.keys, checkpoint)
     for what in forged:
@@ -478,6 +483,63 @@ async def verify_audit(
         checkpoint=_checkpoint_read(result.checkpoint),
         problems=[AuditProblem.model_validate(p) for p in result.problems],
     )
+
+
+_REPORT_TYPES = {"csv": "text/csv; charset=utf-8", "html": "text/html; charset=utf-8"}
+
+
+@router.get(
+    "/reports/audit",
+    response_model=AuditReport,
+    tags=["audit"],
+    responses={
+        200: {
+            "description": "JSON; or the same as CSV or a readable HTML document (format)",
+            "content": {"text/csv": {}, "text/html": {}},
+        },
+        **problem_responses(Unprocessable),
+    },
+)
+async def audit_report(
+    principal: Annotated[Principal, Authorized("audit.read")],
+    session: SessionDep,
+    request: Request,
+    now: NowDep,
+    start: Annotated[datetime, Query(description="From (ISO date or time; UTC without a zone)")],
+    end: Annotated[datetime, Query(description="To, excluded")],
+    format: Annotated[Literal["json", "csv", "html"], Query()] = "json",
+) -> AuditReport | Response:
+    """What an audit asks for, for ``[start, end)``: approvals with their decisions and lead
+    times against the SLA, keys created and revoked, access and catalog changes, and the audit
+    chain's verification with its signed checkpoint."""
+    start, end = _utc(start), _utc(end)
+    if end <= start or end - start > timedelta(days=366):
+        raise Unprocessable("end: must be after start, and the period at most 366 days")
+    anchor: audit.Anchor = request.app.state.audit_anchor
+    built = report.build(
+        start=start,
+        end=end,
+        now=now,
+        generated_by=principal.subject,
+        decided=await repo.decided_between(session, start, end),
+        open_requests=await repo.open_at(session, end),
+        records=await repo.audit_between(session, start, end, report.MAX_ROWS),
+        verification=await _verification(session, anchor),
+        public_key=anchor.keys.public_key,
+    )
+    if format == "json":
+        return built
+    body = report.to_csv(built) if format == "csv" else report.to_html(built)
+    name = f"steward-audit-{start.date().isoformat()}-{end.date().isoformat()}.{format}"
+    return Response(
+        body,
+        media_type=_REPORT_TYPES[format],
+        headers={"content-disposition": f'attachment; filename="{name}"'},
+    )
+
+
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def _checkpoint_read(checkpoint: audit.Checkpoint | None) -> AuditCheckpoint | None:

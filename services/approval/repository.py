@@ -236,3 +236,41 @@ async def overdue_by_kind(session: AsyncSession, now: datetime) -> dict[str, int
         .group_by(Request.kind)
     )
     return {kind: int(n) for kind, n in await session.execute(query)}
+
+
+async def decided_between(
+    session: AsyncSession, start: datetime, end: datetime
+) -> Sequence[Request]:
+    """Requests decided (approved, rejected, expired, withdrawn) in ``[start, end)``."""
+    query = (
+        select(Request)
+        .where(Request.decided_at >= start, Request.decided_at < end)
+        .order_by(Request.decided_at, Request.id)
+    )
+    return (await session.scalars(query)).all()
+
+
+async def open_at(session: AsyncSession, end: datetime) -> Sequence[Request]:
+    """Requests filed before ``end`` and not decided by then."""
+    query = (
+        select(Request)
+        .where(
+            Request.created_at < end,
+            or_(Request.decided_at.is_(None), Request.decided_at >= end),
+        )
+        .order_by(Request.created_at, Request.id)
+    )
+    return (await session.scalars(query)).all()
+
+
+async def audit_between(
+    session: AsyncSession, start: datetime, end: datetime, limit: int
+) -> Sequence[AuditRecord]:
+    """Audit records of ``[start, end)`` in chain order, at most ``limit``."""
+    query = (
+        select(AuditRecord)
+        .where(AuditRecord.at >= start, AuditRecord.at < end)
+        .order_by(AuditRecord.seq)
+        .limit(limit)
+    )
+    return (await session.scalars(query)).all()

@@ -236,3 +236,63 @@ class AuditVerification(BaseModel):
     head_hash: str
     checkpoint: AuditCheckpoint | None  # the latest signed one the chain was held against
     problems: list[AuditProblem]
+
+
+# -- the audit report ---------------------------------------------------------------------------
+
+
+class ReportApproval(BaseModel):
+    """One request in the report: who asked for what, who decided, when, against its SLA."""
+
+    request_id: str
+    kind: RequestKind
+    project: str
+    subject: str = Field(description="What was asked for, e.g. 'model acme/chat-8b@1.0'")
+    requester: str
+    status: RequestStatus
+    filed_at: datetime
+    due_at: datetime
+    decided_at: datetime | None
+    decided_by: str | None
+    policy: str | None = Field(description="The policy that decided it, if one did")
+    comment: str
+    lead_time_seconds: float | None
+    within_sla: bool = Field(description="Decided by its due date (open: not overdue yet)")
+
+
+class ReportChange(BaseModel):
+    """One audit record: a key, access or catalog change."""
+
+    seq: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    project: str | None
+
+
+class ReportSummary(BaseModel):
+    decided: int
+    within_sla: int
+    open: int
+    open_overdue: int
+    by_kind: dict[str, dict[str, Any]]
+
+
+class AuditReport(BaseModel):
+    """The period ``[start, end)``: approvals, keys, access and catalog changes, and the audit
+    chain's verification when the report was made."""
+
+    start: datetime
+    end: datetime
+    generated_at: datetime
+    generated_by: str
+    summary: ReportSummary
+    approvals: list[ReportApproval]
+    open_requests: list[ReportApproval]
+    keys: list[ReportChange]
+    access: list[ReportChange]
+    catalog: list[ReportChange]
+    verification: AuditVerification
+    public_key: str = Field(description="The Ed25519 key (base64) the checkpoint verifies with")
+    truncated: bool = Field(description="More audit records than the report lists")

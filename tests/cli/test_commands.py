@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 
+from cli.client import CliError
 from libs.common import apikeys
 from tests.cli.test_gitops import service_urls, steward  # noqa: F401 - the fixture is shared
 from tests.helpers import bearer, new_project, unique
@@ -82,3 +85,25 @@ async def test_keygen_prints_a_well_formed_key_each_time_new() -> None:
         (await steward({}, "keygen")).output.strip(),
     )
     assert apikeys.key_id_of(first) and apikeys.key_id_of(second) and first != second
+
+
+async def test_the_audit_report_is_written_as_html_or_csv(
+    service_urls: dict[str, str],  # noqa: F811
+    admin_key: str,
+    tmp_path: Path,
+) -> None:
+    env = {**service_urls, "STEWARD_API_KEY": admin_key}
+    today = datetime.now(UTC).date()
+    period = ["--from", str(today - timedelta(days=30)), "--to", str(today + timedelta(days=1))]
+    page = tmp_path / "audit.html"
+    written = await steward(env, "report", "audit", *period, "-o", str(page))
+    assert written.exit_code == 0, written.output
+    assert "Steward audit report" in page.read_text()
+    table = await steward(env, "report", "audit", *period, "--format", "csv")
+    assert table.exit_code == 0, table.output
+    assert table.output.splitlines()[0].startswith("section,at,actor,action")
+    assert table.output.splitlines()[-1].startswith("verification,")
+    with pytest.raises(CliError, match="html, csv or json"):
+        await steward(env, "report", "audit", *period, "--format", "pdf")
+    with pytest.raises(CliError, match="must be after start"):
+        await steward(env, "report", "audit", "--from", "2026-02-01", "--to", "2026-01-01")

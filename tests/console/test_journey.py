@@ -26,7 +26,7 @@ DEV_SCOPES = [
 
 
 async def test_admin_and_developer_take_a_model_from_import_to_entitlement(
-    browser: Any, stack: Stack, admin_key: str, artifacts: Path
+    browser: Any, stack: Stack, admin_key: str, artifacts: Path, tmp_path: Path
 ) -> None:
     prefix = uname("cj")
     project, developer = f"{prefix}-team", f"{prefix}-dev"
@@ -160,6 +160,16 @@ async def test_admin_and_developer_take_a_model_from_import_to_entitlement(
     await expect(verdict).to_have_attribute("data-ok", "true")
     await expect(verdict).to_contain_text("Chain verified")
     await admin.shot("09-admin-audit-verified")
+    # The audit report of the last 30 days, downloaded as an auditor takes it away.
+    async with page.expect_download() as downloading:
+        await page.get_by_role("button", name="Download HTML").click()
+    download = await downloading.value
+    saved = tmp_path / "audit-report.html"
+    await download.save_as(saved)
+    report = saved.read_text()
+    assert "Steward audit report" in report and "Verified: no record edited" in report
+    assert model_name in report  # its admission is among the approvals
+    await expect(page.locator("#report-status")).to_contain_text("Downloaded the HTML report")
 
     # -- every view labels its controls; nothing went to localStorage; sign-out forgets the key.
     for console in (admin, dev):

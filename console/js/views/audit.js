@@ -2,7 +2,10 @@
 // green when every record links to the one before, red with the records named otherwise.
 
 import { api } from "../api.js";
-import { errorBox, field, fmtTime, h, input, loading, section, table } from "../dom.js";
+import { announce, downloadText, errorBox, field, fmtTime, h, input, loading, section, table } from "../dom.js";
+
+const DAY = 86400 * 1000;
+const isoDay = (date) => date.toISOString().slice(0, 10);
 
 export async function render(main) {
   const verdict = h("div", { id: "audit-verify", "aria-live": "polite" }, loading("Verifying the chain…"));
@@ -20,7 +23,7 @@ export async function render(main) {
       h("h1", {}, "Audit trail"),
       h("p", { class: "lede" }, "Every state change in every service, append-only; each record carries a keyed hash of the one before, and the head is signed every few seconds, so an edit, a deletion, a reordering or a cut tail shows.")),
       h("button", { type: "button", class: "primary", id: "verify-button", onclick: () => verify() }, "Verify the chain")),
-    verdict, section("Records", form, list, more));
+    verdict, reportPanel(), section("Records", form, list, more));
 
   async function verify() {
     verdict.replaceChildren(loading("Verifying the chain…"));
@@ -67,4 +70,31 @@ export async function render(main) {
   }
 
   await Promise.all([verify(), load(null)]);
+}
+
+/** The audit report of a period, as an auditor takes it away (HTML to read, CSV to sort). */
+function reportPanel() {
+  const now = new Date();
+  const from = input({ type: "date", id: "report-from", value: isoDay(new Date(now.getTime() - 30 * DAY)) });
+  const to = input({ type: "date", id: "report-to", value: isoDay(new Date(now.getTime() + DAY)) });
+  const status = h("p", { class: "help", id: "report-status", "aria-live": "polite" });
+  async function download(format) {
+    status.textContent = "Preparing the report…";
+    try {
+      const body = await api("approval", "/v1/reports/audit", { query: { start: from.value, end: to.value, format }, text: true });
+      downloadText(`steward-audit-${from.value}-${to.value}.${format}`, body, format === "csv" ? "text/csv" : "text/html");
+      status.textContent = `Downloaded the ${format.toUpperCase()} report for ${from.value} to ${to.value}.`;
+    } catch (error) {
+      status.textContent = "";
+      announce(`Report: ${error.detail}`, "error");
+    }
+  }
+  return section("Audit report",
+    h("p", { class: "help" }, "Approvals with their decisions and lead times against the SLA, keys created and revoked, access and catalog changes, and the chain's verification with its signed checkpoint."),
+    h("div", { class: "row" },
+      field({ label: "From", control: from }),
+      field({ label: "To (excluded)", control: to }),
+      h("div", { class: "field" }, h("button", { type: "button", class: "secondary", id: "report-html", onclick: () => download("html") }, "Download HTML")),
+      h("div", { class: "field" }, h("button", { type: "button", class: "secondary", id: "report-csv", onclick: () => download("csv") }, "Download CSV"))),
+    status);
 }
