@@ -5,13 +5,20 @@ a ``metadata.name`` and a ``spec``; YAML files without such documents (a catalog
 ``Catalog`` document points at) are data, not manifests, and are skipped:
 
 - ``Project``: display name, ``members`` (subject → role) and, when given, ``entitlements``
-  (``{kind, name}``, and for an MCP server ``toolAccess``/``tools`` to grant part of it).
+  (``{kind, name}``, and for an MCP server ``toolAccess``/``tools`` to grant part of it; for a
+  model, ``fallbacks``: the gateway models to fall back to, in order).
   Members (and entitlements, when listed) of a declared project are reconciled exactly:
   what the file does not list is removed. Projects the files do not declare are left alone.
 - ``Catalog``: ``spec.file`` (a Kubeflow-shaped catalog.yaml) and/or ``spec.mcpServers`` (a
   folder of ``server.json``), relative to the document's file; imported idempotently.
 - ``Policy``: an auto-approve policy of the approval service (the spec is its rule); with
   ``--prune``, policies the files do not declare are deleted (like ``kubectl apply --prune``).
+- ``Quota``: a budget of ``spec.project`` (``window``, ``limits`` of ``inputTokens``,
+  ``outputTokens``, ``totalTokens``, ``requests``; optional ``keyId``, ``model``,
+  ``softThreshold``, ``webhookUrl``), one per (project, key, model, window); with ``--prune``,
+  the other quotas of the projects the files give quotas to are deleted.
+- ``Price``: the price of ``spec.model`` (a catalog asset; ``version`` for one version's own):
+  ``inputPer1k``, ``outputPer1k`` and ``gpuHour``, in force from when it is applied.
 
 ``diff`` changes nothing and exits 1 when the live state drifted from the files (0 when in sync),
 so a CI pipeline can gate on it; ``apply`` makes the changes and a second ``apply`` finds none.
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,7 +40,7 @@ from cli.client import Api, CliError
 from cli.commands import import_body
 from cli.output import Format, OutputOpt, console, emit
 
-KINDS = ("Project", "Catalog", "Policy")
+KINDS = ("Project", "Catalog", "Policy", "Quota", "Price")
 
 
 @dataclass
@@ -99,6 +107,10 @@ def plan(api: Api, documents: list[Document], *, prune: bool = False) -> list[Ch
             changes += _catalog(api, doc)
     policies = [d for d in documents if d.kind == "Policy"]
     changes += _policies(api, policies, prune)
+    changes += _quotas(api, [d for d in documents if d.kind == "Quota"], prune)
+    for doc in documents:
+        if doc.kind == "Price":
+            changes += _price(api, doc)
     return changes
 
 
@@ -117,6 +129,7 @@ def _project(api: Api, doc: Document) -> list[Change]:
         )
         members: dict[str, str] = {}
         entitlements: dict[tuple[str, str], Limits] = {}
+        fallbacks: dict[str, list[str]] = {}
     else:
         display = doc.spec.get("displayName") or name
         if live["display_name"] != display:
@@ -141,6 +154,7 @@ def _project(api: Api, doc: Document) -> list[Change]:
             (e["asset_kind"], e["asset_name"]): _limits(e.get("tool_access"), e.get("tools"))
             for e in granted
         }
+        fallbacks = {e["asset_name"]: e.get("fallbacks") or [] for e in granted}
 
     wanted = {m["subject"]: m["role"] for m in doc.spec.get("members", [])}
     for subject, role in sorted(wanted.items()):
@@ -183,6 +197,23 @@ def _project(api: Api, doc: Document) -> list[Change]:
                     f"project/{name}/entitlement/{kind}/{asset}",
                     "" if held is None else f"limits {_show(held)} → {_show(limits)}",
                     partial(api.call, "PUT", "authz", path, json_body=body),
+                )
+            )
+        chains = {
+            e["name"]: list(e.get("fallbacks") or [])
+            for e in doc.spec["entitlements"]
+            if e["kind"] == "model"
+        }
+        for model, chain in sorted(chains.items()):
+            if fallbacks.get(model, []) == chain:
+                continue
+            path = f"/v1/projects/{name}/fallbacks/{model}"
+            changes.append(
+                Change(
+                    "update",
+                    f"project/{name}/fallbacks/{model}",
+                    f"{fallbacks.get(model, [])} → {chain}",
+                    partial(api.call, "PUT", "authz", path, json_body={"chain": chain}),
                 )
             )
         for kind, asset in sorted(set(entitlements) - set(want)):
@@ -280,6 +311,137 @@ def _policies(api: Api, documents: list[Document], prune: bool) -> list[Change]:
             )
         )
     return changes
+
+
+# Quota limits: the file's names → the API's.
+QUOTA_LIMITS = {
+    "inputTokens": "input_tokens",
+    "outputTokens": "output_tokens",
+    "totalTokens": "total_tokens",
+    "requests": "requests",
+}
+
+
+def _quota_body(spec: dict[str, Any]) -> dict[str, Any]:
+    limits = spec.get("limits") or {}
+    unknown = set(limits) - set(QUOTA_LIMITS)
+    if unknown:
+        raise CliError(f"quota limits: unknown {sorted(unknown)}; use {sorted(QUOTA_LIMITS)}")
+    return {
+        "limits": {api_name: limits.get(name) for name, api_name in QUOTA_LIMITS.items()},
+        "soft_threshold": spec.get("softThreshold"),
+        "webhook_url": spec.get("webhookUrl"),
+    }
+
+
+def _quotas(api: Api, documents: list[Document], prune: bool) -> list[Change]:
+    changes: list[Change] = []
+    projects = sorted({str(d.spec.get("project")) for d in documents})
+    live: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for project in projects:
+        for q in api.call("GET", "metering", "/v1/quotas", params={"project": project}) or []:
+            live[(q["project"], q["key_id"], q["model"], q["window"])] = q
+    declared = set()
+    for doc in documents:
+        spec = doc.spec
+        key = (str(spec.get("project")), spec.get("keyId"), spec.get("model"), spec.get("window"))
+        if key in declared:
+            raise CliError(f"{doc.source}: quota {doc.name}: another document has its scope")
+        declared.add(key)
+        body = _quota_body(spec)
+        current = live.get(key)
+        target = f"quota/{doc.name}"
+        if current is None:
+            create = {
+                **{k: v for k, v in body.items() if v is not None},
+                "limits": {k: v for k, v in body["limits"].items() if v is not None},
+                "window": spec.get("window"),
+                "key_id": spec.get("keyId"),
+                "model": spec.get("model"),
+            }
+            path = f"/v1/projects/{key[0]}/quotas"
+            changes.append(
+                Change(
+                    "create",
+                    target,
+                    run=partial(api.call, "POST", "metering", path, json_body=create),
+                )
+            )
+            continue
+        have = {
+            "limits": {k: current["limits"].get(k) for k in QUOTA_LIMITS.values()},
+            "soft_threshold": current["soft_threshold"],
+            "webhook_url": current["webhook_url"],
+        }
+        wanted = {
+            **body,
+            "soft_threshold": body["soft_threshold"] or have["soft_threshold"],
+        }
+        if wanted == have:
+            continue
+        drift = ", ".join(f"{k} {have[k]} → {wanted[k]}" for k in wanted if wanted[k] != have[k])
+        path = f"/v1/projects/{key[0]}/quotas/{current['id']}"
+        changes.append(
+            Change(
+                "update",
+                target,
+                drift,
+                partial(api.call, "PATCH", "metering", path, json_body=wanted),
+            )
+        )
+    for key in sorted(set(live) - declared if prune else (), key=str):
+        q = live[key]
+        path = f"/v1/projects/{q['project']}/quotas/{q['id']}"
+        changes.append(
+            Change(
+                "delete",
+                f"quota/{q['project']}/{q['window']}/{q['key_id'] or '*'}/{q['model'] or '*'}",
+                "not in the files",
+                partial(api.call, "DELETE", "metering", path),
+            )
+        )
+    return changes
+
+
+PRICE_FIELDS = {"inputPer1k": "input_per_1k", "outputPer1k": "output_per_1k", "gpuHour": "gpu_hour"}
+
+
+def _price(api: Api, doc: Document) -> list[Change]:
+    model, version = doc.spec.get("model"), doc.spec.get("version")
+    if not model:
+        raise CliError(f"{doc.source}: price {doc.name}: spec.model is required")
+    wanted = {
+        api_name: None if doc.spec.get(name) is None else Decimal(str(doc.spec[name]))
+        for name, api_name in PRICE_FIELDS.items()
+    }
+    listed = api.call("GET", "metering", "/v1/prices", params={"model": model}) or []
+    now = [
+        p
+        for p in listed
+        if p["version"] == version and not p["withdrawn"] and p["effective_until"] is None
+    ]
+    have = None
+    if now:
+        current = now[-1]
+        have = {
+            k: None if current[k] is None else Decimal(str(current[k]))
+            for k in PRICE_FIELDS.values()
+        }
+    if have == wanted:
+        return []
+    body = {k: None if v is None else str(v) for k, v in wanted.items()}
+    params = {"version": version} if version else None
+    target = f"price/{model}" + (f"@{version}" if version else "")
+    return [
+        Change(
+            "create" if have is None else "update",
+            target,
+            "" if have is None else f"{have} → {wanted}",
+            partial(
+                api.call, "PUT", "metering", f"/v1/prices/{model}", json_body=body, params=params
+            ),
+        )
+    ]
 
 
 FileOpt = Annotated[

@@ -7,6 +7,7 @@ import json
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -14,6 +15,8 @@ from fastapi import FastAPI
 from typer.testing import CliRunner, Result
 
 from cli.main import app
+from libs.common.settings import Settings
+from tests.conftest import running
 from tests.helpers import bearer, ok, serve, unique
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "gitops"
@@ -21,18 +24,24 @@ EXAMPLES = Path(__file__).parents[2] / "examples" / "gitops"
 
 @pytest.fixture(scope="module")
 async def service_urls(
-    authz_app: FastAPI, catalog_app: FastAPI, approval_app: FastAPI
+    settings: Settings, authz_app: FastAPI, catalog_app: FastAPI, approval_app: FastAPI
 ) -> AsyncIterator[dict[str, str]]:
-    async with (
-        serve(authz_app) as authz,
-        serve(catalog_app) as catalog,
-        serve(approval_app) as approval,
-    ):
-        yield {
-            "STEWARD_AUTHZ_URL": authz,
-            "STEWARD_CATALOG_URL": catalog,
-            "STEWARD_APPROVAL_URL": approval,
-        }
+    from services.metering.app import create_app
+
+    metering_app = create_app(settings, transports={"authz": httpx.ASGITransport(app=authz_app)})
+    async for started in running(metering_app):
+        async with (
+            serve(authz_app) as authz,
+            serve(catalog_app) as catalog,
+            serve(approval_app) as approval,
+            serve(started) as metering,
+        ):
+            yield {
+                "STEWARD_AUTHZ_URL": authz,
+                "STEWARD_CATALOG_URL": catalog,
+                "STEWARD_APPROVAL_URL": approval,
+                "STEWARD_METERING_URL": metering,
+            }
 
 
 async def steward(env: dict[str, str], *args: str) -> Result:
@@ -172,3 +181,118 @@ async def test_a_changed_display_name_and_grant_are_diffed_and_applied(
         await authz.get(f"/v1/projects/{project}/entitlements", headers=bearer(admin_key))
     )
     assert (grant["tool_access"], grant["tools"]) == (None, None)
+
+
+def manifests(project: str, model: str, values: dict[str, Any]) -> str:
+    """A project with every field GitOps manages, a quota and a price; ``values`` vary them."""
+    v = values
+    return f"""
+apiVersion: steward/v1
+kind: Project
+metadata: {{name: {project}}}
+spec:
+  displayName: {v["display"]}
+  members:
+    - {{subject: alice, role: {v["alice"]}}}
+{v["bob"]}
+  entitlements:
+    - {{kind: model, name: {model}, fallbacks: {json.dumps(v["fallbacks"])}}}
+    - {{kind: model, name: {model}-shared}}
+---
+apiVersion: steward/v1
+kind: Quota
+metadata: {{name: {project}-monthly}}
+spec:
+  project: {project}
+  window: month
+  model: {model}
+  limits: {json.dumps(v["limits"])}
+  softThreshold: {v["soft"]}
+  webhookUrl: {v["webhook"]}
+---
+apiVersion: steward/v1
+kind: Price
+metadata: {{name: {model}}}
+spec:
+  model: {model}
+  inputPer1k: "{v["input"]}"
+  outputPer1k: "{v["output"]}"
+  gpuHour: "{v["gpu"]}"
+"""
+
+
+async def test_every_field_of_a_declared_project_quota_and_price_is_diffed_and_applied(
+    service_urls: dict[str, str], authz: httpx.AsyncClient, admin_key: str, tmp_path: Path
+) -> None:
+    env = {**service_urls, "STEWARD_API_KEY": admin_key}
+    project, model = unique("every"), unique("acme/every")
+    base: dict[str, Any] = {
+        "display": "Every field",
+        "alice": "project-admin",
+        "bob": "    - {subject: bob, role: developer}",
+        "fallbacks": [f"{model}-shared"],
+        "limits": {"totalTokens": 1000000, "requests": 5000},
+        "soft": 0.8,
+        "webhook": "https://hooks.example.com/steward",
+        "input": "0.5",
+        "output": "1.5",
+        "gpu": "2.25",
+    }
+    (tmp_path / "all.yaml").write_text(manifests(project, model, base))
+    first = await steward(env, "apply", "-f", str(tmp_path))
+    assert first.exit_code == 0, first.output
+    assert (await steward(env, "diff", "-f", str(tmp_path))).exit_code == 0
+
+    metering = service_urls["STEWARD_METERING_URL"]
+    changes: list[tuple[dict[str, Any], str]] = [
+        ({"display": "Every field, renamed"}, f"project/{project}"),
+        ({"alice": "developer"}, f"project/{project}/member/alice"),
+        ({"bob": ""}, f"project/{project}/member/bob"),
+        ({"fallbacks": []}, f"project/{project}/fallbacks/{model}"),
+        ({"limits": {"totalTokens": 2000000, "requests": 5000}}, f"quota/{project}-monthly"),
+        ({"limits": {"totalTokens": 2000000, "inputTokens": 10}}, f"quota/{project}-monthly"),
+        ({"soft": 0.5}, f"quota/{project}-monthly"),
+        ({"webhook": "https://hooks.example.com/other"}, f"quota/{project}-monthly"),
+        ({"input": "0.75"}, f"price/{model}"),
+        ({"output": "2"}, f"price/{model}"),
+        ({"gpu": "3"}, f"price/{model}"),
+    ]
+    values = dict(base)
+    async with httpx.AsyncClient(base_url=metering, headers=bearer(admin_key)) as m:
+        for change, target in changes:
+            values.update(change)
+            (tmp_path / "all.yaml").write_text(manifests(project, model, values))
+            drift = await steward(env, "diff", "-f", str(tmp_path), "-o", "json")
+            assert drift.exit_code == 1, (change, drift.output)
+            assert [c["target"] for c in json.loads(drift.output)] == [target], change
+            applied = await steward(env, "apply", "-f", str(tmp_path))
+            assert applied.exit_code == 0, applied.output
+            assert (await steward(env, "diff", "-f", str(tmp_path))).exit_code == 0, change
+
+        # The live state is the files' last word, field by field.
+        live = await ok(await authz.get(f"/v1/projects/{project}", headers=bearer(admin_key)))
+        assert live["display_name"] == "Every field, renamed"
+        members = await ok(
+            await authz.get(f"/v1/projects/{project}/members", headers=bearer(admin_key))
+        )
+        assert {x["subject"]: x["role"] for x in members} == {"alice": "developer"}
+        grants = await ok(
+            await authz.get(f"/v1/projects/{project}/entitlements", headers=bearer(admin_key))
+        )
+        assert {g["asset_name"]: g["fallbacks"] for g in grants}[model] is None
+        [quota] = await ok(await m.get("/v1/quotas", params={"project": project}))
+        assert quota["limits"] == {
+            "input_tokens": 10,
+            "output_tokens": None,
+            "total_tokens": 2000000,
+            "requests": None,
+        }
+        assert (quota["soft_threshold"], quota["webhook_url"]) == (
+            0.5,
+            "https://hooks.example.com/other",
+        )
+        prices = [p for p in await ok(await m.get("/v1/prices", params={"model": model}))]
+        current = [p for p in prices if p["effective_until"] is None]
+        assert [(p["input_per_1k"], p["output_per_1k"], p["gpu_hour"]) for p in current] == [
+            ("0.75", "2", "3")
+        ]
