@@ -14,13 +14,21 @@ import hashlib
 import logging
 
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 log = logging.getLogger("steward.lease")
 
-# What a connection that broke raises (its lock is gone with it).
-_LOST = (DBAPIError, InterfaceError, OperationalError, OSError, ConnectionError)
+# What a connection that broke raises (its lock is gone with it), or one left unusable by a
+# statement cancelled half-way (PendingRollbackError: dropping it ends its session and lock).
+_LOST = (
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    PendingRollbackError,
+    OSError,
+    ConnectionError,
+)
 
 
 class Lease:

@@ -54,6 +54,40 @@ async def test_one_of_racing_replicas_leads_and_a_dead_leader_is_replaced(
         await lease.release()
 
 
+async def test_a_leader_cancelled_mid_statement_steps_down_cleanly(
+    engines: list[AsyncEngine],
+) -> None:
+    """A shutdown that cancels the leader in the middle of a statement leaves its connection
+    unusable; stepping down then drops it (its session ends, the lock with it)."""
+    name = unique("cancelled")
+    leader, other = Lease(engines[0], name), Lease(engines[1], name)
+    assert await leader.hold()
+    assert leader._connection is not None
+    busy = asyncio.create_task(leader._connection.execute(text("SELECT pg_sleep(30)")))
+    for _ in range(500):  # until the server runs it
+        if await _running_sleep(engines[2]):
+            break
+        await asyncio.sleep(0.01)
+    busy.cancel()
+    await asyncio.gather(busy, return_exceptions=True)
+    await leader.release()  # no error
+    assert not leader.leading
+    for _ in range(100):
+        if await other.hold():
+            break
+        await asyncio.sleep(0.05)
+    assert other.leading
+    await other.release()
+
+
+async def _running_sleep(engine: AsyncEngine) -> bool:
+    async with engine.connect() as conn:
+        found = await conn.scalar(
+            text("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'")
+        )
+    return bool(found)
+
+
 async def test_another_lease_name_is_another_leader(engines: list[AsyncEngine]) -> None:
     first, second = Lease(engines[0], unique("a")), Lease(engines[1], unique("b"))
     assert await first.hold() and await second.hold()
