@@ -196,6 +196,8 @@ function doSignOut() {
   renderSignIn(wasOidc ? "Signed out of the console. Your single sign-on session at the issuer may still be open." : "Signed out. The key was removed from this tab.");
 }
 
+let navigations = 0;
+
 async function route() {
   if (!ctx.principal) return;
   const { id, params } = parseHash();
@@ -210,14 +212,24 @@ async function route() {
   }
   if (cleanup) cleanup();
   cleanup = null;
-  const main = clear(document.getElementById("main"));
+  // Each navigation renders into a container of its own: a view still loading when the user
+  // moves on finishes into a detached element, never beside the next view.
+  const turn = ++navigations;
+  const main = h("div", { class: "view" });
+  clear(document.getElementById("main")).append(main);
   document.title = `${target.label} · Steward`;
   try {
     const module = await target.load();
-    cleanup = (await module.render(main, ctx, params)) || null;
+    const done = (await module.render(main, ctx, params)) || null;
+    if (turn !== navigations) {
+      if (done) done();
+      return;
+    }
+    cleanup = done;
   } catch (error) {
     main.append(h("div", { class: "alert alert-error", role: "alert" }, `This view failed to load: ${error.message}`));
   }
+  if (turn !== navigations) return;
   // Focus management: the view's heading, so keyboard and screen-reader users start there.
   const heading = main.querySelector("h1");
   if (heading) {

@@ -7,10 +7,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import httpx
 from playwright.async_api import expect
 
+from tests.approval.support import DEV_SCOPES
 from tests.console.conftest import Stack
 from tests.console.support import console_page
+from tests.helpers import member_key, new_project
 
 
 async def test_signing_in_by_keyboard_and_every_view_labels_its_controls(
@@ -69,3 +72,33 @@ async def test_a_platform_key_is_shown_once_then_rotated_and_revoked(
         platform.get_by_role("row", name=re.compile(f"^ci pipeline {new_id}"))
     ).to_contain_text("revoked")
     admin.assert_clean()
+
+
+async def test_the_quick_start_asks_only_what_the_role_may_and_explains_only_its_views(
+    browser: Any, stack: Stack, authz: httpx.AsyncClient, admin_key: str, artifacts: Path
+) -> None:
+    project = await new_project(authz, admin_key, "qs")
+    scopes = [*DEV_SCOPES, "inference:invoke", "mcp:invoke"]
+    dev_key = await member_key(authz, admin_key, project, "developer", scopes)
+    for who, key in (("developer", dev_key), ("admin", admin_key)):
+        console = await console_page(browser, stack.url, artifacts)
+        page = console.page
+        refused: list[str] = []
+        page.on(
+            "response",
+            lambda r, refused=refused: refused.append(r.url) if r.status in (401, 403) else None,
+        )
+        await console.sign_in(key)
+        await console.go("start")
+        await page.wait_for_load_state("networkidle")
+        await expect(page.locator("#quickstart-steps li")).to_have_count(7)
+        assert refused == [], (who, refused)  # no call the role may not make
+        guide = await page.locator("#view-guide dt").all_inner_texts()
+        opened = await page.locator("#nav a").all_inner_texts()
+        assert guide and set(guide) <= set(opened), (who, guide, opened)
+        if who == "developer":
+            assert "Approvals" not in guide and "Audit trail" not in guide
+            # No model is routed in this stack: the snippet says where ids come from.
+            await expect(page.locator("#sdk-snippet")).to_contain_text("GET /v1/models")
+        await console.shot(f"11-quick-start-{who}")
+        console.assert_clean()

@@ -12,6 +12,19 @@ async function probe(fn) {
   }
 }
 
+// The views a quick start explains, each shown only to who can open it (its navigation link).
+const VIEWS = [
+  ["catalog", "Catalog", "Approved models and MCP servers (the dropdown), with provenance, licence, serving hints and tools."],
+  ["request", "New request", "Ask for access, an endpoint (with its cost & security plan) or a larger quota."],
+  ["queue", "Approvals", "Platform admins: pending requests with SLA clocks, overdue first."],
+  ["project", "Project", "What the project may use (entitlements) and who is in it."],
+  ["mcp", "MCP servers", "The MCP servers you may use, with their URL and tools, and your tool calls."],
+  ["endpoints", "Endpoints", "Inference endpoints and their status."],
+  ["usage", "Usage", "Tokens, latency and quotas as charts."],
+  ["keys", "API keys", "Create (shown once), rotate, revoke."],
+  ["audit", "Audit trail", "Platform admins: every change, the hash-chain verification and the audit report."],
+];
+
 export function sdkSnippet(origin, model) {
   return [
     "import os",
@@ -32,28 +45,35 @@ export function sdkSnippet(origin, model) {
 export async function render(main, ctx) {
   const p = ctx.project;
   const enc = encodeURIComponent;
-  const [anyVersion, approved, requests, entitlements, endpoints, members] = await Promise.all([
-    probe(() => api("catalog", "/v1/catalog", { query: { limit: 1 } })),
-    probe(() => api("catalog", "/v1/catalog", { query: { status: "approved", limit: 50 } })),
-    p ? probe(() => api("approval", `/v1/projects/${enc(p)}/requests`, { query: { kind: ["access", "endpoint"], limit: 5 } })) : null,
-    p ? probe(() => api("authz", `/v1/projects/${enc(p)}/entitlements`)) : null,
-    p ? probe(() => api("inference", `/v1/projects/${enc(p)}/endpoints`)) : null,
-    p ? probe(() => api("authz", `/v1/projects/${enc(p)}/members`)) : null,
+  // Only what this role may ask: a developer's quick start makes no call it would be refused.
+  const may = (action, project = p) => ctx.can(action, project);
+  const ask = (allowed, fn) => (allowed ? probe(fn) : null);
+  const weekAgo = new Date(Date.now() - 7 * 86400 * 1000).toISOString();
+  const [anyVersion, approved, requests, entitlements, endpoints, members, models, usage] = await Promise.all([
+    ask(may("catalog.read", null), () => api("catalog", "/v1/catalog", { query: { limit: 1 } })),
+    ask(may("catalog.read", null), () => api("catalog", "/v1/catalog", { query: { status: "approved", limit: 50 } })),
+    ask(p && may("request.read"), () => api("approval", `/v1/projects/${enc(p)}/requests`, { query: { kind: ["access", "endpoint"], limit: 5 } })),
+    ask(p && may("entitlement.read"), () => api("authz", `/v1/projects/${enc(p)}/entitlements`)),
+    ask(p && may("endpoint.read"), () => api("inference", `/v1/projects/${enc(p)}/endpoints`)),
+    ask(p && may("member.read"), () => api("authz", `/v1/projects/${enc(p)}/members`)),
+    // The model ids this credential may call, exactly as the gateway names them.
+    ask(p && may("inference.invoke"), () => api("gateway", "/v1/models")),
+    ask(p && may("usage.read"), () => api("metering", "/v1/usage", { query: { project: p, start: weekAgo } })),
   ]);
   const readyEndpoint = (Array.isArray(endpoints) ? endpoints : []).find((e) => e.status === "ready");
-  const entitledModel = (entitlements || []).find((e) => e.asset_kind === "model");
-  const approvedModel = (approved?.items || []).find((v) => v.kind === "model");
-  const model = readyEndpoint?.route_name || entitledModel?.asset_name || approvedModel?.name || "<an approved model>";
+  const callable = (models?.data || []).map((m) => m.id);
+  const model = callable[0] || readyEndpoint?.route_name || "<a model id from GET /v1/models>";
   const admin = ctx.isPlatformAdmin;
+  const calls = (usage?.rows || []).reduce((n, r) => n + (Number(r.requests) || 0), 0);
 
   const steps = [
     { title: "Create a project", text: "Projects are the tenancy unit: members, keys, quotas and entitlements belong to one.", done: ctx.projects.length > 0, admin: true, link: ["projects", "Projects"] },
-    { title: "Add a team member and issue their key", text: "Give a developer a role in the project, then create a key for them (shown once).", done: (members || []).length > 0, admin: true, link: ["project", "Project"], link2: ["keys", "API keys"] },
+    { title: "Add a team member and issue their key", text: "Give a developer a role in the project, then create a key for them (shown once).", done: members ? members.length > 0 : Boolean(p), admin: true, link: ["project", "Project"], link2: ["keys", "API keys"] },
     { title: "Import the catalog", text: "Paste a Kubeflow catalog.yaml or MCP server.json: everything arrives as draft.", done: Boolean(anyVersion?.items?.length), admin: true, link: ["catalog", "Catalog", { import: "1" }] },
     { title: "Admit a model: request admission, then approve it", text: "A team asks for a draft version to be admitted; the platform admin reads its checklist and approves. Only approved versions reach the dropdown.", done: Boolean(approved?.items?.length), link: ["catalog", "Catalog", { status: "draft" }], link2: admin ? ["queue", "Approval queue"] : null },
-    { title: "Request access or an endpoint", text: "From the dropdown: access to an approved model, or a new endpoint with its cost & security plan.", done: Boolean(requests?.items?.length), link: ["request", "New request"] },
-    { title: "Approve it", text: "The platform admin decides in the queue; Steward grants the entitlement or provisions the endpoint, no human step after that.", done: Boolean((entitlements || []).length || readyEndpoint), admin: true, link: ["queue", "Approval queue"] },
-    { title: "Call it with the OpenAI SDK", text: "Through the gateway, with a project key: every call is metered and counted against the project's quota.", done: false, link: ["usage", "Usage"] },
+    { title: "Request access or an endpoint", text: "From the dropdown: access to an approved model, or a new endpoint with its cost & security plan.", done: Boolean(requests?.items?.length || callable.length), link: ["request", "New request"] },
+    { title: "Approve it", text: "The platform admin decides in the queue; Steward grants the entitlement or provisions the endpoint, no human step after that.", done: Boolean((entitlements || []).length || readyEndpoint || callable.length), admin: true, link: ["queue", "Approval queue"] },
+    { title: "Call it with the OpenAI SDK", text: usage ? "Through the gateway, with a project key: every call is metered and counted against the project's quota." : "Through the gateway, with a project key (a key with usage:read shows here when the project's first call is counted).", done: calls > 0, link: ["usage", "Usage"] },
   ];
   const firstOpen = steps.findIndex((s) => !s.done);
   const list = h("ol", { class: "steps", id: "quickstart-steps" });
@@ -88,14 +108,8 @@ export async function render(main, ctx) {
       h("div", { class: "snippet" }, pre, copy),
       h("details", {}, h("summary", {}, "The same with curl"), h("pre", {}, curl)),
       h("p", { class: "help" }, "MCP clients connect to ", h("code", {}, `${window.location.origin}/mcp/<server>/`), " with the same key (scope mcp:invoke).")),
-    section("What each view is for", h("dl", { class: "facts" },
-      h("dt", {}, "Catalog"), h("dd", {}, "Approved models and MCP servers (the dropdown), with provenance, licence, serving hints and tools."),
-      h("dt", {}, "New request"), h("dd", {}, "Ask for access, an endpoint (with its cost & security plan) or a larger quota."),
-      h("dt", {}, "Approval queue"), h("dd", {}, "Platform admins: pending requests with SLA clocks, overdue first."),
-      h("dt", {}, "Project"), h("dd", {}, "What the project may use (entitlements) and who is in it."),
-      h("dt", {}, "Endpoints"), h("dd", {}, "Inference endpoints and their status."),
-      h("dt", {}, "Usage"), h("dd", {}, "Tokens, latency and quotas as charts."),
-      h("dt", {}, "API keys"), h("dd", {}, "Create (shown once), rotate, revoke."),
-      h("dt", {}, "Audit trail"), h("dd", {}, "Platform admins: every change, with the hash-chain verification."))),
+    section("What each view is for", h("dl", { class: "facts", id: "view-guide" },
+      VIEWS.filter(([id]) => document.querySelector(`#nav a[href="#/${id}"]`))
+        .flatMap(([, name, what]) => [h("dt", {}, name), h("dd", {}, what)]))),
   );
 }
