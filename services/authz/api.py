@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 
 from libs.common.auth import Authorized, Principal, PrincipalDep, Role, decide
@@ -117,6 +117,7 @@ def _key_read(key: ApiKey, project: str | None, now: datetime) -> KeyRead:
         revoked_at=key.revoked_at,
         last_used_at=key.last_used_at,
         rotated_to=key.rotated_to,
+        service=domain.is_service_key(key),
     )
 
 
@@ -385,9 +386,14 @@ async def revoke_platform_key(
     principal: Annotated[Principal, Authorized("platform_key.write")],
     uow: UnitOfWorkDep,
     now: NowDep,
+    force: Annotated[
+        bool, Query(description="Revoke a service's own key too (a leaked one)")
+    ] = False,
 ) -> KeyRead:
+    """Revoke a platform key. A service's key (``service``) only with ``force``: the service is
+    cut off until its deployment gets a new key."""
     key = await domain.find_key(uow, principal, None, key_id, for_update=True)
-    return _key_read(await domain.revoke_key(uow, key, None, now=now), None, now)
+    return _key_read(await domain.revoke_key(uow, key, None, now=now, force=force), None, now)
 
 
 # -- entitlements -----------------------------------------------------------------------------

@@ -352,11 +352,32 @@ def is_admin_credential(key: ApiKey, now: datetime) -> bool:
     )
 
 
-async def revoke_key(uow: UnitOfWork, key: ApiKey, project: str | None, *, now: datetime) -> ApiKey:
+def is_service_key(key: ApiKey) -> bool:
+    """A key a Steward service runs with (configured in its deployment, installed at start)."""
+    return key.project_id is None and key.owner in SERVICE_OWNERS
+
+
+def _protect_service_key(key: ApiKey, what: str, force: bool) -> None:
+    if is_service_key(key) and not force:
+        service = key.owner.removeprefix("steward-")
+        raise Conflict(
+            f"key {key.id} is the {service} service's key: {what} it here cuts the {service} "
+            f"off until its deployment has a new one. Replace STEWARD_{service.upper()}_API_KEY "
+            "and restart it (the new key is installed at start); or, for a leaked key, "
+            "force=true"
+        )
+
+
+async def revoke_key(
+    uow: UnitOfWork, key: ApiKey, project: str | None, *, now: datetime, force: bool = False
+) -> ApiKey:
     """Revoke (idempotent). The last admin credential stays, whoever asks, itself included: with
-    it gone nobody could manage keys again. Platform keys must have been found ``for_update``."""
+    it gone nobody could manage keys again. A service's key is revoked only with ``force`` (an
+    incident), not by a slip beside user keys. Platform keys must have been found
+    ``for_update``."""
     if key.revoked_at is not None:
         return key
+    _protect_service_key(key, "revoking", force)
     if is_admin_credential(key, now):
         others = await repo.keys_in(uow.session, None)
         if not any(k.id != key.id and is_admin_credential(k, now) for k in others):
@@ -377,7 +398,9 @@ async def rotate_key(
     *,
     now: datetime,
 ) -> IssuedKey:
-    """A new key with the same grants; the old one keeps working for the grace period."""
+    """A new key with the same grants; the old one keeps working for the grace period. A
+    service's key is rotated in its deployment (its new secret installed at start)."""
+    _protect_service_key(key, "rotating", False)
     status = key_status(key, now)
     if status != "active":
         raise Conflict(f"key {key.id} is {status}; only an active key can be rotated")

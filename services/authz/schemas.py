@@ -105,6 +105,9 @@ class KeyRead(BaseModel):
     revoked_at: datetime | None
     last_used_at: datetime | None
     rotated_to: str | None
+    service: bool = Field(
+        default=False, description="A Steward service's own key (gateway, inference)"
+    )
 
 
 class KeyCreated(KeyRead):

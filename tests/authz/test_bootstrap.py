@@ -73,3 +73,27 @@ async def test_the_gateway_key_reads_snapshots_and_changes_nothing_even_if_insta
         "/v1/platform/keys", json={"name": "x", "scopes": ["catalog:read"]}, headers=bearer(gateway)
     )
     assert refused.status_code == 403, refused.text
+
+
+async def test_a_service_key_is_marked_and_not_revoked_or_rotated_by_a_slip(
+    authz: httpx.AsyncClient, admin_key: str, settings: Settings
+) -> None:
+    """Beside the user keys, a service's key is marked; revoking or rotating it is refused with
+    what to do instead; an incident (a leaked key) revokes it with force."""
+    key_id, gateway = apikeys.generate()
+    await bootstrap(settings.model_copy(update={"gateway_api_key": SecretStr(gateway)}))
+    keys = await ok(await authz.get("/v1/platform/keys", headers=bearer(admin_key)))
+    marked = {k["id"]: k["service"] for k in keys}
+    assert marked[key_id] is True and marked[admin_key[4:12]] is False
+    path = f"/v1/platform/keys/{key_id}"
+    refused = await authz.delete(path, headers=bearer(admin_key))
+    assert refused.status_code == 409
+    assert "STEWARD_GATEWAY_API_KEY" in refused.json()["detail"]
+    rotated = await authz.post(f"{path}/rotate", headers=bearer(admin_key))
+    assert rotated.status_code == 409
+    await ok(await authz.get("/v1/whoami", headers=bearer(gateway)))  # still working
+    revoked = await ok(
+        await authz.delete(path, params={"force": "true"}, headers=bearer(admin_key))
+    )
+    assert revoked["status"] == "revoked"
+    assert (await authz.get("/v1/whoami", headers=bearer(gateway))).status_code == 401

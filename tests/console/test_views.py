@@ -9,7 +9,11 @@ from typing import Any
 
 import httpx
 from playwright.async_api import expect
+from pydantic import SecretStr
 
+from libs.common import apikeys
+from libs.common.settings import Settings
+from services.authz.app import bootstrap
 from tests.approval.support import DEV_SCOPES
 from tests.console.conftest import Stack
 from tests.console.support import console_page
@@ -102,3 +106,21 @@ async def test_the_quick_start_asks_only_what_the_role_may_and_explains_only_its
             await expect(page.locator("#sdk-snippet")).to_contain_text("GET /v1/models")
         await console.shot(f"11-quick-start-{who}")
         console.assert_clean()
+
+
+async def test_service_keys_are_shown_apart_without_buttons(
+    browser: Any, stack: Stack, admin_key: str, artifacts: Path, settings: Settings
+) -> None:
+    key_id, inference = apikeys.generate()
+    await bootstrap(settings.model_copy(update={"inference_api_key": SecretStr(inference)}))
+    admin = await console_page(browser, stack.url, artifacts)
+    page = admin.page
+    await admin.sign_in(admin_key)
+    await admin.go("keys")
+    apart = page.locator("#pk-service-keys")
+    await expect(apart).to_contain_text(key_id)
+    await expect(apart.get_by_role("button")).to_have_count(0)
+    await expect(page.get_by_role("button", name=f"Revoke key inference ({key_id})")).to_have_count(
+        0
+    )
+    admin.assert_clean()

@@ -85,7 +85,7 @@ function keySection({ title, base, ctx, canOwner = false, canWrite, platform = f
           }
         } }, "Revoke"));
     };
-    area.replaceChildren(table([
+    const columns = [
       ["Name", (k) => k.name],
       ["Id", (k) => h("code", {}, k.id)],
       ["Owner", (k) => `${k.owner} (${k.role})`],
@@ -94,8 +94,16 @@ function keySection({ title, base, ctx, canOwner = false, canWrite, platform = f
       ["Created", (k) => fmtTime(k.created_at)],
       ["Last used", (k) => fmtTime(k.last_used_at)],
       ["Expires", (k) => fmtTime(k.expires_at)],
-      ["", actions],
-    ], keys, { empty: "No keys yet." }));
+    ];
+    // Steward's own processes' keys apart, without buttons: they change in the deployment.
+    const services = keys.filter((k) => k.service);
+    area.replaceChildren(table([...columns, ["", actions]], keys.filter((k) => !k.service), { empty: "No keys yet." }));
+    if (services.length) {
+      area.append(h("div", { id: `${prefix}-service-keys` },
+        h("h3", {}, "Service keys"),
+        h("p", { class: "help" }, "The keys Steward's own services run with (least privilege). They are replaced in the deployment (STEWARD_GATEWAY_API_KEY, STEWARD_INFERENCE_API_KEY) and installed when the service starts; revoking one here would cut the service off."),
+        table(columns, services)));
+    }
     if (canWrite) area.append(createForm());
   }
 
