@@ -135,6 +135,9 @@ def _usage_row(
         completion_tokens=completion,
         total_tokens=prompt + completion,
         cost=_cost(row.cost_nanos),
+        rate_limited=int(row.rate_limited),
+        client_errors=int(row.client_errors),
+        server_errors=int(row.server_errors),
         request_bytes=int(row.request_bytes),
         response_bytes=int(row.response_bytes),
         ttft_ms=_latency(

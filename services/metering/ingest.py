@@ -71,6 +71,20 @@ _REQUESTS, _ERRORS, _PROMPT, _COMPLETION, _COST = (
     _SLOT[c] for c in ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_nanos")
 )
 _REQUEST_BYTES, _RESPONSE_BYTES = _SLOT["request_bytes"], _SLOT["response_bytes"]
+_RATE_LIMITED, _CLIENT_ERRORS, _SERVER_ERRORS = (
+    _SLOT[c] for c in ("rate_limited", "client_errors", "server_errors")
+)
+
+
+def error_slot(http_status: int) -> int:
+    """Which cause an error counts under: 429, another 4xx, or anything else (5xx, none)."""
+    if http_status == 429:
+        return _RATE_LIMITED
+    if 400 <= http_status < 500:
+        return _CLIENT_ERRORS
+    return _SERVER_ERRORS
+
+
 _DURATION_SUM, _TTFT_COUNT, _TTFT_SUM = (
     _SLOT[c] for c in ("duration_sum_ms", "ttft_count", "ttft_sum_ms")
 )
@@ -200,6 +214,7 @@ class Ingest:
             acc[_REQUESTS] += 1
             if u.status != "ok":
                 acc[_ERRORS] += 1
+                acc[error_slot(u.http_status)] += 1
             acc[_PROMPT] += u.prompt_tokens
             acc[_COMPLETION] += u.completion_tokens
             acc[_COST] += cost

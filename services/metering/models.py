@@ -119,6 +119,11 @@ usage_minutes = Table(
     _counter("cost_nanos"),
     _counter("request_bytes"),
     _counter("response_bytes"),
+    # The errors by cause: refused for a quota or a rate limit (429), the caller's request (other
+    # 4xx), the model or the gateway (5xx, and calls that broke off).
+    _counter("rate_limited"),
+    _counter("client_errors"),
+    _counter("server_errors"),
     _counter("ttft_count"),
     Column("ttft_sum_ms", Float, nullable=False, default=0.0, server_default="0"),
     Column("duration_sum_ms", Float, nullable=False, default=0.0, server_default="0"),

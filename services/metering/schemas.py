@@ -178,6 +178,9 @@ class UsageRow(BaseModel):
     completion_tokens: int
     total_tokens: int
     cost: float
+    rate_limited: int = Field(default=0, description="Errors that were 429: quota, rate limit")
+    client_errors: int = Field(default=0, description="Errors that were another 4xx")
+    server_errors: int = Field(default=0, description="Errors that were 5xx or broke off")
     request_bytes: int = Field(default=0, description="Bytes of MCP tool calls sent")
     response_bytes: int = Field(default=0, description="Bytes of their answers")
     ttft_ms: Latency

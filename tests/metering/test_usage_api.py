@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from libs.common.bus import Bus
 from libs.common.db import utcnow
+from libs.common.events.usage import UsageRecorded
 from tests.helpers import bearer, member_key, new_project, ok, serve
 from tests.metering.support import credential, eventually, publish, usage
 
@@ -391,3 +392,26 @@ async def test_the_cli_shows_the_same_totals_and_csv(
         assert sum(int(line["total_tokens"]) for line in lines) == sum(
             r["total_tokens"] for r in rows.values()
         )
+
+
+async def test_errors_are_counted_by_cause(
+    authz: httpx.AsyncClient, metering: httpx.AsyncClient, gateway_bus: Bus, admin_key: str
+) -> None:
+    """A 429 (a quota, a rate limit) is not a failing model: usage tells them apart."""
+    p = await new_project(authz, admin_key, "usage-causes")
+
+    def failed(status: int) -> UsageRecorded:
+        return usage(p, status="error").model_copy(update={"http_status": status})
+
+    events = [usage(p), failed(429), failed(429), failed(400), failed(502), failed(0)]
+    await publish(gateway_bus, events)
+    await wait_counted(metering, admin_key, p, len(events))
+    [row] = (
+        await ok(await metering.get("/v1/usage", params={"project": p}, headers=bearer(admin_key)))
+    )["rows"]
+    assert (row["errors"], row["rate_limited"], row["client_errors"], row["server_errors"]) == (
+        5,
+        2,
+        1,
+        2,
+    )

@@ -83,7 +83,8 @@ export async function render(main, ctx, params) {
     const sum = (key) => rows.reduce((a, r) => a + (Number(r[key]) || 0), 0);
     totals.replaceChildren(h("div", { class: "panel" }, facts([
       ["Requests", fmtNumber(sum("requests"))],
-      ["Errors", fmtNumber(sum("errors"))],
+      ["Errors", h("span", { id: "usage-errors" }, fmtNumber(sum("errors")),
+        sum("errors") ? ` — ${fmtNumber(sum("rate_limited"))} refused for a quota or rate limit (429), ${fmtNumber(sum("server_errors"))} failed at the model or gateway (5xx), ${fmtNumber(sum("client_errors"))} bad requests (4xx)` : "")],
       ["Tokens (prompt + completion)", `${fmtNumber(sum("total_tokens"))} (${fmtNumber(sum("prompt_tokens"))} + ${fmtNumber(sum("completion_tokens"))})`],
       ["Cost", fmtMoney(sum("cost"), byProject.currency || "USD")],
     ])));

@@ -1,5 +1,5 @@
-"""call quotas and call bytes: a quota may limit calls per window (model calls, MCP tool
-calls); usage keeps the bytes of MCP tool calls
+"""call quotas, call bytes, errors by cause: a quota may limit calls per window (model calls,
+MCP tool calls); usage keeps the bytes of MCP tool calls and counts its errors by cause
 
 Revision ID: 0007
 Revises: 0006
@@ -19,6 +19,15 @@ down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+# New per-minute sums: MCP bytes, and the errors by cause (429, other 4xx, 5xx or broken off).
+COUNTERS = (
+    "request_bytes",
+    "response_bytes",
+    "rate_limited",
+    "client_errors",
+    "server_errors",
+)
+
 
 def upgrade() -> None:
     with op.batch_alter_table("quotas", schema=None) as batch_op:
@@ -31,7 +40,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("request_bytes", sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column("response_bytes", sa.BigInteger(), nullable=True))
     with op.batch_alter_table("usage_minutes", schema=None) as batch_op:
-        for name in ("request_bytes", "response_bytes"):
+        for name in COUNTERS:
             batch_op.add_column(
                 sa.Column(name, sa.BigInteger(), server_default="0", nullable=False)
             )
@@ -39,8 +48,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table("usage_minutes", schema=None) as batch_op:
-        batch_op.drop_column("response_bytes")
-        batch_op.drop_column("request_bytes")
+        for name in reversed(COUNTERS):
+            batch_op.drop_column(name)
     with op.batch_alter_table("usage_events", schema=None) as batch_op:
         batch_op.drop_column("response_bytes")
         batch_op.drop_column("request_bytes")
