@@ -105,6 +105,17 @@ export async function render(main, ctx, params) {
         quotas.replaceChildren(h("p", { class: "empty" }, "No quotas set."));
         return;
       }
+      // Names over ids: the keys of the projects whose keys this role may read.
+      const keyNames = new Map();
+      const projects = [...new Set(list.filter((q) => q.key_id).map((q) => q.project))];
+      await Promise.all(projects.filter((p) => ctx.can("key.read", p)).map(async (p) => {
+        try {
+          for (const k of await api("authz", `/v1/projects/${encodeURIComponent(p)}/keys`)) keyNames.set(k.id, k.name);
+        } catch {
+          /* ids stay */
+        }
+      }));
+      const keyLabel = (id) => (keyNames.has(id) ? `key ${keyNames.get(id)} (${id})` : `key ${id}`);
       quotas.replaceChildren(...list.flatMap((q) => {
         const limits = q.limits || {};
         const parts = [
@@ -114,7 +125,7 @@ export async function render(main, ctx, params) {
           ["calls", limits.requests, q.requests_used || 0],
         ].filter(([, limit]) => limit);
         return parts.map(([dim, limit, used]) => gauge({
-          caption: `${q.project}${q.key_id ? ` · key ${q.key_id}` : ""}${q.model ? ` · ${q.model}` : ""} — ${dim === "calls" ? "calls" : `${dim} tokens`} per ${q.window}`,
+          caption: `${q.project}${q.key_id ? ` · ${keyLabel(q.key_id)}` : ""}${q.model ? ` · ${q.model}` : ""} — ${dim === "calls" ? "calls" : `${dim} tokens`} per ${q.window}`,
           used, limit, soft: q.soft_threshold ?? 0.8, status: q.status || "ok",
         }));
       }));
