@@ -84,6 +84,8 @@ class AuthReplica:
         self._entitlements: set[tuple[str, str, str]] = set()
         # The grants that cover less than their MCP server (most cover all of it).
         self._limited: dict[tuple[str, str, str], EntitlementState] = {}
+        # Keys let through since the last report to authz (their last_used_at).
+        self.used: set[str] = set()
         # (project, model asset) → the project's fallback chain for it.
         self._fallbacks: dict[tuple[str, str], tuple[str, ...]] = {}
         self.loaded = False
@@ -156,7 +158,13 @@ class AuthReplica:
             self._verified[key_id] = (record, key)
         if record.expires_at is not None and record.expires_at <= self.clock().timestamp():
             raise KeyRejected("API key expired")
+        self.used.add(key_id)
         return record.principal
+
+    def take_used(self) -> set[str]:
+        """The keys used since the last call (for the report to authz)."""
+        used, self.used = self.used, set()
+        return used
 
     def entitled(self, project: str, kind: str, name: str) -> bool:
         return (project, kind, name) in self._entitlements

@@ -7,6 +7,7 @@ journal, the upstream pools, admission); gateway/app.py hands each proxy the par
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +29,11 @@ from gateway.tracing import configured_tracer, inject_httpx
 from gateway.upstream import UpstreamPool
 from gateway.usage import UsageRecorder
 from gateway.vocab import Tokenizers
-from libs.common.bus import Bus
+from libs.common.bus import Bus, BusUnavailable
 from libs.common.clients import AuthzClient, CatalogClient, ServiceClient
 from libs.common.db import Clock, new_id, utcnow
+from libs.common.events import CloudEvent
+from libs.common.events.usage import KeysUsed
 from libs.common.netpolicy import policy_from_settings
 from libs.common.oidc import verifier_from_settings
 from libs.common.settings import Settings
@@ -76,6 +79,7 @@ class Gateway:
     kong: KongRuntime | None = None
     # None unless a tracer provider was installed before start (see gateway/tracing.py).
     tracer: trace.Tracer | None = None
+    _reporting: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, settings: Settings, *, clock: Clock = utcnow) -> Gateway:
@@ -179,9 +183,38 @@ class Gateway:
         gateway.kong = KongRuntime(kong) if kong is not None else None
         await usage.start()
         await syncer.start()
+        gateway._reporting = asyncio.create_task(gateway._report_keys_forever())
         return gateway
 
+    async def report_key_usage(self) -> int:
+        """Tell authz which keys were let through since the last report (``KeysUsed``); kept
+        for the next one while NATS is away. Returns how many keys were reported."""
+        used = self.auth.take_used()
+        if not used:
+            return 0
+        report = KeysUsed(gateway_id=str(self.quota.gateway_id), at=utcnow(), key_ids=sorted(used))
+        event = CloudEvent.wrap(report, source="gateway")
+        try:
+            await self.bus.publish(report.subject, event.model_dump_json().encode(), event.id)
+        except BusUnavailable:
+            self.auth.used |= used
+            return 0
+        return len(used)
+
+    async def _report_keys_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.gateway_key_usage_seconds)
+            try:
+                await self.report_key_usage()
+            except Exception:
+                log.exception("reporting key usage failed; will retry")
+
     async def stop(self) -> None:
+        if self._reporting is not None:
+            self._reporting.cancel()
+            await asyncio.gather(self._reporting, return_exceptions=True)
+            with contextlib.suppress(Exception):  # a last report, if NATS is there
+                await self.report_key_usage()
         await self.syncer.stop()
         await self.usage.stop()
         if self.usage.journal is not None:

@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     gateway_upstream_max_connections: int = 512
     # Re-read the snapshots this often as a safety net behind the events.
     gateway_resync_seconds: float = 300.0
+    # Tell authz which keys were used this often (their "last used", to this precision).
+    gateway_key_usage_seconds: float = Field(default=60.0, gt=0, le=3600)
     # While NATS is down, ask authz this often whether keys, entitlements or members changed
     # (a 304 when not): the most a revoked key keeps working without the events.
     gateway_offline_poll_seconds: float = Field(default=1.0, gt=0, le=60)

@@ -19,6 +19,7 @@ from libs.common.events.authz import (
     MemberChanged,
     ProjectCreated,
 )
+from libs.common.events.usage import KeysUsed
 from libs.common.outbox import Outbox
 from libs.common.uow import UnitOfWork
 from services.authz import domain
@@ -64,4 +65,14 @@ async def on_request_approved(session: AsyncSession, event: CloudEvent) -> None:
     )
 
 
-HANDLERS: dict[str, Handler] = {RequestApproved.subject: on_request_approved}
+async def on_keys_used(session: AsyncSession, event: CloudEvent) -> None:
+    """A gateway's report of the keys it let through: their ``last_used_at`` moves forward
+    (never back: reports of several gateways arrive in any order)."""
+    used = KeysUsed.model_validate(event.data)
+    await repo.mark_used(session, used.key_ids, used.at)
+
+
+HANDLERS: dict[str, Handler] = {
+    RequestApproved.subject: on_request_approved,
+    KeysUsed.subject: on_keys_used,
+}

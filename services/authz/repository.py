@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import Select, event, insert, select, update
+from sqlalchemy import Select, event, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
@@ -199,3 +199,17 @@ def advance_replica_revision_at_commit(session: AsyncSession) -> None:
         return
     session.info[_REVISES] = True
     event.listen(session.sync_session, "before_commit", _advance, once=True)
+
+
+async def mark_used(session: AsyncSession, key_ids: Sequence[str], at: datetime) -> None:
+    """Set ``last_used_at`` of these keys to ``at`` where it is earlier (or unset)."""
+    if not key_ids:
+        return
+    await session.execute(
+        update(ApiKey)
+        .where(
+            ApiKey.id.in_(list(key_ids)),
+            or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < at),
+        )
+        .values(last_used_at=at)
+    )

@@ -68,3 +68,14 @@ class UsageRecorded(EventPayload):
     # The model the client asked for, when a model of the project's fallback chain served the
     # call (``model``, ``asset`` and ``asset_version`` are then the fallback's).
     fallback_from: str | None = Field(default=None, max_length=255)
+
+
+class KeysUsed(EventPayload):
+    """The API keys a gateway let through in the last interval: authz keeps each key's
+    ``last_used_at`` to the interval (gateways verify keys locally: authz sees no call)."""
+
+    subject: ClassVar[str] = "gateway.keys.used"
+
+    gateway_id: str = Field(max_length=64)
+    at: datetime
+    key_ids: list[str] = Field(max_length=100_000)
