@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:  # imported when a command calls a service: `steward --help` starts without
+    import httpx
 
-from libs.common.settings import Settings
+    from libs.common.settings import Settings
 
 
 class CliError(Exception):
@@ -51,6 +52,10 @@ class Api:
         key: str | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        import httpx
+
+        from libs.common.settings import Settings
+
         self.settings = settings or Settings()
         self.gateway = os.environ.get("STEWARD_URL", "").rstrip("/") or None
         self._key = key
@@ -81,6 +86,8 @@ class Api:
         missing_ok: bool = False,
     ) -> Any:
         """One API call; a problem+json answer becomes a CliError carrying its detail."""
+        import httpx  # loaded by __init__ already: a dictionary lookup
+
         headers = {"Authorization": f"Bearer {self.key}"}
         if content_type:
             headers["content-type"] = content_type

@@ -2,29 +2,36 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import httpx
 import typer
-from pydantic import SecretStr
 
 from cli import commands, gitops
 from cli.client import CliError, describe_problem, load_key
 from cli.output import errors
 from cli.stack import SERVICES, Stack
 from libs.common import apikeys
-from libs.common.settings import Settings
+
+if TYPE_CHECKING:  # loaded by the commands that need them: `steward --help` starts without
+    from pydantic import SecretStr
+
+    from libs.common.settings import Settings
 
 app = typer.Typer(
     help="Steward: the governance plane for generative AI.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _settings() -> Settings:
+    from libs.common.settings import Settings
+
+    return Settings()
 
 
 def _migrate(settings: Settings, services: tuple[str, ...]) -> None:
@@ -48,6 +55,8 @@ def _show_key(title: str, key: str) -> None:
 
 
 def _bootstrap(settings: Settings) -> None:
+    import asyncio
+
     from services.authz.app import bootstrap
 
     key = asyncio.run(bootstrap(settings))
@@ -58,6 +67,8 @@ def _bootstrap(settings: Settings) -> None:
 def _with_service_keys(settings: Settings) -> Settings:
     """The gateway's and inference's own platform keys: configured, or (embedded mode) made once
     and kept under data_dir (0600). ``bootstrap`` installs them with their least scopes."""
+    from pydantic import SecretStr
+
     keys: dict[str, SecretStr] = {}
     for service in ("gateway", "inference"):
         configured = getattr(settings, f"{service}_api_key")
@@ -85,7 +96,7 @@ def migrate(
     """Apply database migrations."""
     if service is not None and service not in SERVICES:
         raise typer.BadParameter(f"unknown service; one of {', '.join(SERVICES)}")
-    _migrate(Settings(), (service,) if service else SERVICES)
+    _migrate(_settings(), (service,) if service else SERVICES)
 
 
 @app.command()
@@ -97,7 +108,7 @@ def keygen() -> None:
 @app.command()
 def bootstrap() -> None:
     """Create the first platform-admin key (does nothing once an admin exists)."""
-    _bootstrap(Settings())
+    _bootstrap(_settings())
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
@@ -107,7 +118,7 @@ def _interrupt(_signum: int, _frame: object) -> None:
 @app.command()
 def up() -> None:
     """Start NATS and every service on the embedded default; Ctrl-C stops everything."""
-    settings = _with_service_keys(Settings())
+    settings = _with_service_keys(_settings())
     stack = Stack(settings)
     signal.signal(signal.SIGTERM, _interrupt)
     typer.secho("Steward — starting on the embedded default", bold=True)
@@ -142,7 +153,9 @@ def status(
     output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
 ) -> None:
     """Readiness of every service and of the gateway."""
-    settings = Settings()
+    import httpx
+
+    settings = _settings()
     result: dict[str, object] = {}
     probes = {name: f"http://{settings.host}:{settings.port_for(name)}/readyz" for name in SERVICES}
     probes["gateway"] = f"http://{settings.host}:{settings.gateway_admin_port}/readyz"
@@ -170,7 +183,9 @@ def gateway_export(
     ] = None,
 ) -> None:
     """Write the live gateway policy (routes, ACLs, quotas) as a Kong declarative config."""
-    settings = Settings()
+    import httpx
+
+    settings = _settings()
     admin = os.environ.get("STEWARD_GATEWAY_ADMIN_URL") or (
         f"http://{settings.host}:{settings.gateway_admin_port}"
     )
@@ -207,6 +222,7 @@ def admin_recover(
 ) -> None:
     """Mint a platform-admin key with every scope straight into authz's database (audited), for
     when every admin credential was lost. Needs the database, not the API."""
+    import asyncio
     import getpass
     import socket
 
@@ -215,7 +231,7 @@ def admin_recover(
     actor = f"steward-admin-recover:{getpass.getuser()}@{socket.gethostname()}"
     _show_key(
         f"Recovered platform-admin API key for {owner!r}",
-        asyncio.run(recover(Settings(), owner, actor)),
+        asyncio.run(recover(_settings(), owner, actor)),
     )
 
 

@@ -11,11 +11,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import httpx
-
-from libs.common.settings import Settings
+if TYPE_CHECKING:  # the CLI's other commands start without pydantic's settings
+    from libs.common.settings import Settings
 
 # Every service that exists, in start order.
 SERVICES: tuple[str, ...] = ("authz", "catalog", "approval", "inference", "metering")
@@ -81,6 +81,8 @@ class Stack:
             # stops the services in order (NATS last), rather than every child dying at once.
             process_group=0,
         )
+
+        import httpx  # only `steward up` probes: the other commands start without it
 
         def ready() -> bool:
             try:

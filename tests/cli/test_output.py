@@ -34,9 +34,10 @@ def test_ids_stay_whole_in_a_narrow_table(
 
 
 def test_the_cli_starts_without_the_database_stack() -> None:
-    """Only ``up`` and ``migrate`` need alembic and SQLAlchemy (half its start-up): the other
-    commands must not pay for them."""
-    heavy = "('alembic', 'sqlalchemy')"
+    """Only ``up`` and ``migrate`` need alembic and SQLAlchemy, and only commands that call a
+    service need httpx and the settings (most of the start-up): ``steward --help`` and a typo
+    must not pay for them (the CLI starts in about 0.2 s instead of 0.45 s)."""
+    heavy = "('alembic', 'sqlalchemy', 'httpx', 'pydantic_settings')"
     probe = f"import sys, cli.main; print(sorted(m for m in {heavy} if m in sys.modules))"
     found = subprocess.run(  # noqa: S603 - this interpreter, a fixed program
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
