@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from playwright.async_api import expect
 from pydantic import SecretStr
 
 from libs.common import apikeys
 from libs.common.settings import Settings
 from services.authz.app import bootstrap
-from tests.approval.support import DEV_SCOPES
+from tests.approval.support import DEV_SCOPES, catalog_yaml, import_yaml, mcp_server, model, uname
 from tests.console.conftest import Stack
 from tests.console.support import console_page
 from tests.helpers import member_key, new_project
@@ -123,4 +124,37 @@ async def test_service_keys_are_shown_apart_without_buttons(
     await expect(page.get_by_role("button", name=f"Revoke key inference ({key_id})")).to_have_count(
         0
     )
+    admin.assert_clean()
+
+
+@pytest.mark.parametrize("width", [1024, 1440])
+async def test_every_view_fits_the_window_from_1024_px_up(
+    browser: Any, stack: Stack, admin_key: str, artifacts: Path, width: int
+) -> None:
+    """No view is wider than the window (a clipped catalog table, a pushed-out form): the page
+    never scrolls sideways. A screenshot of each view at each width goes to the artefacts."""
+    # Something to show: a catalog with long names, the widest thing tables hold.
+    long = [model(f"{uname('a-provider-with-a-long-name')}/{'x' * 60}-instruct") for _ in range(3)]
+    async with httpx.AsyncClient(base_url=stack.services["catalog"]) as catalog:
+        await import_yaml(catalog, admin_key, catalog_yaml(long, [mcp_server(uname("tools"))]))
+    admin = await console_page(browser, stack.url, artifacts)
+    page = admin.page
+    await page.set_viewport_size({"width": width, "height": 900})
+    await admin.sign_in(admin_key)
+    links = await page.locator("#nav a").evaluate_all("(as) => as.map((a) => a.hash)")
+    for hash_ in links:
+        view = hash_.removeprefix("#/")
+        await admin.go(view)
+        await page.wait_for_load_state("networkidle")
+        overflow = await page.evaluate(
+            "() => ({page: document.documentElement.scrollWidth - window.innerWidth,"
+            " main: (() => { const m = document.querySelector('main');"
+            " return m.scrollWidth - m.clientWidth; })(),"
+            # A table wider than its column hides its last columns behind a scroll bar.
+            " tables: [...document.querySelectorAll('main .table-wrap')]"
+            "   .map((w) => w.scrollWidth - w.clientWidth).filter((d) => d > 1)})"
+        )
+        assert overflow["page"] <= 0 and overflow["main"] <= 0, (view, width, overflow)
+        assert overflow["tables"] == [], (view, width, overflow)
+        await admin.shot(f"layout-{width}-{view}")
     admin.assert_clean()
