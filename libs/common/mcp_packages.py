@@ -86,6 +86,16 @@ class StdioPackage:
             raise PackageProblem(f"the package needs {', '.join(missing)}")
         return {k: v for k, v in values.items() if v is not None}
 
+    def check_runtime(self, runtime: str) -> None:
+        """Where an endpoint may run it: locally, or on Kubernetes (ToolHive) as an OCI image."""
+        if runtime == "external":
+            raise PackageProblem("MCP servers run on the local or kubernetes runtime")
+        if runtime == "kubernetes" and self.registry_type != "oci":
+            raise PackageProblem(
+                f"on Kubernetes MCP servers run from OCI images; this is a "
+                f"{self.registry_type} package: ask for the local runtime"
+            )
+
     def command(self, runners: Mapping[str, Sequence[str]], env_names: Sequence[str]) -> list[str]:
         """The command line that starts it with the operator's runner for its registry."""
         runner = runners.get(self.registry_type)

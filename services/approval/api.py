@@ -24,7 +24,7 @@ from libs.common.errors import (
     problem_responses,
 )
 from libs.common.events.approval import RequestKind, RequestStatus
-from libs.common.events.inference import seal_credential
+from libs.common.events.inference import seal_environment
 from libs.common.names import ProjectPath
 from libs.common.service import SessionDep, UnitOfWorkDep, context
 from services.approval import audit, domain, report
@@ -174,7 +174,7 @@ async def file_request(
         catalog,
         config,
         now=now,
-        seal=lambda secret: seal_credential(key, secret),
+        seal=lambda values: seal_environment(key, values),
     )
     return await _detail(uow.session, row, now)
 

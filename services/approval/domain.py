@@ -9,7 +9,6 @@ the wall clock in production, one a test moves), never from the wall clock here.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
@@ -110,13 +109,11 @@ def _mcp_environment(
     data: dict[str, Any],
     version: dict[str, Any],
     environment: dict[str, str],
-    seal: Callable[[str], str],
+    seal: Callable[[dict[str, str]], str | None],
 ) -> dict[str, Any]:
     """An MCP server endpoint runs the version's stdio package (local runtime; on Kubernetes, an
     OCI package with ToolHive): check the environment against what the package declares and
     seal it (names stay readable)."""
-    if data["runtime"] == "external":
-        raise _field_error("payload.runtime", "MCP servers run on the local or kubernetes runtime")
     try:
         package = stdio_package((version.get("spec") or {}).get("server") or {})
         if package is None:
@@ -127,16 +124,11 @@ def _mcp_environment(
         values = package.check_environment(environment)
     except PackageProblem as problem:
         raise _field_error("payload.environment", str(problem)) from None
-    if data["runtime"] == "kubernetes" and package.registry_type != "oci":
-        raise _field_error(
-            "payload.runtime",
-            f"on Kubernetes MCP servers run from OCI images; this is a {package.registry_type} "
-            "package: ask for the local runtime",
-        )
-    return {
-        "environment_names": sorted(values),
-        "sealed_environment": seal(json.dumps(values)) if values else None,
-    }
+    try:
+        package.check_runtime(data["runtime"])
+    except PackageProblem as problem:
+        raise _field_error("payload.runtime", str(problem)) from None
+    return {"environment_names": sorted(values), "sealed_environment": seal(values)}
 
 
 async def _enrich(
@@ -145,7 +137,7 @@ async def _enrich(
     kind: str,
     project: str,
     given: BaseModel,
-    seal: Callable[[str], str],
+    seal: Callable[[dict[str, str]], str | None],
 ) -> tuple[dict[str, Any], tuple[str, str, str | None] | None]:
     """Check the request against the catalog; returns the stored payload and its asset key."""
     data = given.model_dump()
@@ -236,7 +228,7 @@ async def file_request(
     config: ApprovalConfig,
     *,
     now: datetime,
-    seal: Callable[[str], str],
+    seal: Callable[[dict[str, str]], str | None],
 ) -> Request:
     """``seal`` encrypts what a request carries in secret (an MCP server's environment) with
     the key inference opens it with."""

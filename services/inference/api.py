@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
@@ -17,7 +16,7 @@ from libs.common.errors import (
     authenticated_responses,
     problem_responses,
 )
-from libs.common.events.inference import EndpointState, seal_credential
+from libs.common.events.inference import EndpointState, seal_credential, seal_environment
 from libs.common.mcp_packages import PackageProblem
 from libs.common.names import ProjectPath
 from libs.common.netpolicy import AddressDenied
@@ -175,15 +174,16 @@ async def create_endpoint(
     if mcp:
         if found.package is None:
             raise _field_error("model_name", "the MCP server version has no stdio package to run")
-        if body.runtime == "kubernetes" and found.package.registry_type != "oci":
-            raise _field_error("runtime", "on Kubernetes MCP servers run from OCI images")
+        try:
+            found.package.check_runtime(body.runtime)
+        except PackageProblem as problem:
+            raise _field_error("runtime", str(problem)) from None
         given = {k: v.get_secret_value() for k, v in (body.environment or {}).items()}
         try:
             values = found.package.check_environment(given)
         except PackageProblem as problem:
             raise _field_error("environment", str(problem)) from None
-        if values:
-            sealed_environment = seal_credential(plane.credential_key, json.dumps(values))
+        sealed_environment = seal_environment(plane.credential_key, values)
     new = domain.NewEndpoint(
         project=project,
         owner=principal.subject,

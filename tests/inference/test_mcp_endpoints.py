@@ -24,7 +24,7 @@ from tests.approval.support import admitted, approve, eventually, file_request, 
 from tests.gateway.test_mcp import ACCEPT, INIT, mcp_client
 from tests.helpers import bearer, issue_key, ok
 from tests.inference.kube_double import KubeDouble
-from tests.inference.support import endpoint_of_request, plan, team, wait_status
+from tests.inference.support import Team, endpoint_of_request, plan, team, wait_status
 
 SECRET = "tk_s3cret-value-18"
 
@@ -56,6 +56,21 @@ def server_json(name: str) -> dict[str, Any]:
             }
         },
     }
+
+
+async def admitted_server(
+    catalog: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    admin_key: str,
+    who: Team,
+    document: dict[str, Any],
+) -> None:
+    """The server.json imported, and its version admitted to the catalog on the team's request."""
+    await ok(
+        await catalog.post("/v1/imports/mcp-servers", json=document, headers=bearer(admin_key))
+    )
+    name = document["name"]
+    await admitted(catalog, approval, admin_key, who.dev, who.project, "mcp_server", name)
 
 
 def endpoint_request(name: str, environment: dict[str, str] | None) -> dict[str, Any]:
@@ -103,12 +118,7 @@ async def test_an_endpoint_request_with_a_wrong_environment_is_refused_and_files
 ) -> None:
     who = await team(authz, admin_key)
     name = f"io.github.steward-test/{uname('tickets')}"
-    await ok(
-        await catalog.post(
-            "/v1/imports/mcp-servers", json=server_json(name), headers=bearer(admin_key)
-        )
-    )
-    await admitted(catalog, approval, admin_key, who.dev, who.project, "mcp_server", name)
+    await admitted_server(catalog, approval, admin_key, who, server_json(name))
     refused = await approval.post(
         f"/v1/projects/{who.project}/requests",
         json={"kind": "endpoint", "payload": endpoint_request(name, environment)},
@@ -137,12 +147,7 @@ async def test_a_stdio_package_runs_as_an_endpoint_routed_for_its_project_alone(
 ) -> None:
     who = await team(authz, admin_key)
     name = f"io.github.steward-test/{uname('tickets')}"
-    await ok(
-        await catalog.post(
-            "/v1/imports/mcp-servers", json=server_json(name), headers=bearer(admin_key)
-        )
-    )
-    await admitted(catalog, approval, admin_key, who.dev, who.project, "mcp_server", name)
+    await admitted_server(catalog, approval, admin_key, who, server_json(name))
     access = await file_request(
         approval, who.dev, who.project, "access", {"asset_kind": "mcp_server", "asset_name": name}
     )
@@ -292,11 +297,7 @@ async def test_on_kubernetes_an_oci_package_becomes_a_toolhive_mcp_server_with_a
     double, _ = kube
     who = await team(authz, admin_key)
     name = f"io.github.steward-test/{uname('oci-tickets')}"
-    document = oci_server_json(name)
-    await ok(
-        await catalog.post("/v1/imports/mcp-servers", json=document, headers=bearer(admin_key))
-    )
-    await admitted(catalog, approval, admin_key, who.dev, who.project, "mcp_server", name)
+    await admitted_server(catalog, approval, admin_key, who, oci_server_json(name))
     access = await file_request(
         approval, who.dev, who.project, "access", {"asset_kind": "mcp_server", "asset_name": name}
     )
@@ -349,12 +350,7 @@ async def test_a_pypi_package_cannot_be_asked_for_on_kubernetes(
 ) -> None:
     who = await team(authz, admin_key)
     name = f"io.github.steward-test/{uname('tickets')}"
-    await ok(
-        await catalog.post(
-            "/v1/imports/mcp-servers", json=server_json(name), headers=bearer(admin_key)
-        )
-    )
-    await admitted(catalog, approval, admin_key, who.dev, who.project, "mcp_server", name)
+    await admitted_server(catalog, approval, admin_key, who, server_json(name))
     body = {**endpoint_request(name, {"TICKETS_TOKEN": SECRET}), "runtime": "kubernetes"}
     refused = await approval.post(
         f"/v1/projects/{who.project}/requests",

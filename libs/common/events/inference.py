@@ -16,6 +16,8 @@ event.upstream_credential)`` just before it sends ``Authorization: Bearer`` upst
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import ClassVar, Literal
 
@@ -124,3 +126,17 @@ def open_credential(key: bytes, token: str) -> str:
         return Fernet(key).decrypt(token.encode("ascii")).decode()
     except (InvalidToken, ValueError) as exc:
         raise CredentialError("the upstream credential cannot be opened with this key") from exc
+
+
+def seal_environment(key: bytes, values: Mapping[str, str]) -> str | None:
+    """An MCP server's environment variables as one sealed token (None when there are none)."""
+    return seal_credential(key, json.dumps(dict(values), sort_keys=True)) if values else None
+
+
+def open_environment(key: bytes, token: str) -> dict[str, str]:
+    """The variables of ``seal_environment``, for the server's process alone."""
+    try:
+        values = json.loads(open_credential(key, token))
+    except ValueError as exc:
+        raise CredentialError("the environment is not what seal_environment made") from exc
+    return {str(k): str(v) for k, v in values.items()}

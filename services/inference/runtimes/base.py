@@ -10,6 +10,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from libs.common.events.inference import CredentialError, open_environment
+
 
 @dataclass(frozen=True)
 class EndpointSpec:
@@ -79,6 +81,18 @@ class Runtime(Protocol):
 
     async def aclose(self) -> None:
         """Release the runtime's own resources at shutdown."""
+
+
+def environment_of(spec: EndpointSpec, key: bytes | None) -> dict[str, str]:
+    """An MCP server endpoint's environment variables, opened for its process (or Secret)."""
+    if spec.sealed_environment is None:
+        return {}
+    if key is None:
+        raise RuntimeFailure("no key to open the endpoint's environment with")
+    try:
+        return open_environment(key, spec.sealed_environment)
+    except CredentialError:
+        raise RuntimeFailure("the endpoint's environment cannot be opened with this key") from None
 
 
 def clip(text: str, limit: int = 1000) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -26,10 +25,15 @@ from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
-from libs.common.events.inference import CredentialError, open_credential
 from libs.common.mcp_packages import StdioPackage
 from services.inference.config import InferenceConfig
-from services.inference.runtimes.base import EndpointSpec, RuntimeFailure, RuntimeStatus, clip
+from services.inference.runtimes.base import (
+    EndpointSpec,
+    RuntimeFailure,
+    RuntimeStatus,
+    clip,
+    environment_of,
+)
 
 log = logging.getLogger("steward.inference.kubernetes")
 
@@ -274,19 +278,6 @@ class KubernetesRuntime:
             return interpret_mcp(obj)
         return interpret(obj, self.openai_path)
 
-    def _environment(self, spec: EndpointSpec) -> dict[str, str]:
-        if spec.sealed_environment is None:
-            return {}
-        if self.credential_key is None:
-            raise RuntimeFailure("no key to open the endpoint's environment with")
-        try:
-            values = json.loads(open_credential(self.credential_key, spec.sealed_environment))
-        except (CredentialError, ValueError):
-            raise RuntimeFailure(
-                "the endpoint's environment cannot be opened with this key"
-            ) from None
-        return {str(k): str(v) for k, v in values.items()}
-
     async def _put_secret(self, spec: EndpointSpec, namespace: str, env: dict[str, str]) -> None:
         """The MCP server's environment as a Secret beside its object (replaced if there)."""
         core = client.CoreV1Api(await self._client())
@@ -332,7 +323,7 @@ class KubernetesRuntime:
         group, version, plural = self._where(spec)
         env: dict[str, str] = {}
         if spec.asset_kind == "mcp_server":
-            env = self._environment(spec)
+            env = environment_of(spec, self.credential_key)
             body = mcp_manifest(spec, namespace, sorted(env))
         else:
             body = manifest(spec, self.cfg, namespace)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -30,10 +29,15 @@ import httpx
 
 from libs.common.artifacts import LOCAL_SCHEMES, NotLocal, local_path
 from libs.common.db import utcnow
-from libs.common.events.inference import CredentialError, open_credential
 from libs.common.mcp_packages import PackageProblem, StdioPackage
 from services.inference.config import InferenceConfig, LocalProfile
-from services.inference.runtimes.base import EndpointSpec, RuntimeFailure, RuntimeStatus, clip
+from services.inference.runtimes.base import (
+    EndpointSpec,
+    RuntimeFailure,
+    RuntimeStatus,
+    clip,
+    environment_of,
+)
 
 log = logging.getLogger("steward.inference.local")
 
@@ -388,7 +392,7 @@ class LocalRuntime:
         if spec.asset_kind == "mcp_server":
             return LocalProfile(
                 command=["(the MCP bridge)"],
-                env=self._environment(spec),
+                env=environment_of(spec, self.credential_key),
                 health_path="/health",
                 startup_timeout_seconds=self.config.mcp_startup_timeout_seconds,
             )
@@ -398,20 +402,6 @@ class LocalRuntime:
             known = sorted(self.config.local_profiles)
             raise RuntimeFailure(f"no local runtime profile {name!r}; configured: {known}")
         return profile
-
-    def _environment(self, spec: EndpointSpec) -> dict[str, str]:
-        """An MCP server's environment variables, opened for its process only."""
-        if spec.sealed_environment is None:
-            return {}
-        if self.credential_key is None:
-            raise RuntimeFailure("no key to open the endpoint's environment with")
-        try:
-            values = json.loads(open_credential(self.credential_key, spec.sealed_environment))
-        except (CredentialError, ValueError):
-            raise RuntimeFailure(
-                "the endpoint's environment cannot be opened with this key"
-            ) from None
-        return {str(k): str(v) for k, v in values.items()}
 
     async def provision(self, spec: EndpointSpec) -> None:
         check_replicas(spec.replicas, self.config)
