@@ -53,7 +53,9 @@ class Stack:
 
     def start_nats(self) -> str:
         """Start NATS with JetStream unless one already answers at the configured URL."""
-        url = urlparse(self.settings.nats_url)
+        from libs.common.settings import nats_servers
+
+        url = urlparse(nats_servers(self.settings.nats_url)[0])
         host, port = url.hostname or "127.0.0.1", url.port or 4222
         if reachable(host, port):
             return f"using the NATS server already at {self.settings.nats_url}"

@@ -85,7 +85,7 @@ class Gateway:
     async def start(cls, settings: Settings, *, clock: Clock = utcnow) -> Gateway:
         """``clock`` is the gateway's "now" for key expiry and quota windows: the wall clock,
         or one a test moves instead of waiting."""
-        bus = Bus(settings.nats_url, settings.event_namespace, name="steward-gateway")
+        bus = Bus.from_settings(settings, name="steward-gateway")
         await bus.connect()
         tracer = configured_tracer()
         # Every httpx request made while serving a request (``/api``, ``/mcp``, Kong routes)

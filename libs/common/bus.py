@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
@@ -13,6 +12,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from libs.common.events import STREAMS, stream_for
+from libs.common.settings import Settings, nats_servers
 
 log = logging.getLogger("steward.bus")
 
@@ -24,16 +24,29 @@ class BusUnavailable(Exception):
 
 
 class Bus:
-    """One NATS connection per process. Subjects passed in are relative to the namespace."""
+    """One NATS connection per process. Subjects passed in are relative to the namespace.
 
-    def __init__(self, url: str, namespace: str, *, name: str) -> None:
+    ``replicas`` is how many servers of a cluster keep each stream and bucket (JetStream's R1 or
+    R3): with 3, a stream loses nothing and stays writable while one server is down.
+    """
+
+    def __init__(self, url: str, namespace: str, *, name: str, replicas: int = 1) -> None:
         self.url = url
+        # A cluster's servers: the client connects to any, and moves on when its server goes.
+        self.servers = nats_servers(url)
         self.namespace = namespace
         self.name = name
+        self.replicas = replicas
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._ready = asyncio.Event()
         self._connector: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, name: str) -> Bus:
+        return cls(
+            settings.nats_url, settings.event_namespace, name=name, replicas=settings.nats_replicas
+        )
 
     def subject(self, relative: str) -> str:
         return f"{self.namespace}.{relative}"
@@ -66,7 +79,7 @@ class Bus:
         while True:
             try:
                 self._nc = await nats.connect(
-                    self.url,
+                    self.servers,
                     name=self.name,
                     connect_timeout=2,
                     max_reconnect_attempts=-1,
@@ -102,6 +115,7 @@ class Bus:
                 storage=StorageType.FILE,
                 duplicate_window=DUPLICATE_WINDOW_SECONDS,
                 max_age=7 * 24 * 3600.0,
+                num_replicas=self.replicas,
             )
             try:
                 await self._js.add_stream(config)
@@ -146,6 +160,3 @@ class Bus:
         if self._nc is None:
             raise BusUnavailable("not connected to NATS")
         return self._nc
-
-    def info(self) -> dict[str, Any]:
-        return {"url": self.url, "connected": self.connected}

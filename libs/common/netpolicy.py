@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from libs.common.settings import SERVICE_PORTS, Settings
+from libs.common.settings import SERVICE_PORTS, Settings, nats_servers
 
 IPAddress = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
@@ -210,7 +210,7 @@ async def own_addresses(
 async def policy_from_settings(settings: Settings, denied: Iterable[Network] = ()) -> AddressPolicy:
     """The policy of this deployment: its allow-list, and every listener of Steward's own."""
     urls = [getattr(settings, f"{service}_url") for service in SERVICE_PORTS]
-    urls += [settings.nats_url, settings.database_url]
+    urls += [*nats_servers(settings.nats_url), settings.database_url]
     if settings.keycloak_url:
         urls.append(settings.keycloak_url)
     ports = [settings.gateway_proxy_port, settings.gateway_admin_port]

@@ -92,7 +92,7 @@ def create_service_app(
             settings.otel_metric_export_interval_seconds,
         )
         engine = make_engine(settings.database_url_for(spec.name), schema=spec.name)
-        bus = Bus(settings.nats_url, settings.event_namespace, name=f"steward-{spec.name}")
+        bus = Bus.from_settings(settings, name=f"steward-{spec.name}")
         await bus.connect()
         ctx = ServiceContext(
             name=spec.name,

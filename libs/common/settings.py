@@ -30,6 +30,14 @@ SERVICE_PORTS: dict[str, int] = {
 }
 
 
+def nats_servers(url: str) -> list[str]:
+    """``STEWARD_NATS_URL`` names one server or a cluster's, separated by commas."""
+    found = [s.strip() for s in url.split(",") if s.strip()]
+    if not found:
+        raise ValueError("no NATS server in the URL")
+    return found
+
+
 class Settings(BaseSettings):
     """One settings object for all services; each reads the fields it needs."""
 
@@ -39,7 +47,10 @@ class Settings(BaseSettings):
     # ``{service}`` is replaced by the service name: one SQLite file per service, and on
     # PostgreSQL one schema per service in a shared database.
     database_url: str = "sqlite+aiosqlite:///{data_dir}/{service}.db"
+    # One server, or a cluster's servers separated by commas.
     nats_url: str = "nats://127.0.0.1:4222"
+    # How many servers keep each stream and bucket: 1 on one server, 3 on a 3-node cluster.
+    nats_replicas: int = Field(default=1, ge=1, le=5)
     # Prefix of every subject and stream, so that several installations (or test runs) can
     # share one NATS server without hearing each other.
     event_namespace: str = "steward"
@@ -198,6 +209,12 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         # Compose and Helm pass unset secrets as empty strings.
         return None if value == "" else value
+
+    @field_validator("nats_url")
+    @classmethod
+    def _some_nats_server(cls, value: str) -> str:
+        nats_servers(value)
+        return value
 
     @field_validator("metering_webhook_secret", mode="before")
     @classmethod

@@ -280,7 +280,9 @@ class Anchor:
         try:
             return await self.bus.js.key_value(self.bucket)
         except BucketNotFoundError:
-            return await self.bus.js.create_key_value(bucket=self.bucket, history=64)
+            return await self.bus.js.create_key_value(
+                bucket=self.bucket, history=64, replicas=self.bus.replicas
+            )
 
     async def latest(self) -> tuple[Checkpoint | None, list[str]]:
         """The latest genuine checkpoint found in any sink, and what looked forged."""
