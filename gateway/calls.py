@@ -116,6 +116,8 @@ class Call:
     response_bytes: int | None = None
     # The model asked for, when a model of the project's fallback chain served the call.
     fallback_from: str | None = None
+    # The ``X-Request-Id`` of the HTTP request that carried the call.
+    request_id: str | None = None
     # The usage event's id, fixed at the start: the in-flight journal's entry has the same one.
     event_id: str = field(default_factory=new_id)
 
@@ -155,6 +157,7 @@ class Call:
             request_bytes=self.request_bytes,
             response_bytes=self.response_bytes,
             fallback_from=self.fallback_from,
+            request_id=self.request_id,
         )
 
     def interrupted(self, prompt_tokens: int) -> UsageRecorded:

@@ -140,6 +140,7 @@ class InferenceProxy:
             asset_version=version.version,
             started=time.perf_counter(),
             gateway_id=self.admission.quota.gateway_id,
+            request_id=extra[0][1].decode(),
         )
         exchange = Exchange(
             call,

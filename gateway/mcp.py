@@ -182,6 +182,7 @@ class McpProxy:
                     started=time.perf_counter(),
                     gateway_id=self.admission.quota.gateway_id,
                     request_bytes=len(body) if len(messages) == 1 else _size(message),
+                    request_id=extra[0][1].decode(),
                 )
                 if tool not in allowed_tools:
                     if tool in catalogued:

@@ -120,6 +120,7 @@ def raw_values(event_id: str, u: UsageRecorded, cost_nanos: int) -> tuple[Any, .
         cost_nanos,
         u.request_bytes,
         u.response_bytes,
+        u.request_id,
     )
 
 

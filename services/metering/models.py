@@ -95,7 +95,9 @@ usage_events = Table(
     Column("cost_nanos", BigInteger, nullable=False),
     Column("request_bytes", BigInteger, nullable=True),
     Column("response_bytes", BigInteger, nullable=True),
+    Column("request_id", String(64), nullable=True),
     Index("ix_usage_events_project_time", "project", "time"),
+    Index("ix_usage_events_request_id", "request_id"),
     Index("ix_usage_events_received_at", "received_at"),
 )
 

@@ -119,6 +119,7 @@ EVENT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("cost_nanos", "int8"),
     ("request_bytes", "int8"),
     ("response_bytes", "int8"),
+    ("request_id", "text"),
 )
 
 EVENT_NAMES: tuple[str, ...] = tuple(c for c, _ in EVENT_COLUMNS)
@@ -798,6 +799,7 @@ async def raw_events(
     start: datetime,
     end: datetime,
     limit: int,
+    request_id: str | None = None,
 ) -> Sequence[Any]:
     """Raw events (kept for the retention period), newest first."""
     e = usage_events.c
@@ -805,6 +807,8 @@ async def raw_events(
     for name, value in (("model", f.model), ("credential", f.credential), ("endpoint", f.endpoint)):
         if value is not None:
             where.append(e[DIMENSIONS[name]] == value)
+    if request_id is not None:
+        where.append(e.request_id == request_id)
     query = select(usage_events).where(*where).order_by(e.time.desc(), e.event_id).limit(limit)
     return list((await session.execute(query)).all())
 

@@ -146,6 +146,9 @@ class TopQuery(UsageFilter):
 
 class UsageEventsQuery(UsageFilter):
     limit: int = Field(default=100, ge=1, le=1000)
+    request_id: str | None = Field(
+        default=None, max_length=64, description="Only the calls of this X-Request-Id"
+    )
 
 
 # -- usage answers -----------------------------------------------------------------------------
@@ -221,6 +224,7 @@ class UsageEventRead(BaseModel):
     cost_nanos: int
     request_bytes: int | None = None
     response_bytes: int | None = None
+    request_id: str | None = Field(default=None, description="The call's X-Request-Id")
 
 
 class TopEntry(BaseModel):

@@ -68,6 +68,9 @@ class UsageRecorded(EventPayload):
     # The model the client asked for, when a model of the project's fallback chain served the
     # call (``model``, ``asset`` and ``asset_version`` are then the fallback's).
     fallback_from: str | None = Field(default=None, max_length=255)
+    # The call's ``X-Request-Id`` (the client's, or the one the gateway gave it in its answer):
+    # a client's log line finds its usage row by it. None from older gateways.
+    request_id: str | None = Field(default=None, max_length=64)
 
 
 class KeysUsed(EventPayload):
