@@ -36,6 +36,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from services.inference.runtimes.base import dies_with_parent
+
 log = logging.getLogger("steward.mcp_bridge")
 
 SESSION = "mcp-session-id"
@@ -70,6 +72,7 @@ class Child:
             stderr=None,  # the bridge's own log: what the endpoint's log file shows
             limit=LINE_LIMIT,
             start_new_session=True,
+            preexec_fn=dies_with_parent(),
         )
         child = cls(process)
         child.reader = asyncio.create_task(child._read())

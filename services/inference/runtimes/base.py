@@ -6,11 +6,31 @@ changes; a runtime knows nothing of the database or the bus.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import ctypes
+import signal
+import sys
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from libs.common.events.inference import CredentialError, open_environment
+
+_PR_SET_PDEATHSIG = 1
+# Looked up before any fork: the child runs only this call between fork and exec.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    assert _prctl is not None
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def dies_with_parent() -> Callable[[], None] | None:
+    """``preexec_fn`` for a server the inference process supervises: the kernel kills it when
+    that process dies, even by SIGKILL (Linux; elsewhere None). A killed leader's servers then
+    go with it, and the next leader starts them again, rather than orphans holding ports and
+    GPUs that nothing supervises or meters."""
+    return _die_with_parent if _prctl is not None else None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from services.inference.runtimes.base import (
     RuntimeFailure,
     RuntimeStatus,
     clip,
+    dies_with_parent,
     environment_of,
 )
 
@@ -151,6 +152,7 @@ class Supervised:
                     stderr=asyncio.subprocess.STDOUT,
                     env=_child_env(self.profile.env),
                     start_new_session=True,
+                    preexec_fn=dies_with_parent(),
                 )
             except OSError as exc:
                 raise RuntimeFailure(f"cannot start {command[0]!r}: {exc}") from exc
