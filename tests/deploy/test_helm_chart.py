@@ -165,6 +165,30 @@ def test_the_migration_job_installs_the_service_keys() -> None:
     } <= env
 
 
+def test_every_replicated_component_has_a_disruption_budget_matching_its_pods() -> None:
+    objects = render()
+    budgets = of_kind(objects, "PodDisruptionBudget")
+    deployments = of_kind(objects, "Deployment")
+    assert set(budgets) == set(deployments)
+    for name, budget in budgets.items():
+        pods = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        selector = budget["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= pods.items()
+        assert budget["spec"]["maxUnavailable"] == 1
+    # A component with one pod gets none: its budget would block every node drain.
+    single = render("--set", "services.catalog.replicas=1")
+    assert "rel-steward-catalog" not in of_kind(single, "PodDisruptionBudget")
+
+
+def test_a_nats_cluster_is_named_with_its_stream_replicas() -> None:
+    servers = "nats://nats-0.nats:4222,nats://nats-1.nats:4222,nats://nats-2.nats:4222"
+    escaped = servers.replace(",", "\\,")  # --set splits values at commas
+    objects = render("--set", f"nats.url={escaped}", "--set", "nats.replicas=3")
+    (config,) = of_kind(objects, "ConfigMap").values()
+    assert config["data"]["STEWARD_NATS_URL"] == servers
+    assert config["data"]["STEWARD_NATS_REPLICAS"] == "3"
+
+
 def test_the_gateway_scales_with_an_hpa() -> None:
     (hpa,) = of_kind(render(), "HorizontalPodAutoscaler").values()
     assert hpa["spec"]["scaleTargetRef"]["name"] == "rel-steward-gateway"
