@@ -12,6 +12,7 @@ import contextlib
 import logging
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -289,6 +290,17 @@ def server_config(app: ASGIApp, settings: Settings, port: int) -> uvicorn.Config
     )
 
 
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A listening socket other processes may bind too (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(False)
+    return sock
+
+
 def dump_tasks() -> None:
     """SIGUSR1: print every asyncio task's stack to stderr — what a stuck gateway is waiting on
     (an operator's ``kill -USR1``; the tests send it when a shutdown overruns)."""
@@ -304,9 +316,14 @@ async def serve(settings: Settings) -> None:
 
     gateway = await Gateway.start(settings)
     settle_heap()
+    worker = settings.gateway_worker
     servers = [
         _Server(server_config(ProxyApp(gateway), settings, settings.gateway_proxy_port)),
-        _Server(server_config(create_admin_app(gateway), settings, settings.gateway_admin_port)),
+        _Server(
+            server_config(
+                create_admin_app(gateway), settings, settings.gateway_admin_port + (worker or 0)
+            )
+        ),
     ]
     loop = asyncio.get_running_loop()
 
@@ -318,6 +335,12 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     try:
-        await asyncio.gather(*(server.serve() for server in servers))
+        if worker is None:
+            await asyncio.gather(*(server.serve() for server in servers))
+        else:
+            # A worker shares the proxy port with its siblings (SO_REUSEPORT: the kernel spreads
+            # the connections over them); its admin port is its own.
+            proxy = shared_socket(settings.host, settings.gateway_proxy_port)
+            await asyncio.gather(servers[0].serve(sockets=[proxy]), servers[1].serve())
     finally:
         await gateway.stop()

@@ -131,8 +131,8 @@ class Gateway:
             pool=settings.gateway_upstream_connect_timeout_seconds,
         )
         policy = await policy_from_settings(settings)
-        journal = Journal(settings.data_dir / "gateway")
-        usage = UsageRecorder(bus, Spool(settings.data_dir / "gateway"), journal=journal)
+        journal = Journal(settings.gateway_state_dir)
+        usage = UsageRecorder(bus, Spool(settings.gateway_state_dir), journal=journal)
         # Calls an earlier process was serving when it stopped: metered as interrupted, safe on
         # disk before the journal that remembered them is dropped.
         interrupted = journal.recover()

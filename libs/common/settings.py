@@ -102,6 +102,17 @@ class Settings(BaseSettings):
     # -- gateway (gateway/): proxy and Kong-compatible admin ports, and what it may fetch.
     gateway_proxy_port: int = 8000
     gateway_admin_port: int = 8001
+    # Gateway processes on this host (gateway/workers.py): all accept on the proxy port; worker
+    # i's admin API is on gateway_admin_port + i. Set by the supervisor for each worker: its index.
+    gateway_workers: int = Field(default=1, ge=1, le=64)
+    gateway_worker: int | None = Field(default=None, ge=0)
+
+    @property
+    def gateway_state_dir(self) -> Path:
+        """The in-flight journal and the usage spool: one per gateway process."""
+        base = self.data_dir / "gateway"
+        return base if self.gateway_worker is None else base / f"worker-{self.gateway_worker}"
+
     # A platform API key holding keys:manage and catalog:read: the gateway fetches the authz
     # and catalog snapshots with it (it has no database of its own).
     gateway_api_key: SecretStr | None = None

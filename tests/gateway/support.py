@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from libs.common.events.metering import QuotaLimits, QuotaState, Window
 from libs.common.events.streams import stream_for
 from libs.common.events.usage import UsageRecorded
 from libs.common.quota import window_bounds
+from libs.common.settings import Settings
 from tests.common.support import Listener, until
 from tests.helpers import child_log, free_port
 
@@ -213,3 +216,47 @@ def quota(
         input_used=used,
         as_of=now,
     )
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(
+    settings: Settings, data_dir: Path, *, workers: int = 1
+) -> AsyncIterator[tuple[int, int, asyncio.subprocess.Process]]:
+    """``python -m gateway`` on ``data_dir`` (``workers`` of them under a supervisor); yields
+    its proxy port, its (first) admin port and the process; SIGTERM at exit unless the test
+    killed it."""
+    proxy, admin = free_port(), free_port()
+    assert settings.gateway_api_key is not None and settings.api_key_pepper is not None
+    assert settings.gateway_routes_file is not None
+    env = {
+        **os.environ,
+        "STEWARD_DATA_DIR": str(data_dir),
+        "STEWARD_NATS_URL": settings.nats_url,
+        "STEWARD_EVENT_NAMESPACE": settings.event_namespace,
+        "STEWARD_API_KEY_PEPPER": settings.api_key_pepper.get_secret_value(),
+        "STEWARD_AUTHZ_URL": settings.authz_url,
+        "STEWARD_CATALOG_URL": settings.catalog_url,
+        "STEWARD_INFERENCE_URL": settings.inference_url,
+        "STEWARD_METERING_URL": settings.metering_url,
+        "STEWARD_APPROVAL_URL": settings.approval_url,
+        "STEWARD_GATEWAY_API_KEY": settings.gateway_api_key.get_secret_value(),
+        "STEWARD_GATEWAY_ROUTES_FILE": str(settings.gateway_routes_file),
+        "STEWARD_GATEWAY_PROXY_PORT": str(proxy),
+        "STEWARD_GATEWAY_ADMIN_PORT": str(admin),
+        "STEWARD_GATEWAY_WORKERS": str(workers),
+        "STEWARD_UPSTREAM_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
+    }
+    with child_log("gateway") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+    try:
+        admins = range(admin, admin + workers)
+        await eventually(
+            lambda: port_open(proxy) and all(port_open(a) for a in admins), within=30, every=0.1
+        )
+        yield proxy, admin, process
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 30)

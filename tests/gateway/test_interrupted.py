@@ -3,13 +3,7 @@ with the tokens it had streamed, once."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -20,8 +14,8 @@ from libs.common.db import new_id, utcnow
 from libs.common.events.usage import UsageRecorded
 from libs.common.settings import Settings
 from tests.gateway.conftest import RunningGateway, tenant
-from tests.gateway.support import ROOT, eventually, port_open, usage_events
-from tests.helpers import bearer, child_log, free_port
+from tests.gateway.support import eventually, gateway_process, usage_events
+from tests.helpers import bearer
 
 
 def call_event(**extra: object) -> UsageRecorded:
@@ -79,45 +73,6 @@ def test_the_journal_stays_small(tmp_path: Path) -> None:
     journal.close()
 
 
-@asynccontextmanager
-async def gateway_process(
-    settings: Settings, data_dir: Path
-) -> AsyncIterator[tuple[int, asyncio.subprocess.Process]]:
-    """``python -m gateway`` on ``data_dir``; yields its proxy port and the process; SIGTERM at
-    exit unless the test killed it."""
-    proxy, admin = free_port(), free_port()
-    assert settings.gateway_api_key is not None and settings.api_key_pepper is not None
-    assert settings.gateway_routes_file is not None
-    env = {
-        **os.environ,
-        "STEWARD_DATA_DIR": str(data_dir),
-        "STEWARD_NATS_URL": settings.nats_url,
-        "STEWARD_EVENT_NAMESPACE": settings.event_namespace,
-        "STEWARD_API_KEY_PEPPER": settings.api_key_pepper.get_secret_value(),
-        "STEWARD_AUTHZ_URL": settings.authz_url,
-        "STEWARD_CATALOG_URL": settings.catalog_url,
-        "STEWARD_INFERENCE_URL": settings.inference_url,
-        "STEWARD_METERING_URL": settings.metering_url,
-        "STEWARD_APPROVAL_URL": settings.approval_url,
-        "STEWARD_GATEWAY_API_KEY": settings.gateway_api_key.get_secret_value(),
-        "STEWARD_GATEWAY_ROUTES_FILE": str(settings.gateway_routes_file),
-        "STEWARD_GATEWAY_PROXY_PORT": str(proxy),
-        "STEWARD_GATEWAY_ADMIN_PORT": str(admin),
-        "STEWARD_UPSTREAM_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
-    }
-    with child_log("gateway") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", cwd=ROOT, env=env, stdout=log, stderr=log
-        )
-    try:
-        await eventually(lambda: port_open(proxy) and port_open(admin), within=20, every=0.1)
-        yield proxy, process
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 30)
-
-
 async def test_a_stream_cut_by_a_killed_gateway_is_metered_at_its_next_start(
     gw: RunningGateway,
     authz: httpx.AsyncClient,
@@ -133,7 +88,7 @@ async def test_a_stream_cut_by_a_killed_gateway_is_metered_at_its_next_start(
     }
     received = 0
     async with (
-        gateway_process(gateway_settings, tmp_path) as (proxy, process),
+        gateway_process(gateway_settings, tmp_path) as (proxy, _, process),
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{proxy}", timeout=30) as client,
     ):
 
