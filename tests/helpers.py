@@ -192,3 +192,25 @@ class NatsProcess:
             self.process.terminate()
             await asyncio.wait_for(self.process.wait(), 10)
             self.process = None
+
+
+def alive(pid: int) -> bool:
+    """The process runs (not a zombie waiting for its reaper)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+                # pid (comm) state ppid …: comm may hold spaces, so split after the last ')'.
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid and alive(int(entry.name)):
+                    found.append(int(entry.name))
+    return found

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.approval.support import eventually
+from tests.helpers import alive
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,15 +25,6 @@ loose = subprocess.Popen(sleep, **quiet)
 print(tied.pid, loose.pid, flush=True)
 time.sleep(300)
 """
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie waiting for a reaper."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "\nState:\tZ" not in status
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
