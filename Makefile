@@ -63,6 +63,7 @@ bench: install
 	$(BIN)/python bench/metering.py
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { [ "$$(id -u)" = 0 ] && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; } || true
+	@PYTHON=$(PYTHON) bench/install_litellm.sh || echo "LiteLLM not installed: bench/gateway.py leaves it out"
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/engine.py
 

@@ -1,16 +1,27 @@
 """The gateway's cost, as ratios against the same upstream called directly in the same run.
 
-Same load three ways — straight to the upstream, through the Steward gateway (key auth, role and
+Same load four ways — straight to the upstream, through the Steward gateway (key auth, role and
 scope decision, entitlement and approved-version checks, the quota hook, one usage event per call
-to JetStream: all on), and through Debian's nginx (a plain ``proxy_pass`` with upstream
-keepalive: the floor any proxy pays) — for chat completions non-streamed and streamed, with 1 KB
-and 8 KB request and response bodies.
+to JetStream: all on), through Debian's nginx (a plain ``proxy_pass`` with upstream keepalive: the
+floor any proxy pays), and through LiteLLM's proxy (the peer: one worker, the model routed to the
+same upstream as ``openai/bench``) — for chat completions non-streamed and streamed, with 1 KB and
+8 KB request and response bodies.
 
-For each: latency at a fixed arrival rate (open loop: measured from the scheduled start, so
-queueing counts) and closed-loop throughput at a fixed concurrency. Printed: the added p50/p99 in
-ms over direct, and throughput as a fraction of direct and of nginx. Everything runs on loopback
-(authz on SQLite, NATS from the wheel, the test upstream, nginx, the gateway with one worker), in
-bounded loops, and stops by itself. Run: ``.venv/bin/python bench/gateway.py [--quick]``.
+For each: closed-loop throughput at a fixed concurrency, then latency at a fixed arrival rate
+(open loop: measured from the scheduled start, so queueing counts). Printed: the added p50/p99 in
+ms over direct, and throughput as a fraction of direct and of nginx, and Steward's as a multiple of
+LiteLLM's. A peer that cannot sustain the rate (LiteLLM) has its latency taken at half its own
+throughput instead, said beside it, for the same time. Everything runs on loopback (authz on
+SQLite, NATS from the wheel, the test upstream, nginx, the gateway with one worker, LiteLLM with
+one), in bounded loops, and stops by itself. Run: ``.venv/bin/python bench/gateway.py [--quick]``.
+
+LiteLLM lives in a virtualenv of its own, outside Steward's locked dependencies:
+``bench/install_litellm.sh`` makes ``.bench/litellm-venv`` (``STEWARD_BENCH_LITELLM`` names
+another); without it its column is left out. Its callers use a virtual key made by its
+``/key/generate`` when its database works: that needs Prisma's engines, which Prisma downloads
+from its own CDN, so offline (no ``.prisma-ready`` mark from the install script, or LiteLLM fails
+to set up ``bench_litellm`` on the PostgreSQL at ``STEWARD_BENCH_LITELLM_PG``) they use its
+master key, which skips the key lookup, and the run prints which it was.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -46,7 +58,16 @@ sys.path.insert(0, str(ROOT))
 from libs.common.migrate import upgrade_async  # noqa: E402
 from libs.common.settings import Settings  # noqa: E402
 
-GOALS = "goals: p50 added <= 1 ms and p99 added <= 5 ms at 200 req/s; throughput >= 20% of nginx"
+GOALS = (
+    "goals: p50 added <= 1 ms and p99 added <= 5 ms at 200 req/s; throughput >= 20% of nginx "
+    "and >= 40x LiteLLM's (one worker each)"
+)
+LITELLM_GOAL = 40.0
+TIMES = "\u00d7"  # the multiplication sign, in the ratios
+# The peer's own virtualenv (bench/install_litellm.sh), and the PostgreSQL for its virtual keys.
+LITELLM_VENV = ROOT / os.environ.get("STEWARD_BENCH_LITELLM", ".bench/litellm-venv")
+LITELLM_PG = os.environ.get("STEWARD_BENCH_LITELLM_PG", "postgresql://postgres@127.0.0.1:5432")
+LITELLM_DB = "bench_litellm"
 
 
 def free_port() -> int:
@@ -250,7 +271,7 @@ http {{
 
 
 class Stack:
-    """NATS, authz, the gateway, nginx and an upstream: the test upstream, or, given
+    """NATS, authz, the gateway, nginx, LiteLLM and an upstream: the test upstream, or, given
     ``upstream_port``, a server already listening there (bench/engine.py: a real model)."""
 
     def __init__(self, workdir: Path, upstream_port: int | None = None) -> None:
@@ -258,13 +279,17 @@ class Stack:
         self.own_upstream = upstream_port is None
         self.processes: list[subprocess.Popen[bytes]] = []
         self.ports = {
-            n: free_port() for n in ("nats", "authz", "upstream", "nginx", "proxy", "admin")
+            n: free_port()
+            for n in ("nats", "authz", "upstream", "nginx", "litellm", "proxy", "admin")
         }
         if upstream_port is not None:
             self.ports["upstream"] = upstream_port
         self.namespace = "bench" + os.urandom(3).hex()
         self.pids: dict[str, list[int]] = {}
         self.key = ""
+        self.litellm_key = ""
+        self.litellm_auth = ""
+        self.litellm: subprocess.Popen[bytes] | None = None
 
     def spawn(
         self, args: list[str], env: dict[str, str] | None = None, log: str = ""
@@ -373,6 +398,107 @@ class Stack:
         else:
             self.ports.pop("nginx")
             print("nginx not installed (apt-get install -y nginx): its column is left out")
+        await self.start_litellm()
+
+    async def start_litellm(self) -> None:
+        """LiteLLM's proxy, one worker, the bench model routed to the same upstream; its callers'
+        key: a virtual key from its database where Prisma works, else its master key."""
+        litellm = LITELLM_VENV / "bin" / "litellm"
+        if not litellm.exists():
+            self.ports.pop("litellm")
+            print(
+                f"LiteLLM not installed in {LITELLM_VENV} (bench/install_litellm.sh): "
+                "its column is left out"
+            )
+            return
+        version = next(LITELLM_VENV.glob("lib/python*/site-packages/litellm-*.dist-info"))
+        master = "sk-bench-" + os.urandom(12).hex()
+        why = "bench/install_litellm.sh could not generate Prisma's client: no .prisma-ready mark"
+        if (LITELLM_VENV / ".prisma-ready").exists():
+            try:
+                await self._litellm_database()
+                await self._spawn_litellm(litellm, master, f"{LITELLM_PG}/{LITELLM_DB}")
+                async with httpx.AsyncClient() as http:
+                    made = await http.post(
+                        f"http://127.0.0.1:{self.ports['litellm']}/key/generate",
+                        headers={"Authorization": f"Bearer {master}"},
+                        json={"models": ["bench"]},
+                        timeout=60,
+                    )
+                made.raise_for_status()
+                self.litellm_key = str(made.json()["key"])
+                self.litellm_auth = f"a virtual key (/key/generate, database {LITELLM_DB})"
+            except Exception as error:  # whatever failed, the master key still measures it
+                why = f"its database did not work: {self._litellm_error(error)}"
+                if self.litellm is not None and self.litellm.poll() is None:
+                    self.litellm.terminate()
+                    self.litellm.wait()
+        if not self.litellm_key:
+            await self._spawn_litellm(litellm, master, None)
+            self.litellm_key = master
+            self.litellm_auth = f"its master key, NOT a virtual key ({why})"
+        assert self.litellm is not None
+        self.pids["litellm"] = [self.litellm.pid, *children(self.litellm.pid)]
+        print(
+            f"LiteLLM {version.name.removeprefix('litellm-').removesuffix('.dist-info')}, "
+            f"one worker; its callers use {self.litellm_auth}"
+        )
+
+    def _litellm_error(self, error: Exception) -> str:
+        """LiteLLM's own word on why it failed (the last error line of its log), or ours."""
+        log = self.dir / "litellm.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in text.splitlines()]
+        said = [line for line in lines if "error" in line.lower()]
+        return (said[-1] if said else str(error) or repr(error))[:300]
+
+    async def _litellm_database(self) -> None:
+        import asyncpg
+
+        admin = await asyncpg.connect(f"{LITELLM_PG}/postgres")
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {LITELLM_DB} WITH (FORCE)")
+            await admin.execute(f"CREATE DATABASE {LITELLM_DB}")
+        finally:
+            await admin.close()
+
+    async def _spawn_litellm(self, litellm: Path, master: str, database: str | None) -> None:
+        config = self.dir / "litellm.yaml"  # JSON is YAML
+        general: dict[str, str] = {"master_key": master}
+        env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+        if database:
+            general["database_url"] = env["DATABASE_URL"] = database
+        config.write_text(
+            json.dumps(
+                {
+                    "model_list": [
+                        {
+                            "model_name": "bench",
+                            "litellm_params": {
+                                "model": "openai/bench",
+                                "api_base": f"http://127.0.0.1:{self.ports['upstream']}/v1",
+                                "api_key": "none",
+                            },
+                        }
+                    ],
+                    "general_settings": general,
+                    "litellm_settings": {"set_verbose": False},
+                }
+            )
+        )
+        port = self.ports["litellm"]
+        args = [str(litellm), "--config", str(config), "--num_workers", "1"]
+        p = self.spawn([*args, "--host", "127.0.0.1", "--port", str(port)], env, log="litellm")
+        self.litellm = p
+        await wait_port(port, p, seconds=600 if database else 120)  # migrations take a while
+        async with httpx.AsyncClient() as http:
+            for _ in range(200):
+                with contextlib.suppress(httpx.HTTPError):
+                    live = await http.get(f"http://127.0.0.1:{port}/health/liveliness")
+                    if live.status_code == 200:
+                        return
+                await asyncio.sleep(0.05)
+        raise RuntimeError("LiteLLM does not answer /health/liveliness")
 
     async def _tenant(self, admin: str) -> tuple[str, str]:
         """A project, a developer's inference key, the entitlement, and the gateway's key."""
@@ -461,6 +587,8 @@ async def measure(stack: Stack, args: argparse.Namespace) -> None:
     }
     if "nginx" in stack.ports:
         targets["nginx"] = (stack.ports["nginx"], None)
+    if "litellm" in stack.ports:
+        targets["litellm"] = (stack.ports["litellm"], stack.litellm_key)
     print(f"\n{GOALS}")
     print(
         f"latency: {args.count} requests at {args.rate:.0f} req/s (open loop, median of "
@@ -469,7 +597,7 @@ async def measure(stack: Stack, args: argparse.Namespace) -> None:
     )
     header = (
         f"{'case':<16}{'target':<9}{'p50 ms':>8}{'p99 ms':>8}{'+p50':>8}{'+p99':>8}"
-        f"{'req/s':>9}{'/direct':>9}{'/nginx':>8}"
+        f"{'req/s':>9}{'/direct':>9}{'/nginx':>8}{'/litellm':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -481,6 +609,8 @@ async def measure(stack: Stack, args: argparse.Namespace) -> None:
             port, request_bytes("/v1/chat/completions", key, body_of(1024, True)), 8, 1.0
         )
     before = await stack.usage_published()
+    versus: dict[str, float] = {}  # steward/litellm throughput, by case
+    cheaper: dict[str, float] = {}  # litellm/steward CPU per request, by case
     for stream in (False, True):
         for size in (1024, 8192):
             case = f"{'stream' if stream else 'json'} {size // 1024} KB"
@@ -488,13 +618,26 @@ async def measure(stack: Stack, args: argparse.Namespace) -> None:
             results: dict[str, Result] = {}
             p50s: dict[str, list[float]] = {name: [] for name in targets}
             p99s: dict[str, list[float]] = {name: [] for name in targets}
+            # The arrival rate, and requests a round, of each target: the peer (LiteLLM) does not
+            # keep up with the rate, so it gets half of what it can do (a short closed loop says)
+            # for as long; its latency at the full rate would be its queue growing.
+            rates = {name: (args.rate, args.count // args.rounds) for name in targets}
+            if "litellm" in targets:
+                port, key = targets["litellm"]
+                raw = request_bytes("/v1/chat/completions", key, body)
+                capacity = await closed_loop(port, raw, args.concurrency, 1.0)
+                rate = min(args.rate, capacity / 2)
+                rates["litellm"] = (
+                    rate,
+                    max(int(args.count // args.rounds * rate / args.rate), 10),
+                )
             # Rounds interleave the targets, so a burst from a noisy neighbour hits them alike;
             # each figure is the median over the rounds.
             for _ in range(args.rounds):
                 for name, (port, key) in targets.items():
                     raw = request_bytes("/v1/chat/completions", key, body)
                     await closed_loop(port, raw, 4, 0.2)  # warm the connection pools
-                    latencies = await fixed_rate(port, raw, args.rate, args.count // args.rounds)
+                    latencies = await fixed_rate(port, raw, *rates[name])
                     p50s[name].append(quantile(latencies, 0.5) * 1000)
                     p99s[name].append(quantile(latencies, 0.99) * 1000)
             cpu: dict[str, float] = {}
@@ -515,20 +658,54 @@ async def measure(stack: Stack, args: argparse.Namespace) -> None:
                     if "nginx" in results and name == "gateway"
                     else f"{'':>8}"
                 )
+                vs_litellm = (
+                    f"{r.rps / results['litellm'].rps:9.1f}{TIMES}"
+                    if "litellm" in results and name == "gateway"
+                    else ""
+                )
                 plus50 = r.p50 - direct.p50 if added else 0.0
                 plus99 = r.p99 - direct.p99 if added else 0.0
                 print(
                     f"{case:<16}{name:<9}{r.p50:8.2f}{r.p99:8.2f}{plus50:+8.2f}{plus99:+8.2f}"
-                    f"{r.rps:9.0f}{r.rps / direct.rps:9.0%}{vs_nginx}"
+                    f"{r.rps:9.0f}{r.rps / direct.rps:9.0%}{vs_nginx}{vs_litellm}"
                 )
             if cpu:
                 # Robust to noisy neighbours: the proxy's own CPU time per request.
                 spent = ", ".join(f"{n} {v:.0f} us" for n, v in cpu.items())
                 print(f"{'':<16}proxy CPU per request: {spent}")
+            if "litellm" in results:
+                rate, count = rates["litellm"]
+                if rate < args.rate:
+                    print(
+                        f"{'':<16}litellm latency at {rate:.0f} req/s, {count} requests a round "
+                        f"(half its throughput: it does not keep up with {args.rate:.0f} req/s)"
+                    )
+                versus[case] = results["gateway"].rps / results["litellm"].rps
+                # The gateway's throughput is capped by the load generator and the upstream on
+                # the same cores, LiteLLM's is not: CPU per request is the fairer ratio.
+                frugal = ""
+                if cpu.get("gateway") and cpu.get("litellm"):
+                    cheaper[case] = cpu["litellm"] / cpu["gateway"]
+                    frugal = f" (CPU per request: {cheaper[case]:.1f}{TIMES} less)"
+                print(f"{'':<16}steward/litellm throughput = {versus[case]:.1f}{TIMES}{frugal}")
             print()
     await asyncio.sleep(1.0)
     published = await stack.usage_published() - before
     print(f"usage events published by the gateway during the run: {published}")
+    if versus:
+        least = min(versus, key=versus.__getitem__)
+        verdict = "met" if versus[least] >= LITELLM_GOAL else "NOT met"
+        print(
+            f"steward/litellm throughput = {versus[least]:.1f}{TIMES} at the least ({least}; "
+            + ", ".join(f"{case} {x:.1f}{TIMES}" for case, x in versus.items())
+            + f"), one worker each: goal >= {LITELLM_GOAL:.0f}{TIMES} {verdict}"
+        )
+        if cheaper:
+            print(
+                "steward/litellm CPU per request: "
+                + ", ".join(f"{case} {x:.1f}{TIMES} less" for case, x in cheaper.items())
+            )
+        print(f"LiteLLM's callers used {stack.litellm_auth}")
 
 
 def journal_cost(workdir: Path, calls: int = 20_000) -> None:
