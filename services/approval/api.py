@@ -516,6 +516,8 @@ async def audit_report(
     if end <= start or end - start > timedelta(days=366):
         raise Unprocessable("end: must be after start, and the period at most 366 days")
     anchor: audit.Anchor = request.app.state.audit_anchor
+    # First: the verification opens one snapshot, and the rest of the report reads the same one.
+    verification = await _verification(session, anchor)
     built = report.build(
         start=start,
         end=end,
@@ -524,7 +526,7 @@ async def audit_report(
         decided=await repo.decided_between(session, start, end),
         open_requests=await repo.open_at(session, end),
         records=await repo.audit_between(session, start, end, report.MAX_ROWS),
-        verification=await _verification(session, anchor),
+        verification=verification,
         public_key=anchor.keys.public_key,
     )
     if format == "json":

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -163,3 +164,30 @@ async def test_reordered_records_are_detected(
     finally:
         await exchange()
     assert (await _verify(approval, admin_key))["ok"] is True
+
+
+async def test_a_record_committed_while_the_chain_is_replayed_is_no_cut_tail(
+    authz: httpx.AsyncClient,
+    approval: httpx.AsyncClient,
+    admin_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The race: the replay reads the records, another change commits its record and the
+    chain's head, then the head is read. Verified in one snapshot, the chain is whole."""
+    from services.approval import repository
+
+    real = repository.audit_batch
+    raced: list[str] = []
+
+    async def replay_then_race(session: Any, after: int, limit: int) -> Any:
+        records = await real(session, after, limit)
+        if not records and not raced:  # the replay's last read: a writer commits now
+            project = await new_project(authz, admin_key, "race")
+            raced.append(str((await _recorded(approval, admin_key, project))["seq"]))
+        return records
+
+    monkeypatch.setattr(repository, "audit_batch", replay_then_race)
+    result = await _verify(approval, admin_key)
+    assert raced, "the race did not happen"
+    assert result["ok"] is True, result
+    assert result["head_seq"] < int(raced[0])  # the snapshot ends before the racing record
