@@ -12,8 +12,9 @@ For each: closed-loop throughput at a fixed concurrency, then latency at a fixed
 ms over direct, and throughput as a fraction of direct and of nginx, and Steward's as a multiple of
 LiteLLM's. A peer that cannot sustain the rate (LiteLLM) has its latency taken at half its own
 throughput instead, said beside it, for the same time. Everything runs on loopback (authz on
-SQLite, NATS from the wheel, the test upstream, nginx, the gateway with one worker, LiteLLM with
-one), in bounded loops, and stops by itself. Run: ``.venv/bin/python bench/gateway.py [--quick]``.
+SQLite, NATS from the wheel, the test upstream, nginx, the gateway with one worker or
+``--workers N``, LiteLLM with one), in bounded loops, and stops by itself. Run:
+``.venv/bin/python bench/gateway.py [--quick] [--workers N]``.
 
 LiteLLM lives in a virtualenv of its own, outside Steward's locked dependencies:
 ``bench/install_litellm.sh`` makes ``.bench/litellm-venv`` (``STEWARD_BENCH_LITELLM`` names
@@ -274,8 +275,12 @@ class Stack:
     """NATS, authz, the gateway, nginx, LiteLLM and an upstream: the test upstream, or, given
     ``upstream_port``, a server already listening there (bench/engine.py: a real model)."""
 
-    def __init__(self, workdir: Path, upstream_port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, upstream_port: int | None = None, *, workers: int = 1
+    ) -> None:
         self.dir = workdir
+        # Gateway processes (STEWARD_GATEWAY_WORKERS): worker i's admin API is on admin + i.
+        self.workers = workers
         self.own_upstream = upstream_port is None
         self.processes: list[subprocess.Popen[bytes]] = []
         self.ports = {
@@ -368,19 +373,22 @@ class Stack:
                 "STEWARD_GATEWAY_ROUTES_FILE": str(routes),
                 "STEWARD_GATEWAY_PROXY_PORT": str(self.ports["proxy"]),
                 "STEWARD_GATEWAY_ADMIN_PORT": str(self.ports["admin"]),
+                "STEWARD_GATEWAY_WORKERS": str(self.workers),
             },
             log="gateway",
         )
-        await wait_port(self.ports["admin"], p)
-        self.pids["gateway"] = [p.pid]
         async with httpx.AsyncClient() as http:
-            for _ in range(200):
-                ready = (await http.get(f"http://127.0.0.1:{self.ports['admin']}/readyz")).json()
-                if all(v == "ok" for v in ready["checks"].values()):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise RuntimeError(f"gateway not ready: {ready}")
+            for port in range(self.ports["admin"], self.ports["admin"] + self.workers):
+                await wait_port(port, p)
+                for _ in range(200):
+                    ready = (await http.get(f"http://127.0.0.1:{port}/readyz")).json()
+                    if all(v == "ok" for v in ready["checks"].values()):
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise RuntimeError(f"gateway not ready: {ready}")
+        # The supervisor and its workers, when there are several.
+        self.pids["gateway"] = [p.pid, *children(p.pid)]
 
         nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
         if nginx:
@@ -759,6 +767,9 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true", help="a short run (smoke)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="gateway processes (STEWARD_GATEWAY_WORKERS)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.count, args.seconds, args.rounds = 600, 1.0, 2
@@ -766,7 +777,7 @@ async def main() -> None:
         workdir = Path(tmp)
         os.chmod(workdir, 0o755)  # noqa: S103 - nginx's workers (nobody) read the config
         journal_cost(workdir)
-        stack = Stack(workdir)
+        stack = Stack(workdir, workers=args.workers)
         try:
             async with catalog_stub() as catalog_url:
                 await stack.start(catalog_url)
