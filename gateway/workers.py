@@ -14,6 +14,7 @@ This process only supervises: it starts the workers, starts again one that dies
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -47,9 +48,11 @@ def supervise(settings: Settings) -> int:
     def stop(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
+        # os.kill, not Popen.send_signal: that polls, and a child reaped there would never
+        # reach the os.wait below.
         for worker in workers.values():
-            if worker.poll() is None:
-                worker.send_signal(signum)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
