@@ -195,6 +195,15 @@ class InferenceProxy:
     def _route(self, project: str, model: str) -> ModelRoute:
         route = self.routes.models.get(model)
         if route is None or not route.visible_to(project):
+            if self.routes.starting(model, project):
+                # Retryable (clients and SDKs retry a 503): it is starting, or starting again
+                # after its inference leader was lost.
+                raise Refusal(
+                    503,
+                    f"The model '{model}' is starting; retry shortly",
+                    "model_not_ready",
+                    headers=[(b"retry-after", b"5")],
+                )
             raise Refusal(
                 404, f"The model '{model}' does not exist", "model_not_found", param="model"
             )

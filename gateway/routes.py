@@ -114,6 +114,11 @@ class RouteTable:
         self._endpoints: dict[str, ModelRoute] = {}  # endpoint id → route
         self._endpoint_mcp: dict[str, McpRoute] = {}  # endpoint id → route
         self._catalog_mcp: dict[str, McpRoute] = {}  # asset name → route
+        # Model endpoints being provisioned (first started, or started again by a new inference
+        # leader): not routed, but known, so a caller hears "not ready yet", not "no such model".
+        self._starting: dict[
+            str, tuple[str, str, str]
+        ] = {}  # endpoint id → name, project, exposure
 
     def install(self, routes: RoutesFile) -> None:
         self._declared = {r.name: r for r in routes.models}
@@ -173,10 +178,24 @@ class RouteTable:
         self._apply(state)
         self._rebuild()
 
+    def starting(self, name: str, project: str) -> bool:
+        """``name`` is a model endpoint of ``project``'s being provisioned, not routed yet."""
+        return any(
+            n == name and (exposure != "project" or p == project)
+            for n, p, exposure in self._starting.values()
+        )
+
     def _apply(self, state: EndpointState) -> None:
+        self._starting.pop(state.endpoint_id, None)
         if state.status != "ready" or not state.upstream_url:
             self._endpoints.pop(state.endpoint_id, None)
             self._endpoint_mcp.pop(state.endpoint_id, None)
+            if state.status == "provisioning" and state.asset_kind != "mcp_server":
+                self._starting[state.endpoint_id] = (
+                    state.route_name,
+                    state.project,
+                    state.network_exposure,
+                )
             return
         if state.asset_kind == "mcp_server":
             self._endpoint_mcp[state.endpoint_id] = McpRoute(

@@ -9,6 +9,8 @@ import pytest
 from libs.common.bus import Bus
 from libs.common.db import new_id, utcnow
 from libs.common.events.inference import (
+    EndpointFailed,
+    EndpointProvisioning,
     EndpointReady,
     EndpointState,
     EndpointStopped,
@@ -18,6 +20,7 @@ from libs.common.settings import Settings
 from tests.gateway.conftest import RunningGateway, tenant
 from tests.gateway.support import eventually, publish, upstream_json, usage_events
 from tests.gateway.test_openai import client
+from tests.helpers import bearer
 
 
 def endpoint(project: str, upstream: str, name: str, **extra: object) -> dict[str, object]:
@@ -111,3 +114,41 @@ def test_only_ready_states_with_an_upstream_make_routes() -> None:
     )
     table.apply_endpoint(public)
     assert table.models["pub"].visible_to("q")
+
+
+async def test_a_model_being_started_again_answers_503_retryable_not_404(
+    gw: RunningGateway, authz: httpx.AsyncClient, admin_key: str, bus: Bus, upstream: str
+) -> None:
+    """A new inference leader starts a lost leader's model again: while it is provisioning the
+    caller hears "not ready, retry" (a 503 SDKs retry), never "no such model"; other projects
+    still hear 404, and a failed endpoint is gone (404)."""
+    owner = await tenant(authz, admin_key, gw, ["echo"])
+    neighbour = await tenant(authz, admin_key, gw, ["echo"])
+    name = f"ep-{new_id()[-8:]}"
+    state = endpoint(owner.project, upstream, name)
+    await publish(bus, EndpointReady(**state), source="inference")
+    await eventually(lambda: name in gw.gateway.routes.models)
+    again = {**state, "status": "provisioning", "upstream_url": None}
+    await publish(bus, EndpointProvisioning(**again), source="inference")
+    await eventually(lambda: name not in gw.gateway.routes.models)
+
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+
+        async def call(key: str) -> httpx.Response:
+            body = {"model": name, "messages": [{"role": "user", "content": "there?"}]}
+            return await http.post("/v1/chat/completions", json=body, headers=bearer(key))
+
+        starting = await call(owner.key)
+        assert starting.status_code == 503
+        assert starting.json()["error"]["code"] == "model_not_ready"
+        assert starting.headers["retry-after"] == "5"
+        assert (await call(neighbour.key)).status_code == 404
+
+        await publish(bus, EndpointReady(**state), source="inference")
+        await eventually(lambda: name in gw.gateway.routes.models)
+        assert (await call(owner.key)).status_code == 200
+
+        failed = {**state, "status": "failed", "upstream_url": None}
+        await publish(bus, EndpointFailed(**failed), source="inference")
+        await eventually(lambda: name not in gw.gateway.routes.models)
+        assert (await call(owner.key)).status_code == 404
