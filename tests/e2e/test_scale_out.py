@@ -30,6 +30,7 @@ import asyncpg
 import httpx
 import nats
 import pytest
+from nats.js.errors import NotFoundError
 
 from cli.stack import SERVICES
 from libs.common.apikeys import generate, key_id_of
@@ -165,6 +166,7 @@ async def scaled(
         "STEWARD_AUDIT_CHECKPOINT_FILE": "",
         "STEWARD_UPSTREAM_ALLOWED_NETWORKS": '["127.0.0.0/8"]',
         "STEWARD_OUTBOX_POLL_SECONDS": "0.2",
+        "STEWARD_APPROVAL_CHECKPOINT_SECONDS": "1",
     }
     settings = make_settings(
         url,
@@ -349,9 +351,16 @@ async def test_no_call_is_lost_or_doubled_when_a_node_a_replica_of_each_and_a_ga
             lambda: every_gateway(stack, doomed["key"], route, 401), within=30, what="revocation"
         )
 
-        # The audit chain's checkpoints (a KV bucket) are kept by all three nodes too.
-        bucket = await stream_info(stack, f"KV_{namespace}_AUDIT_CHECKPOINTS".upper())
-        assert bucket.config.num_replicas == 3
+        # The audit chain's checkpoints (a KV bucket, made with the first one) are kept by all
+        # three nodes too.
+        async def bucket_replicas() -> int | None:
+            try:
+                info = await stream_info(stack, f"KV_{namespace}_AUDIT_CHECKPOINTS".upper())
+            except NotFoundError:
+                return None
+            return int(info.config.num_replicas or 0)
+
+        assert await eventually(bucket_replicas, within=30, what="the audit bucket") == 3
 
         answered = main.ok + limited.ok
         assert len(set(answered)) == len(answered)
