@@ -125,7 +125,10 @@ class InferenceProxy:
         model = request.get("model")
         if not isinstance(model, str) or not model:
             raise Refusal(400, "'model' is required", param="model")
-        route = self._route(who.project, model)
+        route, fell_from = self._route(who.project, model)
+        if fell_from is not None:  # the request goes to the fallback, under its own name
+            request["model"] = model = route.name
+            body = json.dumps(request, separators=(",", ":")).encode()
         version = self.admission.version(
             who.project, "model", route.asset_name, route.version, f"the model '{model}'"
         )
@@ -134,6 +137,7 @@ class InferenceProxy:
             credential_id=who.principal.credential_id,
             subject=who.principal.subject,
             model=model,
+            fallback_from=fell_from,
             endpoint=route.name,
             kind=kind,
             asset=route.asset_name,
@@ -192,22 +196,34 @@ class InferenceProxy:
             raise Refusal(404, "The model does not exist", "model_not_found")
         await send_json(send, 200, card, extra)
 
-    def _route(self, project: str, model: str) -> ModelRoute:
+    def _route(self, project: str, model: str) -> tuple[ModelRoute, str | None]:
+        """The route for ``model``, and the model asked for when a fallback takes the call
+        (None: the model's own route)."""
         route = self.routes.models.get(model)
-        if route is None or not route.visible_to(project):
-            if self.routes.starting(model, project):
-                # Retryable (clients and SDKs retry a 503): it is starting, or starting again
-                # after its inference leader was lost.
-                raise Refusal(
-                    503,
-                    f"The model '{model}' is starting; retry shortly",
-                    "model_not_ready",
-                    headers=[(b"retry-after", b"5")],
-                )
+        if route is not None and route.visible_to(project):
+            return route, None
+        starting = self.routes.starting(model, project)
+        if starting is None:
             raise Refusal(
                 404, f"The model '{model}' does not exist", "model_not_found", param="model"
             )
-        return route
+        # Being provisioned (first, or again after its inference leader was lost): no replica
+        # yet, so the project's fallback chain may take the call, as when none is healthy; the
+        # project must still be entitled to the model it asked for.
+        self.admission.version(
+            project, "model", starting.asset, starting.version, f"the model '{model}'"
+        )
+        for name in self.admission.auth.fallbacks(project, starting.asset):
+            if self._usable(project, name):
+                log.warning("falling back", extra={"from": model, "to": name, "why": "starting"})
+                return self.routes.models[name], model
+        # Retryable (clients and SDKs retry a 503 by themselves).
+        raise Refusal(
+            503,
+            f"The model '{model}' is starting; retry shortly",
+            "model_not_ready",
+            headers=[(b"retry-after", b"5")],
+        )
 
     async def _call(
         self,

@@ -20,6 +20,7 @@ does not provision::
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,6 +103,17 @@ class RoutesFile(BaseModel):
     mcp_servers: list[McpRoute] = []
 
 
+@dataclass(frozen=True)
+class Starting:
+    """A model endpoint being provisioned: its route name, who may call it, what it serves."""
+
+    name: str
+    project: str
+    exposure: str
+    asset: str
+    version: str
+
+
 class RouteTable:
     """Declared routes plus inference endpoints and the catalog's MCP servers; ``models`` and
     ``mcp`` are what the request path reads."""
@@ -116,9 +128,7 @@ class RouteTable:
         self._catalog_mcp: dict[str, McpRoute] = {}  # asset name → route
         # Model endpoints being provisioned (first started, or started again by a new inference
         # leader): not routed, but known, so a caller hears "not ready yet", not "no such model".
-        self._starting: dict[
-            str, tuple[str, str, str]
-        ] = {}  # endpoint id → name, project, exposure
+        self._starting: dict[str, Starting] = {}  # endpoint id → what it will serve
 
     def install(self, routes: RoutesFile) -> None:
         self._declared = {r.name: r for r in routes.models}
@@ -178,12 +188,13 @@ class RouteTable:
         self._apply(state)
         self._rebuild()
 
-    def starting(self, name: str, project: str) -> bool:
-        """``name`` is a model endpoint of ``project``'s being provisioned, not routed yet."""
-        return any(
-            n == name and (exposure != "project" or p == project)
-            for n, p, exposure in self._starting.values()
-        )
+    def starting(self, name: str, project: str) -> Starting | None:
+        """The model endpoint ``name`` that ``project`` may call, being provisioned: not routed
+        yet (None: there is none)."""
+        for s in self._starting.values():
+            if s.name == name and (s.exposure != "project" or s.project == project):
+                return s
+        return None
 
     def _apply(self, state: EndpointState) -> None:
         self._starting.pop(state.endpoint_id, None)
@@ -191,10 +202,12 @@ class RouteTable:
             self._endpoints.pop(state.endpoint_id, None)
             self._endpoint_mcp.pop(state.endpoint_id, None)
             if state.status == "provisioning" and state.asset_kind != "mcp_server":
-                self._starting[state.endpoint_id] = (
+                self._starting[state.endpoint_id] = Starting(
                     state.route_name,
                     state.project,
                     state.network_exposure,
+                    state.asset_name,
+                    state.version,
                 )
             return
         if state.asset_kind == "mcp_server":

@@ -11,9 +11,13 @@ import httpx
 import openai
 import pytest
 
+from libs.common.bus import Bus
+from libs.common.db import new_id
+from libs.common.events.inference import EndpointProvisioning
 from libs.common.settings import Settings
 from tests.gateway.conftest import RunningGateway, Tenant, tenant
-from tests.gateway.support import eventually, usage_events
+from tests.gateway.support import eventually, publish, usage_events
+from tests.gateway.test_endpoints import endpoint
 from tests.gateway.test_openai import client
 from tests.helpers import bearer, ok
 
@@ -98,3 +102,28 @@ async def test_a_chain_is_the_project_admins_to_set_for_a_model_it_is_entitled_t
     )
     assert cleared["fallbacks"] is None
     await eventually(lambda: gw.gateway.auth.fallbacks(t.project, "echo") == ())
+
+
+async def test_a_model_being_started_is_served_by_its_fallback(
+    gw: RunningGateway,
+    authz: httpx.AsyncClient,
+    admin_key: str,
+    bus: Bus,
+    upstream: str,
+    settings: Settings,
+) -> None:
+    """No replica yet (provisioning, or again after a failover): the chain takes the call, as
+    when none is healthy; without a chain the caller hears 503 model_not_ready."""
+    t = await tenant(authz, admin_key, gw, ["echo-busy", "echo"])
+    await chain(authz, admin_key, gw, t, "echo-busy", ["echo"])
+    name = f"ep-{new_id()[-8:]}"
+    state = endpoint(t.project, upstream, name, asset_name="echo-busy", upstream_url=None)
+    await publish(bus, EndpointProvisioning(**{**state, "status": "provisioning"}), "inference")
+    await eventually(lambda: gw.gateway.routes.starting(name, t.project) is not None)
+    answer = await client(gw, t.key).chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "are you up?"}]
+    )
+    assert answer.model == "echo"
+    [event] = await usage_events(settings.nats_url, settings.event_namespace, t.project, 1)
+    data = event["data"]
+    assert (data["model"], data["fallback_from"], data["status"]) == ("echo", name, "ok")
