@@ -10,6 +10,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -214,3 +215,62 @@ def children(pid: int) -> list[int]:
                 if int(stat.rsplit(")", 1)[1].split()[1]) == pid and alive(int(entry.name)):
                     found.append(int(entry.name))
     return found
+
+
+async def snapshot_key(authz: httpx.AsyncClient, admin_key: str, name: str) -> str:
+    """A platform key holding ``snapshots:read`` alone: what a gateway loads its replicas with."""
+    created = await ok(
+        await authz.post(
+            "/v1/platform/keys",
+            json={"name": name, "scopes": ["snapshots:read"]},
+            headers=bearer(admin_key),
+        ),
+        201,
+    )
+    return str(created["key"])
+
+
+@dataclass
+class LiveGateway:
+    services: dict[str, str]  # service → its base URL
+    url: str  # the gateway's proxy
+    settings: Any  # the gateway's Settings
+
+
+@contextlib.asynccontextmanager
+async def live_gateway(
+    apps: dict[str, Any], settings: Any, key: str, data_dir: Path, **overrides: Any
+) -> AsyncIterator[LiveGateway]:
+    """Each service app on a loopback socket of its own, then a real gateway in front of them
+    (its replicas loaded, ``key`` its snapshot key). ``overrides`` are further gateway
+    settings. The servers stop together at the end (one after another, uvicorn's stop ticks
+    add up)."""
+    from pydantic import SecretStr
+
+    from gateway.app import ProxyApp
+    from gateway.state import Gateway
+
+    served: list[contextlib.AbstractAsyncContextManager[str]] = []
+    urls: dict[str, str] = {}
+    try:
+        for name, app in apps.items():
+            server = serve(app)
+            urls[name] = await server.__aenter__()
+            served.append(server)
+        gateway_settings = settings.model_copy(
+            update={
+                "data_dir": data_dir,
+                **{f"{name}_url": url for name, url in urls.items()},
+                "gateway_api_key": SecretStr(key),
+                **overrides,
+            }
+        )
+        gateway = await Gateway.start(gateway_settings)
+        try:
+            await gateway.wait_loaded(10)
+            async with serve(ProxyApp(gateway)) as proxy:
+                yield LiveGateway(urls, proxy, gateway_settings)
+        finally:
+            await gateway.stop()
+    finally:
+        await asyncio.gather(*(s.__aexit__(None, None, None) for s in served))

@@ -7,7 +7,6 @@ Screenshots go to ``.steward/artifacts/console/`` for people (and CI) to look at
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -18,10 +17,9 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from pydantic import SecretStr
 
 from libs.common.settings import Settings
-from tests.helpers import bearer, free_port, ok, serve
+from tests.helpers import free_port, live_gateway, snapshot_key
 
 ROOT = Path(__file__).resolve().parents[2]
 CONSOLE = ROOT / "console"
@@ -50,56 +48,30 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-async def console_gateway_key(authz: httpx.AsyncClient, admin_key: str) -> str:
-    created = await ok(
-        await authz.post(
-            "/v1/platform/keys",
-            json={"name": "console-gateway", "scopes": ["snapshots:read"]},
-            headers=bearer(admin_key),
-        ),
-        201,
-    )
-    return str(created["key"])
-
-
-@pytest.fixture(scope="module")
 async def stack(
     settings: Settings,
     authz_app: FastAPI,
     catalog_app: FastAPI,
     approval_app: FastAPI,
-    console_gateway_key: str,
+    authz: httpx.AsyncClient,
+    admin_key: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Stack]:
-    from gateway.app import ProxyApp
-    from gateway.state import Gateway
-
-    async with contextlib.AsyncExitStack() as stack:
-        urls = {
-            "authz": await stack.enter_async_context(serve(authz_app)),
-            "catalog": await stack.enter_async_context(serve(catalog_app)),
-            "approval": await stack.enter_async_context(serve(approval_app)),
-        }
-        # Inference and metering do not run here (test_endpoint_journey starts its own): a
-        # closed port, not their default one, where a local `steward up` may be answering.
-        nowhere = f"http://127.0.0.1:{free_port()}"
-        gateway_settings = settings.model_copy(
-            update={
-                "data_dir": tmp_path_factory.mktemp("console-gateway"),
-                "authz_url": urls["authz"],
-                "catalog_url": urls["catalog"],
-                "approval_url": urls["approval"],
-                "inference_url": nowhere,
-                "metering_url": nowhere,
-                "gateway_api_key": SecretStr(console_gateway_key),
-                "gateway_console_dir": CONSOLE,
-            }
-        )
-        gateway = await Gateway.start(gateway_settings)
-        stack.push_async_callback(gateway.stop)
-        await gateway.wait_loaded(10)
-        url = await stack.enter_async_context(serve(ProxyApp(gateway)))
-        yield Stack(url=url, services=urls, settings=gateway_settings)
+    key = await snapshot_key(authz, admin_key, "console-gateway")
+    apps = {"authz": authz_app, "catalog": catalog_app, "approval": approval_app}
+    # Inference and metering do not run here (test_endpoint_journey starts its own): a closed
+    # port, not their default one, where a local `steward up` may be answering.
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    async with live_gateway(
+        apps,
+        settings,
+        key,
+        tmp_path_factory.mktemp("console-gateway"),
+        inference_url=nowhere,
+        metering_url=nowhere,
+        gateway_console_dir=CONSOLE,
+    ) as live:
+        yield Stack(url=live.url, services=live.services, settings=live.settings)
 
 
 @pytest.fixture(scope="session")

@@ -4,21 +4,17 @@ Inference runs local endpoints as simulator processes and Kubernetes ones on the
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from pydantic import SecretStr
 
-from gateway.app import ProxyApp
-from gateway.state import Gateway
 from libs.common.settings import Settings
 from tests.conftest import running
-from tests.helpers import bearer, ok, serve
+from tests.helpers import bearer, live_gateway, ok, snapshot_key
 from tests.inference.conftest import (  # noqa: F401 - fixtures, shared
     inference,
     inference_app,
@@ -53,10 +49,17 @@ class Stack:
             if name != "gateway"
         }
 
-    @property
-    def default_urls(self) -> dict[str, str]:
-        """Each default URL a doc writes, and where that service answers here."""
-        return {DEFAULT_URLS[name]: url for name, url in self.urls.items()}
+    def fill(self, code: str, project: str) -> str:
+        """A block as it runs here: the default URLs a doc writes where each service answers,
+        and this run's project for the doc's ``fraud-detection``."""
+        for name, url in self.urls.items():
+            code = code.replace(DEFAULT_URLS[name], url)
+        return code.replace("fraud-detection", project)
+
+    async def get(self, http: httpx.AsyncClient, service: str, path: str, key: str = "") -> Any:
+        """A service's JSON answer (200) to ``key``, by default the admin's."""
+        headers = bearer(key or self.admin_key)
+        return await ok(await http.get(self.urls[service] + path, headers=headers))
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +86,7 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     """Every service on its own socket, then the gateway in front of them with its own
     snapshot-only key, loaded before the first block runs."""
-    key = await ok(
-        await authz.post(
-            "/v1/platform/keys",
-            json={"name": "docs-gateway", "scopes": ["snapshots:read"]},
-            headers=bearer(admin_key),
-        ),
-        201,
-    )
+    key = await snapshot_key(authz, admin_key, "docs-gateway")
     apps = {
         "authz": authz_app,
         "catalog": catalog_app,
@@ -98,28 +94,6 @@ async def stack(
         "inference": inference_app,
         "metering": metering_app,
     }
-    # The services' servers stop together, after the gateway: each takes a few of uvicorn's
-    # 0.1 s ticks to stop, which one after another added a second to every module.
-    served: list[contextlib.AbstractAsyncContextManager[str]] = []
-    urls: dict[str, str] = {}
-    try:
-        for name, app in apps.items():
-            server = serve(app)
-            urls[name] = await server.__aenter__()
-            served.append(server)
-        settings = inference_settings.model_copy(
-            update={
-                "data_dir": tmp_path_factory.mktemp("docs-gateway"),
-                **{f"{name}_url": url for name, url in urls.items()},
-                "gateway_api_key": SecretStr(key["key"]),
-            }
-        )
-        gateway = await Gateway.start(settings)
-        try:
-            await gateway.wait_loaded(10)
-            async with serve(ProxyApp(gateway)) as proxy:
-                yield Stack({**urls, "gateway": proxy}, admin_key)
-        finally:
-            await gateway.stop()
-    finally:
-        await asyncio.gather(*(s.__aexit__(None, None, None) for s in served))
+    data_dir = tmp_path_factory.mktemp("docs-gateway")
+    async with live_gateway(apps, inference_settings, key, data_dir) as live:
+        yield Stack({**live.services, "gateway": live.url}, admin_key)

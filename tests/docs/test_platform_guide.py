@@ -4,10 +4,10 @@ test files what the guide says teams file, and checks what each block changed.""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import httpx
 import yaml
@@ -38,13 +38,8 @@ async def test_the_platform_guides_blocks_run_in_order_as_one_engineers_session(
     admin = bearer(stack.admin_key)
     http = httpx.AsyncClient(timeout=30)
 
-    def fill(code: str) -> str:
-        for default, live in stack.default_urls.items():
-            code = code.replace(default, live)
-        return code.replace("fraud-detection", project)
-
-    async def get(service: str, path: str, key: str = stack.admin_key) -> Any:
-        return await ok(await http.get(stack.urls[service] + path, headers=bearer(key)))
+    fill = functools.partial(stack.fill, project=project)
+    get = functools.partial(stack.get, http)
 
     # Only the services' own URLs are not the reader's: the CLI goes through the gateway.
     env = reader_env(tmp_path)

@@ -4,6 +4,7 @@ are what the page says."""
 
 from __future__ import annotations
 
+import functools
 import re
 import stat
 from datetime import UTC, datetime
@@ -47,14 +48,8 @@ async def test_the_references_blocks_run_in_order_as_one_readers_session(
     route = f"{project}/acme/chat-8b"
     http = httpx.AsyncClient(timeout=30)
 
-    def fill(code: str) -> str:
-        """The reader's stack on its default ports, and this run's project."""
-        for default, live in stack.default_urls.items():
-            code = code.replace(default, live)
-        return code.replace("fraud-detection", project)
-
-    async def get(service: str, path: str, key: str = stack.admin_key) -> Any:
-        return await ok(await http.get(stack.urls[service] + path, headers=bearer(key)))
+    fill = functools.partial(stack.fill, project=project)
+    get = functools.partial(stack.get, http)
 
     env = reader_env(tmp_path, **stack.env)
     folder = checkout(tmp_path)

@@ -123,7 +123,7 @@ class Load:
             self.progress.clear()
             await self.progress.wait()
 
-    async def answers(self, n: int, within: float = 60) -> None:
+    async def successes(self, n: int, within: float = 60) -> None:
         """Wait until ``n`` more calls have been answered 200."""
         target = len(self.ok) + n
 
@@ -190,7 +190,7 @@ async def scaled(
         await admin.close()
 
 
-async def answers(base: str, key: str, route: str) -> int:
+async def status_of(base: str, key: str, route: str) -> int:
     async with httpx.AsyncClient(base_url=base, timeout=10) as client:
         response = await client.post(
             "/v1/chat/completions",
@@ -203,7 +203,7 @@ async def answers(base: str, key: str, route: str) -> int:
 async def every_gateway(stack: ScaledStack, key: str, route: str, status: int) -> bool:
     """Each gateway, called directly, answers ``status``."""
     for gateway in stack.gateways:
-        if await answers(gateway_url(gateway), key, route) != status:
+        if await status_of(gateway_url(gateway), key, route) != status:
             return False
     return True
 
@@ -338,7 +338,7 @@ async def test_no_call_is_lost_or_doubled_when_a_node_a_replica_of_each_and_a_ga
             # The orchestrator starts them again (same ports, same data directories).
             await asyncio.gather(*(stack.restart(v) for v in victims))
             restarted_at = time.monotonic()
-            await main.answers(CALLS)  # the model is back: the new leader runs it
+            await main.successes(CALLS)  # the model is back: the new leader runs it
         ran = time.monotonic() - started
 
         # The killed leader's model servers went with it; the new leader serves the route.

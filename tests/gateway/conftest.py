@@ -23,7 +23,7 @@ from libs.common.bus import Bus
 from libs.common.events.catalog import ToolRef, VersionState
 from libs.common.settings import Settings
 from tests.gateway.support import CatalogStub, Process, eventually, python_process
-from tests.helpers import bearer, new_project, ok, serve, unique
+from tests.helpers import bearer, new_project, ok, serve, snapshot_key, unique
 
 # Route name → behaviour of the test upstream (see tests/gateway/upstream.py).
 MODELS = [
@@ -115,15 +115,7 @@ async def catalog_stub() -> AsyncIterator[tuple[CatalogStub, str]]:
 
 @pytest.fixture(scope="module")
 async def gateway_key(authz: httpx.AsyncClient, admin_key: str) -> str:
-    created = await ok(
-        await authz.post(
-            "/v1/platform/keys",
-            json={"name": "gateway", "scopes": ["snapshots:read"]},
-            headers=bearer(admin_key),
-        ),
-        201,
-    )
-    return str(created["key"])
+    return await snapshot_key(authz, admin_key, "gateway")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from services.inference.config import SIMULATOR_COMMAND, InferenceConfig, LocalP
 from services.inference.simulator import SimulatorConfig
 from services.inference.simulator import create_app as simulator_app
 from tests.conftest import running
-from tests.helpers import bearer, ok, serve
+from tests.helpers import live_gateway, serve, snapshot_key
 from tests.inference.kube_double import TOKEN, KubeDouble
 from tests.inference.support import bridge
 
@@ -158,37 +158,13 @@ async def gateway_url(
     inference_settings: Settings,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[str]:
-    from gateway.app import ProxyApp
-    from gateway.state import Gateway
-
-    key = await ok(
-        await authz.post(
-            "/v1/platform/keys",
-            json={
-                "name": "inference-test-gateway",
-                "scopes": ["snapshots:read"],
-            },
-            headers=bearer(admin_key),
-        ),
-        201,
-    )
-    async with contextlib.AsyncExitStack() as stack:
-        urls = {}
-        for name, app in (
-            ("authz", authz_app),
-            ("catalog", catalog_app),
-            ("approval", approval_app),
-            ("inference", inference_app),
-        ):
-            urls[name] = await stack.enter_async_context(serve(app))
-        gateway_settings = inference_settings.model_copy(
-            update={
-                "data_dir": tmp_path_factory.mktemp("inference-gateway"),
-                **{f"{name}_url": url for name, url in urls.items()},
-                "gateway_api_key": SecretStr(key["key"]),
-            }
-        )
-        gateway = await Gateway.start(gateway_settings)
-        stack.push_async_callback(gateway.stop)
-        await gateway.wait_loaded(10)
-        yield await stack.enter_async_context(serve(ProxyApp(gateway)))
+    key = await snapshot_key(authz, admin_key, "inference-test-gateway")
+    apps = {
+        "authz": authz_app,
+        "catalog": catalog_app,
+        "approval": approval_app,
+        "inference": inference_app,
+    }
+    data_dir = tmp_path_factory.mktemp("inference-gateway")
+    async with live_gateway(apps, inference_settings, key, data_dir) as live:
+        yield live.url

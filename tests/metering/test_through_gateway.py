@@ -22,7 +22,7 @@ from libs.common.events.catalog import VersionState
 from libs.common.settings import Settings
 from tests.gateway.support import CatalogStub, python_process
 from tests.gateway.support import eventually as soon
-from tests.helpers import bearer, new_project, ok, serve, unique
+from tests.helpers import bearer, new_project, ok, serve, snapshot_key, unique
 from tests.metering.support import eventually
 from tests.metering.test_ingest import metric_sum
 
@@ -64,17 +64,7 @@ async def through(
         version="1.0",
         status="approved",
     )
-    gateway_key = await ok(
-        await authz.post(
-            "/v1/platform/keys",
-            json={
-                "name": unique("metering-gw"),
-                "scopes": ["snapshots:read"],
-            },
-            headers=bearer(admin_key),
-        ),
-        201,
-    )
+    gateway_key = await snapshot_key(authz, admin_key, unique("metering-gw"))
     data_dir = tmp_path_factory.mktemp("metering-gateway")
     routes = write_routes(data_dir / "routes.yaml", f"http://127.0.0.1:{upstream.port}/v1")
     try:
@@ -89,7 +79,7 @@ async def through(
                     "authz_url": authz_url,
                     "catalog_url": catalog_url,
                     "metering_url": metering_url,
-                    "gateway_api_key": SecretStr(gateway_key["key"]),
+                    "gateway_api_key": SecretStr(gateway_key),
                     "gateway_routes_file": routes,
                 }
             )
