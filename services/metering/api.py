@@ -409,9 +409,7 @@ async def usage_events(
 ) -> list[UsageEventRead]:
     """Raw usage events (kept ``metering_raw_retention_days``), newest first."""
     start, end = query.bounds(clock())
-    rows = await repo.raw_events(
-        session, principal, query, start, end, query.limit, query.request_id
-    )
+    rows = await repo.raw_events(session, principal, query, start, end)
     return [UsageEventRead.model_validate(r, from_attributes=True) for r in rows]
 
 

@@ -57,7 +57,7 @@ from services.metering.models import (
     usage_minutes,
 )
 from services.metering.pricing import PriceBook
-from services.metering.schemas import UsageFilter
+from services.metering.schemas import UsageEventsQuery, UsageFilter
 
 # -- tenant filtering: the one place -----------------------------------------------------------
 
@@ -795,11 +795,9 @@ async def top(
 async def raw_events(
     session: AsyncSession,
     principal: Principal,
-    f: UsageFilter,
+    f: UsageEventsQuery,
     start: datetime,
     end: datetime,
-    limit: int,
-    request_id: str | None = None,
 ) -> Sequence[Any]:
     """Raw events (kept for the retention period), newest first."""
     e = usage_events.c
@@ -807,9 +805,9 @@ async def raw_events(
     for name, value in (("model", f.model), ("credential", f.credential), ("endpoint", f.endpoint)):
         if value is not None:
             where.append(e[DIMENSIONS[name]] == value)
-    if request_id is not None:
-        where.append(e.request_id == request_id)
-    query = select(usage_events).where(*where).order_by(e.time.desc(), e.event_id).limit(limit)
+    if f.request_id is not None:
+        where.append(e.request_id == f.request_id)
+    query = select(usage_events).where(*where).order_by(e.time.desc(), e.event_id).limit(f.limit)
     return list((await session.execute(query)).all())
 
 
