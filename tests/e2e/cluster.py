@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,9 +24,29 @@ from typing import BinaryIO
 import httpx
 
 from cli.stack import SERVICES, nats_binary
-from tests.helpers import child_log, free_port
+from tests.helpers import child_log
 
 ROOT = Path(__file__).resolve().parents[2]
+# Ports for the stack's listeners, below Linux's ephemeral range (32768-60999): a port picked
+# there, free now, could be taken by any outgoing connection before its process binds it
+# (the stack starts two dozen processes, some of them again later).
+_PORTS = range(20000, 32000)
+_taken: set[int] = set()
+
+
+def stack_port() -> int:
+    """A port free now, outside the ephemeral range, not handed out before in this run."""
+    while True:
+        port = random.choice(_PORTS)
+        if port in _taken:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
 
 
 @dataclass
@@ -91,7 +113,7 @@ class Balancer:
     def __init__(self, name: str, backends: Sequence[int]) -> None:
         self.name = name
         self.backends = list(backends)
-        self.port = free_port()
+        self.port = stack_port()
         self._turn = itertools.count()
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
@@ -148,9 +170,9 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 @dataclass
 class NatsNode:
     name: str
-    client: int = field(default_factory=free_port)
-    route: int = field(default_factory=free_port)
-    monitor: int = field(default_factory=free_port)
+    client: int = field(default_factory=stack_port)
+    route: int = field(default_factory=stack_port)
+    monitor: int = field(default_factory=stack_port)
 
     @property
     def url(self) -> str:
@@ -201,9 +223,9 @@ class ScaledStack:
                     f"http://127.0.0.1:{node.monitor}/healthz",
                 )
             )
-        ports = {s: [free_port() for _ in range(replicas)] for s in SERVICES}
+        ports = {s: [stack_port() for _ in range(replicas)] for s in SERVICES}
         self.balancers = {s: Balancer(s, p) for s, p in ports.items()}
-        proxies = [free_port() for _ in range(gateways)]
+        proxies = [stack_port() for _ in range(gateways)]
         self.balancers["gateway"] = Balancer("gateway", proxies)
         shared = {
             **os.environ,
@@ -228,7 +250,7 @@ class ScaledStack:
                 )
         self.gateways: list[Process] = []
         for i, proxy in enumerate(proxies):
-            admin = free_port()
+            admin = stack_port()
             name = f"gateway-{i + 1}"
             own = {
                 "STEWARD_GATEWAY_PROXY_PORT": str(proxy),
